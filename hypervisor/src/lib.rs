@@ -1,0 +1,14 @@
+//! The hypervisor's machine-independent parts: console line editor and shell,
+//! JSON replies, boot information, ACPI processor count and the physical
+//! frame allocator. The kernel binary (`main.rs` and `arch/`) ties them to
+//! the hardware; everything here also builds and is tested on the host.
+#![cfg_attr(not(test), no_std)]
+
+extern crate alloc;
+
+pub mod acpi;
+pub mod bootinfo;
+pub mod frames;
+pub mod json;
+pub mod line;
+pub mod shell;
