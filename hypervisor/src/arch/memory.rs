@@ -1,0 +1,153 @@
+//! Physical memory: the frame bitmap, placed in the first usable region big
+//! enough for it, and the kernel heap, mapped page by page at a fixed virtual
+//! address through the `x86_64` crate's `OffsetPageTable`.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use hypervisor::bootinfo::{BootInfo, BootRoute};
+use hypervisor::frames::{words_for, FrameBitmap, FRAME};
+use linked_list_allocator::LockedHeap;
+use spin::Mutex;
+use x86_64::registers::control::Cr3;
+use x86_64::structures::paging::{
+    FrameAllocator, Mapper, OffsetPageTable, Page, PageTable, PageTableFlags, PhysFrame, Size4KiB,
+};
+use x86_64::{PhysAddr, VirtAddr};
+
+/// Where all physical memory is mapped, on every boot route (the bootloader
+/// is configured for it; the Multiboot2 stub maps the first 64 GiB there).
+pub const PHYS_OFFSET: u64 = 0xffff_8000_0000_0000;
+/// Physical memory the Multiboot2 stub maps; memory above it is not used on
+/// that route.
+pub const MULTIBOOT_MAPPED: u64 = 64 << 30;
+/// Kernel heap: virtual base and size.
+pub const HEAP_START: u64 = 0xffff_9000_0000_0000;
+/// 16 MiB is plenty for the console and, later, VM bookkeeping.
+pub const HEAP_SIZE: u64 = 16 << 20;
+
+#[global_allocator]
+static HEAP: LockedHeap = LockedHeap::empty();
+
+static FRAMES: Mutex<Option<FrameBitmap<'static>>> = Mutex::new(None);
+static TOTAL_BYTES: AtomicU64 = AtomicU64::new(0);
+/// One past the highest physical address the physical map covers.
+static MAPPED_LIMIT: AtomicU64 = AtomicU64::new(0);
+
+/// Records how much of physical memory the boot route mapped at
+/// [`PHYS_OFFSET`]; `read_phys` refuses anything above it.
+pub fn set_mapped_limit(limit: u64) {
+    MAPPED_LIMIT.store(limit, Ordering::Relaxed);
+}
+
+/// Why memory could not be set up.
+#[derive(Debug)]
+pub enum MemoryError {
+    /// No usable region can hold the frame bitmap.
+    NoRoomForBitmap,
+    /// Ran out of frames while mapping the heap.
+    OutOfFrames,
+    /// The heap range was already mapped.
+    HeapMapping,
+}
+
+/// Returns a pointer to physical address `pa` through the physical map.
+pub fn phys_to_virt(pa: u64) -> *mut u8 {
+    (PHYS_OFFSET + pa) as *mut u8
+}
+
+struct BitmapAllocator<'a, 'b>(&'a mut FrameBitmap<'b>);
+
+// SAFETY: frames come from the bitmap, which hands each free frame out once.
+unsafe impl FrameAllocator<Size4KiB> for BitmapAllocator<'_, '_> {
+    fn allocate_frame(&mut self) -> Option<PhysFrame<Size4KiB>> {
+        self.0.alloc().map(|pa| PhysFrame::containing_address(PhysAddr::new(pa)))
+    }
+}
+
+/// Sets up the frame bitmap from the boot memory map, reserving
+/// `reserved` physical ranges (kernel image, boot structures), then maps and
+/// initializes the heap.
+pub fn init(info: &BootInfo, reserved: &[(u64, u64)]) -> Result<(), MemoryError> {
+    let limit = if info.route == BootRoute::Multiboot2 { MULTIBOOT_MAPPED } else { u64::MAX };
+    let usable = || info.usable().iter().map(|r| (r.start, r.end.min(limit))).filter(|(s, e)| s < e);
+    let max_addr = usable().map(|(_, e)| e).max().unwrap_or(0);
+    let words = words_for(max_addr);
+    let bytes = (words as u64 * 8).div_ceil(FRAME) * FRAME;
+    let overlaps = |s: u64, e: u64| reserved.iter().any(|&(rs, re)| s < re && rs < e);
+    let (store_pa, _) = usable()
+        .map(|(s, e)| (s.max(1 << 20).div_ceil(FRAME) * FRAME, e))
+        .find(|&(s, e)| s + bytes <= e && !overlaps(s, s + bytes))
+        .ok_or(MemoryError::NoRoomForBitmap)?;
+    // SAFETY: [store_pa, store_pa + bytes) lies in a usable region that no
+    // reserved range overlaps, is mapped through the physical map, and is
+    // reserved in the bitmap below, so nothing else will ever use it.
+    let store = unsafe { core::slice::from_raw_parts_mut(phys_to_virt(store_pa).cast::<u64>(), words) };
+    let mut frames = FrameBitmap::new(store);
+    for (s, e) in usable() {
+        frames.release_range(s, e);
+    }
+    frames.reserve_range(0, 1 << 20); // real-mode area, BIOS data, option ROMs
+    frames.reserve_range(store_pa, store_pa + bytes);
+    for &(s, e) in reserved {
+        frames.reserve_range(s, e);
+    }
+    TOTAL_BYTES.store(usable().map(|(s, e)| e - s).sum(), Ordering::Relaxed);
+
+    map_heap(&mut frames)?;
+    *FRAMES.lock() = Some(frames);
+    Ok(())
+}
+
+fn map_heap(frames: &mut FrameBitmap<'static>) -> Result<(), MemoryError> {
+    let (l4_frame, _) = Cr3::read();
+    let l4_ptr = phys_to_virt(l4_frame.start_address().as_u64()).cast::<PageTable>();
+    // SAFETY: CR3 points at the active level-4 table, which the physical map
+    // makes reachable at PHYS_OFFSET; this is the only reference made to it
+    // and it does not outlive this function.
+    let mut mapper = unsafe { OffsetPageTable::new(&mut *l4_ptr, VirtAddr::new(PHYS_OFFSET)) };
+    let mut alloc = BitmapAllocator(frames);
+    let first = Page::<Size4KiB>::containing_address(VirtAddr::new(HEAP_START));
+    let last = Page::<Size4KiB>::containing_address(VirtAddr::new(HEAP_START + HEAP_SIZE - 1));
+    for page in Page::range_inclusive(first, last) {
+        let frame = alloc.allocate_frame().ok_or(MemoryError::OutOfFrames)?;
+        let flags = PageTableFlags::PRESENT | PageTableFlags::WRITABLE;
+        // SAFETY: the heap range is used by nothing else and the frame is
+        // freshly allocated, so the new mapping aliases no other memory.
+        unsafe { mapper.map_to(page, frame, flags, &mut alloc) }
+            .map_err(|_| MemoryError::HeapMapping)?
+            .flush();
+    }
+    // SAFETY: the range was just mapped writable and is given to the
+    // allocator alone.
+    unsafe { HEAP.lock().init(HEAP_START as *mut u8, HEAP_SIZE as usize) };
+    Ok(())
+}
+
+/// Usable RAM reported at boot, in bytes.
+pub fn total_bytes() -> u64 {
+    TOTAL_BYTES.load(Ordering::Relaxed)
+}
+
+/// Free physical memory, in bytes.
+pub fn free_bytes() -> u64 {
+    FRAMES.lock().as_ref().map_or(0, |f| f.free_frames() * FRAME)
+}
+
+/// Heap size and bytes in use.
+pub fn heap_usage() -> (u64, u64) {
+    let heap = HEAP.lock();
+    (heap.size() as u64, heap.used() as u64)
+}
+
+/// Copies physical memory into `buf`; false if the range is outside the
+/// physical map.
+pub fn read_phys(pa: u64, buf: &mut [u8]) -> bool {
+    let Some(end) = pa.checked_add(buf.len() as u64) else { return false };
+    if end > MAPPED_LIMIT.load(Ordering::Relaxed) {
+        return false;
+    }
+    // SAFETY: the range lies below the limit the boot route mapped at
+    // PHYS_OFFSET (checked above), and the copy only reads it.
+    unsafe { core::ptr::copy_nonoverlapping(phys_to_virt(pa), buf.as_mut_ptr(), buf.len()) };
+    true
+}

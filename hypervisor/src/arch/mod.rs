@@ -1,0 +1,12 @@
+//! Hardware leaf modules. Every privileged instruction, port access and raw
+//! pointer of the kernel lives below this module; each `unsafe` block names
+//! the invariant it relies on.
+
+pub mod clock;
+pub mod cpu;
+pub mod entry;
+pub mod gdt;
+pub mod idt;
+pub mod memory;
+pub mod power;
+pub mod serial;

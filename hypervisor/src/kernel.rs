@@ -1,0 +1,142 @@
+//! Kernel start-up after either boot route, and the console loop.
+
+use alloc::string::String;
+use core::fmt::Write;
+use core::sync::atomic::Ordering;
+
+use hypervisor::acpi;
+use hypervisor::bootinfo::BootInfo;
+use hypervisor::line::LineEditor;
+use hypervisor::shell::{Action, Host, MemInfo, Mode, Shell};
+use vmx::cpu::CpuReport;
+
+use crate::arch::{clock, cpu, gdt, idt, memory, power, serial};
+
+/// The machine as the shell sees it.
+struct Machine {
+    cpu: CpuReport,
+    processors: u32,
+    route: &'static str,
+}
+
+impl Host for Machine {
+    fn cpu(&self) -> &CpuReport {
+        &self.cpu
+    }
+    fn processors(&self) -> u32 {
+        self.processors
+    }
+    fn tsc_hz(&self) -> u64 {
+        clock::tsc_hz()
+    }
+    fn boot_route(&self) -> &'static str {
+        self.route
+    }
+    fn memory(&self) -> MemInfo {
+        let (heap_bytes, heap_used_bytes) = memory::heap_usage();
+        MemInfo { total_bytes: memory::total_bytes(), free_bytes: memory::free_bytes(), heap_bytes, heap_used_bytes }
+    }
+    fn uptime_us(&self) -> u64 {
+        clock::uptime_us()
+    }
+}
+
+/// Brings the kernel up and runs the console. `reserved` lists physical
+/// ranges the boot route still uses that the memory map calls usable.
+pub fn start(boot: BootInfo, reserved: &[(u64, u64)]) -> ! {
+    serial::init();
+    gdt::init();
+    idt::init();
+    let tsc_hz = clock::calibrate();
+    log::info!("hypervisor {} booting ({})", env!("CARGO_PKG_VERSION"), boot.route.as_str());
+    if let Err(e) = memory::init(&boot, reserved) {
+        log::error!("memory setup failed: {e:?}");
+        power::halt_forever();
+    }
+    if boot.regions_dropped > 0 {
+        log::warn!("{} usable memory regions ignored (table full)", boot.regions_dropped);
+    }
+    let cpu = cpu::report();
+    let processors = count_processors(&boot);
+    log::info!(
+        "{} family {:#x} model {:#x}; backend {}; {} processor(s); TSC {}.{:03} MHz",
+        cpu.vendor_str(),
+        cpu.family,
+        cpu.model,
+        cpu.backend().as_str(),
+        processors,
+        tsc_hz / 1_000_000,
+        (tsc_hz / 1_000) % 1_000
+    );
+    log::info!(
+        "memory: {} MiB usable, {} MiB free after the heap",
+        memory::total_bytes() >> 20,
+        memory::free_bytes() >> 20
+    );
+    let machine = Machine { cpu, processors, route: boot.route.as_str() };
+    serial::write_str("hypervisor ready\r\n");
+    console_loop(&machine)
+}
+
+fn count_processors(boot: &BootInfo) -> u32 {
+    let mut rsdp = [0u8; 36];
+    let have = match (boot.rsdp_copy, boot.rsdp) {
+        (Some(copy), _) => {
+            rsdp = copy;
+            true
+        }
+        (None, Some(pa)) => memory::read_phys(pa, &mut rsdp),
+        (None, None) => false,
+    };
+    if !have {
+        log::warn!("no ACPI RSDP; assuming one processor");
+        return 1;
+    }
+    match acpi::count_processors(&rsdp, &memory::read_phys) {
+        Ok(n) if n > 0 => n,
+        other => {
+            log::warn!("MADT unreadable ({other:?}); assuming one processor");
+            1
+        }
+    }
+}
+
+fn console_loop(machine: &Machine) -> ! {
+    let mut shell = Shell::new();
+    let mut editor = LineEditor::new();
+    let mut echo = String::new();
+    serial::write_str(shell.prompt());
+    loop {
+        let Some(byte) = serial::try_read() else {
+            core::hint::spin_loop();
+            continue;
+        };
+        let event = editor.feed(byte, &mut echo);
+        if shell.mode() == Mode::Human {
+            serial::write_str(&echo);
+        }
+        echo.clear();
+        let Some(event) = event else { continue };
+        let out = shell.handle(event, machine);
+        serial::JSON_EVENTS.store(shell.mode() == Mode::Json, Ordering::Relaxed);
+        serial::write_str(&out.text);
+        if out.action == Some(Action::Shutdown) {
+            log::info!("powering off");
+            power::shutdown();
+        }
+        serial::write_str(shell.prompt());
+    }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    let mut w = serial::RawWriter;
+    if serial::JSON_EVENTS.load(Ordering::Relaxed) {
+        let _ = write!(w, "{{\"event\":\"panic\",\"msg\":\"");
+        let _ = write!(serial::JsonEscape(&mut w), "{info}");
+        let _ = write!(w, "\"}}\r\n");
+    } else {
+        let _ = write!(w, "\r\nKERNEL PANIC: {info}\r\n");
+    }
+    power::halt_forever()
+}
