@@ -51,6 +51,7 @@ fn bootloader_main(info: &'static mut bootloader_api::BootInfo) -> ! {
 
 core::arch::global_asm!(
     r#"
+    .set KVMA, 0xffffffff80000000
     .section .multiboot2_header, "a"
     .balign 8
 mb2_header_start:
@@ -62,7 +63,7 @@ mb2_header_start:
     .short 3
     .short 0
     .long 12
-    .long mb2_entry32
+    .long mb2_entry32 - KVMA
     .balign 8
     .short 0
     .short 0
@@ -88,7 +89,7 @@ boot32_gdt:
     .quad 0x0000920000000000
 boot32_gdtr:
     .short 23
-    .long boot32_gdt
+    .long boot32_gdt - KVMA
 
     .section .boot32.text, "ax"
     .code32
@@ -96,39 +97,39 @@ boot32_gdtr:
 mb2_entry32:
     cli
     cld
-    mov esp, offset boot32_stack_top
+    mov esp, offset boot32_stack_top - KVMA
     cmp eax, {magic}
     jne mb2_not_multiboot
     mov esi, ebx
 
-    mov edi, offset boot32_tables
+    mov edi, offset boot32_tables - KVMA
     mov ecx, (4 + 64) * 1024 // dwords in the 68 table pages
     xor eax, eax
     rep stosd
 
-    mov eax, offset boot32_pdpt_low
+    mov eax, offset boot32_pdpt_low - KVMA
     or eax, 3
-    mov dword ptr [boot32_pml4], eax
-    mov eax, offset boot32_pdpt_phys
+    mov dword ptr [boot32_pml4 - KVMA], eax
+    mov eax, offset boot32_pdpt_phys - KVMA
     or eax, 3
-    mov dword ptr [boot32_pml4 + 256 * 8], eax
-    mov eax, offset boot32_pdpt_high
+    mov dword ptr [boot32_pml4 - KVMA + 256 * 8], eax
+    mov eax, offset boot32_pdpt_high - KVMA
     or eax, 3
-    mov dword ptr [boot32_pml4 + 511 * 8], eax
-    mov eax, offset boot32_pd
+    mov dword ptr [boot32_pml4 - KVMA + 511 * 8], eax
+    mov eax, offset boot32_pd - KVMA
     or eax, 3
-    mov dword ptr [boot32_pdpt_low], eax
-    mov dword ptr [boot32_pdpt_high + 510 * 8], eax
+    mov dword ptr [boot32_pdpt_low - KVMA], eax
+    mov dword ptr [boot32_pdpt_high - KVMA + 510 * 8], eax
 
     xor ecx, ecx
 mb2_fill_pd:
     mov eax, ecx
     shl eax, 21
     or eax, 0x83
-    mov dword ptr [boot32_pd + ecx * 8], eax
+    mov dword ptr [boot32_pd - KVMA + ecx * 8], eax
     mov eax, ecx
     shr eax, 11
-    mov dword ptr [boot32_pd + ecx * 8 + 4], eax
+    mov dword ptr [boot32_pd - KVMA + ecx * 8 + 4], eax
     inc ecx
     cmp ecx, 64 * 512
     jne mb2_fill_pd
@@ -137,14 +138,14 @@ mb2_fill_pd:
 mb2_fill_pdpt:
     mov eax, ecx
     shl eax, 12
-    add eax, offset boot32_pd
+    add eax, offset boot32_pd - KVMA
     or eax, 3
-    mov dword ptr [boot32_pdpt_phys + ecx * 8], eax
+    mov dword ptr [boot32_pdpt_phys - KVMA + ecx * 8], eax
     inc ecx
     cmp ecx, 64
     jne mb2_fill_pdpt
 
-    mov eax, offset boot32_pml4
+    mov eax, offset boot32_pml4 - KVMA
     mov cr3, eax
     mov eax, cr4
     or eax, 1 << 5
@@ -156,10 +157,10 @@ mb2_fill_pdpt:
     mov eax, cr0
     or eax, (1 << 31) | (1 << 16) | 1
     mov cr0, eax
-    lgdt [boot32_gdtr]
+    lgdt [boot32_gdtr - KVMA]
     mov ecx, 0x08
     push ecx
-    mov eax, offset mb2_entry64
+    mov eax, offset mb2_entry64 - KVMA
     push eax
     retf
 
@@ -204,8 +205,7 @@ unsafe extern "C" {
     static __kernel_end: u8;
 }
 
-/// Kernel image load addresses: `.boot32` at its link address, the rest at
-/// link address minus -2 GiB.
+/// The kernel is loaded at its link address minus this (see linker.ld).
 const KERNEL_VMA: u64 = 0xffff_ffff_8000_0000;
 
 extern "C" fn multiboot2_main(mbi_phys: u64) -> ! {
@@ -232,7 +232,7 @@ extern "C" fn multiboot2_main(mbi_phys: u64) -> ! {
     };
     let reserved = [
         (
-            core::ptr::addr_of!(__boot32_start) as u64,
+            core::ptr::addr_of!(__boot32_start) as u64 - KERNEL_VMA,
             core::ptr::addr_of!(__kernel_end) as u64 - KERNEL_VMA,
         ),
         (mbi_phys, mbi_phys + mbi_len),

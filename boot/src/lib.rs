@@ -1,0 +1,409 @@
+//! Host-side tooling: build boot images from the kernel ELF, launch hosts
+//! under QEMU (TCG, AMD-V with NPT) or Bochs (Intel VT-x with EPT), and talk
+//! to their serial consoles.
+//!
+//! Each emulator's COM1 is a TCP connection to a listener this process opens
+//! on loopback, so the console is a plain byte stream for both emulators.
+//! The emulator is killed when its [`Host`] is dropped, and also when this
+//! process dies (`PR_SET_PDEATHSIG` is not available without libc, so tests
+//! keep hosts in scope and the scripts use `trap`).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// Where the three boot images of one kernel live.
+#[derive(Clone, Debug)]
+pub struct Images {
+    /// The kernel ELF they were built from.
+    pub kernel: PathBuf,
+    /// `bootloader` BIOS disk image.
+    pub bios: PathBuf,
+    /// `bootloader` UEFI disk image.
+    pub uefi: PathBuf,
+    /// GRUB rescue ISO booting the kernel through Multiboot2.
+    pub grub: PathBuf,
+}
+
+/// QEMU's exit status when the kernel writes 0x10 to `isa-debug-exit`.
+pub const QEMU_CLEAN_EXIT: i32 = 33;
+
+/// OVMF firmware used for UEFI boots.
+pub const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
+
+impl Images {
+    /// Image paths for `kernel` inside `out`.
+    pub fn at(kernel: &Path, out: &Path) -> Self {
+        Images {
+            kernel: kernel.to_path_buf(),
+            bios: out.join("bios.img"),
+            uefi: out.join("uefi.img"),
+            grub: out.join("grub.iso"),
+        }
+    }
+
+    /// Builds all three images into `out`.
+    pub fn build(kernel: &Path, out: &Path) -> Result<Self> {
+        let images = Images::at(kernel, out);
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        bootloader::BiosBoot::new(kernel)
+            .create_disk_image(&images.bios)
+            .map_err(|e| anyhow!("building the BIOS image: {e:#}"))?;
+        bootloader::UefiBoot::new(kernel)
+            .create_disk_image(&images.uefi)
+            .map_err(|e| anyhow!("building the UEFI image: {e:#}"))?;
+        build_grub_iso(kernel, &images.grub, &out.join("iso"))?;
+        Ok(images)
+    }
+}
+
+fn build_grub_iso(kernel: &Path, iso: &Path, tree: &Path) -> Result<()> {
+    let grub_dir = tree.join("boot/grub");
+    std::fs::create_dir_all(&grub_dir)?;
+    std::fs::copy(kernel, tree.join("boot/kernel.elf")).context("copying the kernel into the ISO tree")?;
+    std::fs::write(
+        grub_dir.join("grub.cfg"),
+        "set timeout=0\nset default=0\nmenuentry \"hypervisor\" {\n    multiboot2 /boot/kernel.elf\n    boot\n}\n",
+    )?;
+    let out = Command::new("grub-mkrescue")
+        .arg("-o")
+        .arg(iso)
+        .arg(tree)
+        .output()
+        .context("running grub-mkrescue (install grub-pc-bin, grub-common, xorriso, mtools: scripts/setup.sh)")?;
+    if !out.status.success() {
+        bail!("grub-mkrescue failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// Which emulator runs a host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Emulator {
+    /// QEMU TCG with `-cpu max` (AMD-V with nested paging).
+    Qemu,
+    /// Bochs 2.7 with `corei7_skylake_x` (VT-x with EPT, EPT A/D and PML).
+    Bochs,
+}
+
+/// Firmware route for QEMU hosts (Bochs always boots the GRUB ISO).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Firmware {
+    /// SeaBIOS and the `bootloader` BIOS image.
+    Bios,
+    /// OVMF and the `bootloader` UEFI image.
+    Uefi,
+    /// SeaBIOS and the GRUB ISO (Multiboot2).
+    Grub,
+}
+
+/// How to start one host.
+#[derive(Clone, Debug)]
+pub struct HostConfig {
+    /// QEMU or Bochs.
+    pub emulator: Emulator,
+    /// Firmware route (QEMU only).
+    pub firmware: Firmware,
+    /// Processors.
+    pub cpus: u32,
+    /// Memory in MiB.
+    pub mem_mib: u32,
+    /// Extra arguments appended to the QEMU command line.
+    pub qemu_args: Vec<String>,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig { emulator: Emulator::Qemu, firmware: Firmware::Bios, cpus: 1, mem_mib: 256, qemu_args: Vec::new() }
+    }
+}
+
+/// A running emulated host and its console.
+pub struct Host {
+    child: Child,
+    console: Console,
+    workdir: Option<PathBuf>,
+}
+
+/// Line-oriented access to a host's serial console.
+pub struct Console {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+    /// Every line read so far, for failure reports.
+    pub transcript: Vec<String>,
+}
+
+impl Host {
+    /// Starts a host and waits until its console connects (not until the
+    /// kernel is ready; see [`Console::wait_for`]).
+    pub fn launch(images: &Images, config: &HostConfig) -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").context("binding the console listener")?;
+        let port = listener.local_addr()?.port();
+        let (child, workdir) = match config.emulator {
+            Emulator::Qemu => (qemu_command(images, config, port).spawn().context("starting qemu-system-x86_64")?, None),
+            Emulator::Bochs => {
+                let dir = std::env::temp_dir().join(format!("hv-bochs-{}-{port}", std::process::id()));
+                std::fs::create_dir_all(&dir)?;
+                let mut cmd = bochs_command(images, config, port, &dir)?;
+                (cmd.spawn().context("starting bochs")?, Some(dir))
+            }
+        };
+        let mut host = Host { child, console: Console::placeholder()?, workdir };
+        listener.set_nonblocking(true)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let stream = loop {
+            match listener.accept() {
+                Ok((stream, _)) => break stream,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if let Some(status) = host.child.try_wait()? {
+                        bail!("emulator exited before connecting its console: {status}");
+                    }
+                    if Instant::now() > deadline {
+                        bail!("emulator did not connect its console within 30 s");
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        stream.set_nonblocking(false)?;
+        host.console = Console::new(stream)?;
+        Ok(host)
+    }
+
+    /// The host's console.
+    pub fn console(&mut self) -> &mut Console {
+        &mut self.console
+    }
+
+    /// Waits for the emulator to exit; kills it after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<i32>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status.code());
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                bail!("emulator still running after {timeout:?}; killed");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the emulator (idempotent).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Splits the host into its console and a guard that kills the emulator
+    /// when dropped (for relaying the console on another thread).
+    pub fn into_parts(mut self) -> (Console, HostGuard) {
+        let console = std::mem::replace(&mut self.console, Console::placeholder().expect("loopback pair"));
+        (console, HostGuard(self))
+    }
+}
+
+/// Keeps an emulator alive; kills it on drop.
+pub struct HostGuard(Host);
+
+impl HostGuard {
+    /// See [`Host::wait_exit`].
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<i32>> {
+        self.0.wait_exit(timeout)
+    }
+    /// Whether the emulator is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.0.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.kill();
+        if let Some(dir) = self.workdir.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn qemu_command(images: &Images, config: &HostConfig, port: u16) -> Command {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-nodefaults", "-vga", "std", "-display", "none", "-no-reboot", "-monitor", "none"])
+        .args(["-machine", "pc", "-cpu", "max"])
+        .args(["-smp", &config.cpus.to_string(), "-m", &config.mem_mib.to_string()])
+        .args(["-serial", &format!("tcp:127.0.0.1:{port}")])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
+    match config.firmware {
+        Firmware::Bios => {
+            cmd.arg("-drive").arg(format!("format=raw,file={},if=ide", images.bios.display()));
+        }
+        Firmware::Uefi => {
+            cmd.args(["-bios", OVMF]).arg("-drive").arg(format!("format=raw,file={},if=ide", images.uefi.display()));
+        }
+        Firmware::Grub => {
+            cmd.arg("-cdrom").arg(&images.grub).args(["-boot", "d"]);
+        }
+    }
+    cmd.args(&config.qemu_args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
+    cmd
+}
+
+fn bochs_command(images: &Images, config: &HostConfig, port: u16, dir: &Path) -> Result<Command> {
+    let rc = dir.join("bochsrc");
+    let script = dir.join("debugger.rc");
+    std::fs::write(&script, "c\n")?;
+    std::fs::write(
+        &rc,
+        format!(
+            "megs: {mem}\n\
+             cpu: model=corei7_skylake_x, count={cpus}, ips=50000000, reset_on_triple_fault=0\n\
+             romimage: file=/usr/share/bochs/BIOS-bochs-latest\n\
+             vgaromimage: file=/usr/share/vgabios/vgabios.bin\n\
+             vga: extension=vbe\n\
+             ata0-master: type=cdrom, path={iso}, status=inserted\n\
+             boot: cdrom\n\
+             com1: enabled=1, mode=socket-client, dev=127.0.0.1:{port}\n\
+             display_library: rfb, options=\"timeout=0\"\n\
+             clock: sync=none, time0=utc\n\
+             log: {log}\n\
+             panic: action=fatal\n\
+             error: action=report\n\
+             info: action=ignore\n",
+            mem = config.mem_mib,
+            cpus = config.cpus,
+            iso = images.grub.display(),
+            log = dir.join("bochs.log").display(),
+        ),
+    )?;
+    let mut cmd = Command::new("bochs");
+    cmd.arg("-q").arg("-f").arg(&rc).arg("-rc").arg(&script).current_dir(dir);
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    Ok(cmd)
+}
+
+impl Console {
+    fn new(stream: TcpStream) -> Result<Self> {
+        let writer = stream.try_clone()?;
+        Ok(Console { reader: BufReader::new(stream), writer, transcript: Vec::new() })
+    }
+
+    /// A console connected to nothing useful (a loopback pair), used while a
+    /// host is being set up.
+    fn placeholder() -> Result<Self> {
+        let l = TcpListener::bind("127.0.0.1:0")?;
+        let a = TcpStream::connect(l.local_addr()?)?;
+        let _ = l.accept()?;
+        Console::new(a)
+    }
+
+    /// Sends raw bytes.
+    pub fn send_raw(&mut self, bytes: &[u8]) -> Result<()> {
+        self.writer.write_all(bytes)?;
+        Ok(())
+    }
+
+    /// Sends one command line.
+    pub fn send_line(&mut self, line: &str) -> Result<()> {
+        self.send_raw(format!("{line}\r").as_bytes())
+    }
+
+    /// Reads one line (without the line end), waiting at most `timeout`.
+    pub fn read_line(&mut self, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        let mut buf = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!("no complete console line within {timeout:?} (partial: {:?})", String::from_utf8_lossy(&buf));
+            }
+            self.reader.get_ref().set_read_timeout(Some(left))?;
+            let mut byte = [0u8; 1];
+            match self.reader.read(&mut byte) {
+                Ok(0) => bail!("console closed (emulator exited); partial line {:?}", String::from_utf8_lossy(&buf)),
+                Ok(_) if byte[0] == b'\n' => break,
+                Ok(_) if byte[0] == b'\r' => {}
+                Ok(_) => buf.push(byte[0]),
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let line = String::from_utf8_lossy(&buf).into_owned();
+        self.transcript.push(line.clone());
+        Ok(line)
+    }
+
+    /// Reads lines until one contains `needle`; returns that line.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .read_line(left)
+                .with_context(|| format!("waiting for {needle:?}; last lines: {:?}", self.tail()))?;
+            if line.contains(needle) {
+                return Ok(line);
+            }
+        }
+    }
+
+    /// Switches the console to json mode (call once after "hypervisor ready").
+    pub fn enter_json(&mut self, timeout: Duration) -> Result<()> {
+        self.send_line("mode json")?;
+        let v = self.next_reply(timeout)?;
+        if v["mode"] != "json" {
+            bail!("mode json answered {v}");
+        }
+        Ok(())
+    }
+
+    /// Reads the next reply in json mode: the next line that is a JSON
+    /// object without an `event` field (log and fault events are skipped).
+    pub fn next_reply(&mut self, timeout: Duration) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let line = self.read_line(deadline.saturating_duration_since(Instant::now()))?;
+            let trimmed = line.trim_start_matches("hv> ").trim();
+            if !trimmed.starts_with('{') {
+                continue;
+            }
+            let v: serde_json::Value =
+                serde_json::from_str(trimmed).with_context(|| format!("console line is not JSON: {trimmed:?}"))?;
+            if v.get("event").is_none() {
+                return Ok(v);
+            }
+        }
+    }
+
+    /// Sends a command in json mode and returns its reply.
+    pub fn json(&mut self, command: &str, timeout: Duration) -> Result<serde_json::Value> {
+        self.send_line(command)?;
+        self.next_reply(timeout).with_context(|| format!("reply to {command:?}"))
+    }
+
+    /// The last lines read, for error messages.
+    pub fn tail(&self) -> &[String] {
+        let n = self.transcript.len();
+        &self.transcript[n.saturating_sub(15)..]
+    }
+
+    /// Splits into raw reader and writer streams (for relaying).
+    pub fn into_streams(self) -> (BufReader<TcpStream>, TcpStream) {
+        (self.reader, self.writer)
+    }
+}
+
+/// Skips the boot stages' own output: lines before the kernel's ready line.
+pub fn wait_ready(console: &mut Console, timeout: Duration) -> Result<()> {
+    console.wait_for("hypervisor ready", timeout).map(|_| ())
+}
+
+/// Reads lines from `reader` until EOF, for tools that relay a console.
+pub fn lines(reader: impl BufRead) -> impl Iterator<Item = String> {
+    reader.lines().map_while(std::result::Result::ok)
+}
