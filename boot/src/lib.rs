@@ -227,7 +227,9 @@ impl Drop for Host {
     fn drop(&mut self) {
         self.kill();
         if let Some(dir) = self.workdir.take() {
-            let _ = std::fs::remove_dir_all(dir);
+            if std::env::var_os("HV_KEEP_WORKDIR").is_none() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
         }
     }
 }
@@ -255,6 +257,7 @@ fn qemu_command(images: &Images, config: &HostConfig, port: u16) -> Command {
 }
 
 fn bochs_command(images: &Images, config: &HostConfig, port: u16, dir: &Path) -> Result<Command> {
+    let iso = std::fs::canonicalize(&images.grub).with_context(|| format!("{} (run scripts/build.sh)", images.grub.display()))?;
     let rc = dir.join("bochsrc");
     let script = dir.join("debugger.rc");
     std::fs::write(&script, "c\n")?;
@@ -262,7 +265,7 @@ fn bochs_command(images: &Images, config: &HostConfig, port: u16, dir: &Path) ->
         &rc,
         format!(
             "megs: {mem}\n\
-             cpu: model=corei7_skylake_x, count={cpus}, ips=50000000, reset_on_triple_fault=0\n\
+             cpu: model=corei7_skylake_x, count={cpus}, ips=50000000\n\
              romimage: file=/usr/share/bochs/BIOS-bochs-latest\n\
              vgaromimage: file=/usr/share/vgabios/vgabios.bin\n\
              vga: extension=vbe\n\
@@ -270,18 +273,20 @@ fn bochs_command(images: &Images, config: &HostConfig, port: u16, dir: &Path) ->
              boot: cdrom\n\
              com1: enabled=1, mode=socket-client, dev=127.0.0.1:{port}\n\
              display_library: rfb, options=\"timeout=0\"\n\
-             clock: sync=none, time0=utc\n\
+             clock: sync=none\n\
+             sound: driver=dummy\n\
              log: {log}\n\
              panic: action=fatal\n\
              error: action=report\n\
              info: action=ignore\n",
             mem = config.mem_mib,
             cpus = config.cpus,
-            iso = images.grub.display(),
+            iso = iso.display(),
             log = dir.join("bochs.log").display(),
         ),
     )?;
     let mut cmd = Command::new("bochs");
+    cmd.env("HOME", dir); // keeps Bochs from reading a user's ~/.bochsrc
     cmd.arg("-q").arg("-f").arg(&rc).arg("-rc").arg(&script).current_dir(dir);
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
     Ok(cmd)

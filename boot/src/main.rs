@@ -109,6 +109,9 @@ fn relay(host: Host) -> Result<i32> {
                 }
             }
         }
+        if String::from_utf8_lossy(&line).contains("powering off") {
+            p.store(true, Ordering::SeqCst);
+        }
     });
     let input_done = Arc::new(AtomicBool::new(false));
     let done = input_done.clone();

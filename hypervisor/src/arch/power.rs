@@ -8,8 +8,15 @@ use x86_64::instructions::port::Port;
 /// scripts read as success.
 pub const QEMU_EXIT_SUCCESS: u32 = 0x10;
 
-/// Powers the machine off.
+/// Powers the machine off, after the console has sent its last byte.
 pub fn shutdown() -> ! {
+    super::serial::drain();
+    // Emulators pass a byte on to their backend some time after the UART
+    // reports it sent; 20 ms more is plenty for QEMU and Bochs.
+    let until = super::clock::uptime_us() + 20_000;
+    while super::clock::uptime_us() < until {
+        core::hint::spin_loop();
+    }
     // SAFETY: port 0xf4 is QEMU's isa-debug-exit (the boot tool always adds
     // it); on machines without it the write goes nowhere.
     unsafe { Port::<u32>::new(0xf4).write(QEMU_EXIT_SUCCESS) };

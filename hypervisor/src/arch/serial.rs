@@ -35,6 +35,16 @@ pub fn write_str(s: &str) {
     });
 }
 
+/// Waits until the UART has sent everything (LSR bit 6, "transmitter
+/// empty"), so that nothing printed is lost when the machine powers off.
+pub fn drain() {
+    let mut lsr: Port<u8> = Port::new(COM1 + 5);
+    // SAFETY: reading the line status register has no side effect on output.
+    while unsafe { lsr.read() } & 0x40 == 0 {
+        core::hint::spin_loop();
+    }
+}
+
 /// Reads one byte if the UART has one (LSR bit 0, "data ready").
 pub fn try_read() -> Option<u8> {
     let mut lsr: Port<u8> = Port::new(COM1 + 5);
