@@ -144,7 +144,9 @@ impl Host {
         let listener = TcpListener::bind("127.0.0.1:0").context("binding the console listener")?;
         let port = listener.local_addr()?.port();
         let (child, workdir) = match config.emulator {
-            Emulator::Qemu => (qemu_command(images, config, port).spawn().context("starting qemu-system-x86_64")?, None),
+            Emulator::Qemu => {
+                (qemu_command(images, config, port).spawn().context("starting qemu-system-x86_64")?, None)
+            }
             Emulator::Bochs => {
                 let dir = std::env::temp_dir().join(format!("hv-bochs-{}-{port}", std::process::id()));
                 std::fs::create_dir_all(&dir)?;
@@ -236,7 +238,7 @@ impl Drop for Host {
 
 fn qemu_command(images: &Images, config: &HostConfig, port: u16) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-nodefaults", "-vga", "std", "-display", "none", "-no-reboot", "-monitor", "none"])
+    cmd.args(["-nodefaults", "-vga", "std", "-display", "none", "-no-reboot", "-monitor", "none", "-snapshot"])
         .args(["-machine", "pc", "-cpu", "max"])
         .args(["-smp", &config.cpus.to_string(), "-m", &config.mem_mib.to_string()])
         .args(["-serial", &format!("tcp:127.0.0.1:{port}")])
@@ -257,7 +259,8 @@ fn qemu_command(images: &Images, config: &HostConfig, port: u16) -> Command {
 }
 
 fn bochs_command(images: &Images, config: &HostConfig, port: u16, dir: &Path) -> Result<Command> {
-    let iso = std::fs::canonicalize(&images.grub).with_context(|| format!("{} (run scripts/build.sh)", images.grub.display()))?;
+    let iso = std::fs::canonicalize(&images.grub)
+        .with_context(|| format!("{} (run scripts/build.sh)", images.grub.display()))?;
     let rc = dir.join("bochsrc");
     let script = dir.join("debugger.rc");
     std::fs::write(&script, "c\n")?;

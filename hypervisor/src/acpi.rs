@@ -67,7 +67,13 @@ pub fn count_processors(rsdp: &[u8], read: PhysRead<'_>) -> Result<u32, AcpiErro
     let root_table = read_table(read, root)?;
     let madt = root_table[HEADER..]
         .chunks_exact(entry_size)
-        .map(|e| if entry_size == 8 { u64::from_le_bytes(e.try_into().unwrap_or([0; 8])) } else { u64::from(u32::from_le_bytes(e.try_into().unwrap_or([0; 4]))) })
+        .map(|e| {
+            if entry_size == 8 {
+                u64::from_le_bytes(e.try_into().unwrap_or([0; 8]))
+            } else {
+                u64::from(u32::from_le_bytes(e.try_into().unwrap_or([0; 4])))
+            }
+        })
         .find(|&addr| {
             let mut sig = [0u8; 4];
             read(addr, &mut sig) && &sig == b"APIC"

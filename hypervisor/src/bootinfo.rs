@@ -182,13 +182,12 @@ pub fn parse_multiboot2(mbi: &[u8], info: &mut BootInfo) -> Result<(), Multiboot
                     }
                 }
             }
-            14 | 15 if info.rsdp_copy.is_none() || ty == 15 => {
-                if body.len() >= 20 {
-                    let mut copy = [0u8; 36];
-                    let n = body.len().min(36);
-                    copy[..n].copy_from_slice(&body[..n]);
-                    info.rsdp_copy = Some(copy);
-                }
+            // Old (14) or new (15) RSDP; the new one wins when both exist.
+            14 | 15 if body.len() >= 20 && (info.rsdp_copy.is_none() || ty == 15) => {
+                let mut copy = [0u8; 36];
+                let n = body.len().min(36);
+                copy[..n].copy_from_slice(&body[..n]);
+                info.rsdp_copy = Some(copy);
             }
             _ => {}
         }
@@ -210,7 +209,7 @@ mod tests {
         out.extend_from_slice(&ty.to_le_bytes());
         out.extend_from_slice(&(8 + body.len() as u32).to_le_bytes());
         out.extend_from_slice(body);
-        while out.len() % 8 != 0 {
+        while !out.len().is_multiple_of(8) {
             out.push(0);
         }
     }

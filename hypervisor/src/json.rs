@@ -204,10 +204,7 @@ mod tests {
             .with("none", Option::<u32>::None)
             .with("list", vec![1u8, 2])
             .with("inner", Obj::new().with("s", "x"));
-        assert_eq!(
-            o.to_json(),
-            r#"{"ok":true,"n":42,"neg":-3,"none":null,"list":[1,2],"inner":{"s":"x"}}"#
-        );
+        assert_eq!(o.to_json(), r#"{"ok":true,"n":42,"neg":-3,"none":null,"list":[1,2],"inner":{"s":"x"}}"#);
     }
 
     #[test]

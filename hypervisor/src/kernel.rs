@@ -7,7 +7,7 @@ use core::sync::atomic::Ordering;
 use hypervisor::acpi;
 use hypervisor::bootinfo::BootInfo;
 use hypervisor::line::LineEditor;
-use hypervisor::shell::{Action, Host, MemInfo, Mode, Shell};
+use hypervisor::shell::{Action, Fault, Host, MemInfo, Mode, Shell};
 use vmx::cpu::CpuReport;
 
 use crate::arch::{clock, cpu, gdt, idt, memory, power, serial};
@@ -120,11 +120,31 @@ fn console_loop(machine: &Machine) -> ! {
         let out = shell.handle(event, machine);
         serial::JSON_EVENTS.store(shell.mode() == Mode::Json, Ordering::Relaxed);
         serial::write_str(&out.text);
-        if out.action == Some(Action::Shutdown) {
-            log::info!("powering off");
-            power::shutdown();
+        match out.action {
+            Some(Action::Shutdown) => {
+                log::info!("powering off");
+                power::shutdown();
+            }
+            Some(Action::Fault(f)) => raise(f),
+            None => {}
         }
         serial::write_str(shell.prompt());
+    }
+}
+
+/// Raises an exception on purpose (hidden `fault` command).
+fn raise(fault: Fault) {
+    match fault {
+        Fault::Breakpoint => x86_64::instructions::interrupts::int3(),
+        // SAFETY: `ud2` only raises #UD, whose handler reports and halts.
+        Fault::InvalidOpcode => unsafe { core::arch::asm!("ud2") },
+        Fault::PageFault => {
+            // An address in a level-4 slot this kernel never maps.
+            let unmapped = 0xffff_a000_dead_0000 as *const u64;
+            // SAFETY: the read faults (nothing is mapped there); the #PF
+            // handler reports it and halts, so no value is ever produced.
+            let _ = unsafe { core::ptr::read_volatile(unmapped) };
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 //! frame allocator. The kernel binary (`main.rs` and `arch/`) ties them to
 //! the hardware; everything here also builds and is tested on the host.
 #![cfg_attr(not(test), no_std)]
+#![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
 extern crate alloc;
 

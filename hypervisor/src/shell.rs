@@ -51,6 +51,20 @@ pub trait Host {
 pub enum Action {
     /// Power the machine off.
     Shutdown,
+    /// Raise a CPU exception on purpose (hidden `fault` command), to prove
+    /// that faults are reported and never become silent triple faults.
+    Fault(Fault),
+}
+
+/// Exceptions the hidden `fault` command can raise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// `int3`: reported, then the kernel carries on.
+    Breakpoint,
+    /// `ud2`: reported, kernel halts.
+    InvalidOpcode,
+    /// A read of an unmapped address: reported with CR2, kernel halts.
+    PageFault,
 }
 
 /// How replies are printed.
@@ -144,9 +158,7 @@ impl Shell {
         match event {
             Event::Line(line) => self.execute(&line, host),
             Event::TooLong => self.reply_only(Err(format!("line too long (at most {MAX_LINE} bytes)"))),
-            Event::Binary(b) => {
-                self.reply_only(Err(format!("line holds a non-printable byte 0x{b:02x}; ignored")))
-            }
+            Event::Binary(b) => self.reply_only(Err(format!("line holds a non-printable byte 0x{b:02x}; ignored"))),
             Event::Cancelled => Output { text: String::new(), action: None },
         }
     }
@@ -169,6 +181,10 @@ impl Shell {
             "shutdown" => no_args(cmd, args).map(|()| {
                 action = Some(Action::Shutdown);
                 Reply::data(Obj::new().with("shutdown", true))
+            }),
+            "fault" => fault(args).map(|(f, reply)| {
+                action = Some(Action::Fault(f));
+                reply
             }),
             other => Err(format!("unknown command '{}'; type 'help' for the list", truncate(other))),
         };
@@ -247,10 +263,8 @@ fn help() -> Reply {
     for (usage, about) in COMMANDS {
         let _ = writeln!(text, "  {usage:<40} {about}");
     }
-    let list: Vec<Value> = COMMANDS
-        .iter()
-        .map(|(usage, about)| Obj::new().with("usage", *usage).with("about", *about).into())
-        .collect();
+    let list: Vec<Value> =
+        COMMANDS.iter().map(|(usage, about)| Obj::new().with("usage", *usage).with("about", *about).into()).collect();
     Reply { data: Obj::new().with("commands", Value::Arr(list)), human: Some(text) }
 }
 
@@ -318,6 +332,17 @@ fn uptime(us: u64) -> Reply {
         data: Obj::new().with("uptime_us", us),
         human: Some(format!("up {}.{:06} s", us / 1_000_000, us % 1_000_000)),
     }
+}
+
+/// Hidden test command: `fault bp|ud|pf`.
+fn fault(args: &[&str]) -> Result<(Fault, Reply), String> {
+    let f = match args {
+        ["bp"] => Fault::Breakpoint,
+        ["ud"] => Fault::InvalidOpcode,
+        ["pf"] => Fault::PageFault,
+        _ => return Err(String::from("usage: fault bp|ud|pf")),
+    };
+    Ok((f, Reply::data(Obj::new().with("fault", args[0]))))
 }
 
 fn log_level(args: &[&str]) -> Result<Reply, String> {
@@ -442,6 +467,16 @@ mod tests {
         assert_eq!(out.action, Some(Action::Shutdown));
         assert_eq!(out.text, "shutdown: true\r\n");
         assert_eq!(sh.execute("shutdown now", &host()).action, None);
+    }
+
+    #[test]
+    fn hidden_fault_command_asks_for_the_fault() {
+        let mut sh = Shell::new();
+        assert_eq!(sh.execute("fault pf", &host()).action, Some(Action::Fault(Fault::PageFault)));
+        assert_eq!(sh.execute("fault bp", &host()).action, Some(Action::Fault(Fault::Breakpoint)));
+        let bad = sh.execute("fault xx", &host());
+        assert_eq!((bad.action, bad.text.as_str()), (None, "error: usage: fault bp|ud|pf\r\n"));
+        assert!(!sh.execute("help", &host()).text.contains("fault"));
     }
 
     #[test]

@@ -122,11 +122,8 @@ impl CpuReport {
             let ext_model = (eax >> 16) & 0xF;
             report.stepping = eax & 0xF;
             report.family = if base_family == 0xF { base_family + ext_family } else { base_family };
-            report.model = if base_family == 0x6 || base_family == 0xF {
-                (ext_model << 4) | base_model
-            } else {
-                base_model
-            };
+            report.model =
+                if base_family == 0x6 || base_family == 0xF { (ext_model << 4) | base_model } else { base_model };
             report.vmx = ecx & (1 << 5) != 0;
         }
         if max_ext >= 0x8000_0004 {

@@ -4,5 +4,6 @@
 //! Everything here that can be computed from recorded values (CPUID leaves,
 //! capability MSRs, exit fields) builds and is tested on the host.
 #![cfg_attr(not(test), no_std)]
+#![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
 pub mod cpu;

@@ -23,7 +23,7 @@ pub const MULTIBOOT_MAPPED: u64 = 64 << 30;
 /// Kernel heap: virtual base and size.
 pub const HEAP_START: u64 = 0xffff_9000_0000_0000;
 /// 16 MiB is plenty for the console and, later, VM bookkeeping.
-pub const HEAP_SIZE: u64 = 16 << 20;
+pub const HEAP_SIZE: usize = 16 << 20;
 
 #[global_allocator]
 static HEAP: LockedHeap = LockedHeap::empty();
@@ -107,19 +107,17 @@ fn map_heap(frames: &mut FrameBitmap<'static>) -> Result<(), MemoryError> {
     let mut mapper = unsafe { OffsetPageTable::new(&mut *l4_ptr, VirtAddr::new(PHYS_OFFSET)) };
     let mut alloc = BitmapAllocator(frames);
     let first = Page::<Size4KiB>::containing_address(VirtAddr::new(HEAP_START));
-    let last = Page::<Size4KiB>::containing_address(VirtAddr::new(HEAP_START + HEAP_SIZE - 1));
+    let last = Page::<Size4KiB>::containing_address(VirtAddr::new(HEAP_START + HEAP_SIZE as u64 - 1));
     for page in Page::range_inclusive(first, last) {
         let frame = alloc.allocate_frame().ok_or(MemoryError::OutOfFrames)?;
         let flags = PageTableFlags::PRESENT | PageTableFlags::WRITABLE;
         // SAFETY: the heap range is used by nothing else and the frame is
         // freshly allocated, so the new mapping aliases no other memory.
-        unsafe { mapper.map_to(page, frame, flags, &mut alloc) }
-            .map_err(|_| MemoryError::HeapMapping)?
-            .flush();
+        unsafe { mapper.map_to(page, frame, flags, &mut alloc) }.map_err(|_| MemoryError::HeapMapping)?.flush();
     }
     // SAFETY: the range was just mapped writable and is given to the
     // allocator alone.
-    unsafe { HEAP.lock().init(HEAP_START as *mut u8, HEAP_SIZE as usize) };
+    unsafe { HEAP.lock().init(HEAP_START as *mut u8, HEAP_SIZE) };
     Ok(())
 }
 
