@@ -17,5 +17,5 @@ echo "== kernel and boot images"
 scripts/build.sh
 echo "== unit and integration tests"
 # Two emulated hosts at a time: one per core.
-cargo test --workspace -- --test-threads=2
+cargo test --workspace --no-fail-fast -- --test-threads=2
 echo "== all tests passed in $((SECONDS - start)) s"

@@ -215,7 +215,7 @@ mod tests {
         let (b, d, c) = regs(b"AuthenticAMD");
         match leaf {
             0 => [0xd, b, c, d],
-            1 => [0x00860f12, 0, 0x8040_2001, 0x078b_fbff],
+            1 => [0x0006_0fb1, 0, 0x8040_2001, 0x078b_fbff],
             0x8000_0000 => [0x8000_000A, 0, 0, 0],
             0x8000_0001 => [0, 0, 0x0000_0004 | 0x1, 0],
             0x8000_0002..=0x8000_0004 => [0x20202020; 4],
@@ -228,7 +228,7 @@ mod tests {
     fn amd_with_npt_picks_svm() {
         let r = CpuReport::probe(qemu_tcg_amd, |_| panic!("no MSR reads on AMD"));
         assert_eq!(r.vendor_str(), "AuthenticAMD");
-        assert_eq!((r.family, r.model, r.stepping), (0x17, 0x1, 2));
+        assert_eq!((r.family, r.model, r.stepping), (0xf, 0x6b, 1));
         assert!(r.svm && r.slat && !r.vmx && !r.nrip_save);
         assert_eq!((r.svm_revision, r.tlb_tags), (1, 16));
         assert_eq!(r.backend(), Backend::Svm);
