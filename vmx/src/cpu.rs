@@ -235,6 +235,17 @@ mod tests {
         assert_eq!(r.brand_str(), "");
     }
 
+    #[test]
+    fn extended_family_and_model_are_folded_in() {
+        // Zen 2: base family 0xF + extended 0x8, extended model 0x3.
+        let zen2 = |leaf, sub| if leaf == 1 { [0x0083_0f10, 0, 0, 0] } else { qemu_tcg_amd(leaf, sub) };
+        let r = CpuReport::probe(zen2, |_| 0);
+        assert_eq!((r.family, r.model, r.stepping), (0x17, 0x31, 0));
+        // Family 6 folds the extended model in; other families do not.
+        let old = |leaf, sub| if leaf == 1 { [0x0003_05a2, 0, 0, 0] } else { qemu_tcg_amd(leaf, sub) };
+        assert_eq!(CpuReport::probe(old, |_| 0).model, 0xa);
+    }
+
     fn skylake_x(leaf: u32, _sub: u32) -> [u32; 4] {
         let (b, d, c) = regs(b"GenuineIntel");
         match leaf {
