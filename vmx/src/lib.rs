@@ -1,5 +1,6 @@
-//! The vCPU side of the hypervisor: what the processor offers (`cpu`), and,
-//! in later issues, the VMX and SVM backends behind one `Vcpu` trait.
+//! The vCPU side of the hypervisor: what the processor offers (`cpu`), the
+//! vendor-neutral vCPU interface (`exit`: the `Vcpu` trait and `VmExit`), and
+//! the SVM control block with its exit decoding (`svm`); VMX follows.
 //!
 //! Everything here that can be computed from recorded values (CPUID leaves,
 //! capability MSRs, exit fields) builds and is tested on the host.
@@ -7,3 +8,7 @@
 #![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
 pub mod cpu;
+pub mod exit;
+pub mod svm;
+
+pub use exit::{Access, GuestRegs, Vcpu, VcpuState, VmExit};

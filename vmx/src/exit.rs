@@ -1,0 +1,157 @@
+//! The vendor-neutral vCPU interface: one exit enum both backends decode
+//! into, and the trait the VM run loop drives.
+
+/// Why a guest stopped running, decoded from the backend's exit fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// `IN`/`OUT` on `port` (string and REP forms are reported as such and
+    /// not emulated).
+    Io {
+        /// I/O port.
+        port: u16,
+        /// `IN` (true) or `OUT` (false).
+        input: bool,
+        /// Operand size in bytes: 1, 2 or 4.
+        size: u8,
+        /// INS/OUTS.
+        string: bool,
+        /// REP prefix.
+        rep: bool,
+        /// Guest RIP of the instruction after this one.
+        next_rip: u64,
+    },
+    /// `CPUID`.
+    Cpuid,
+    /// `RDMSR` (`write` false) or `WRMSR` (true).
+    Msr {
+        /// WRMSR.
+        write: bool,
+    },
+    /// `HLT`.
+    Hlt,
+    /// A second-level page fault (AMD #NPF, Intel EPT violation).
+    NestedPageFault {
+        /// The guest-physical address that faulted.
+        gpa: u64,
+        /// What the guest tried to do.
+        access: Access,
+        /// The translation existed but did not allow the access (as
+        /// opposed to not being present at all).
+        present: bool,
+    },
+    /// A host (physical) interrupt arrived while the guest ran.
+    ExternalInterrupt,
+    /// The guest triple-faulted (AMD SHUTDOWN intercept, Intel triple fault).
+    Shutdown,
+    /// `VMMCALL` / `VMCALL`.
+    Hypercall,
+    /// Intel: the PML buffer is full and must be drained.
+    PmlFull,
+    /// The processor refused to enter the guest. `code` is the raw exit code
+    /// (AMD) or VM-instruction error number (Intel); `reason` says it in words.
+    EntryFailed {
+        /// Raw code.
+        code: u64,
+        /// Decoded description.
+        reason: &'static str,
+    },
+    /// Anything else: the raw exit code.
+    Unknown(u64),
+}
+
+/// Kind of access of a nested page fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Data read.
+    Read,
+    /// Data write.
+    Write,
+    /// Instruction fetch.
+    Execute,
+}
+
+impl VmExit {
+    /// A short stable name, used as the key in per-reason exit counters.
+    pub fn name(&self) -> &'static str {
+        match self {
+            VmExit::Io { .. } => "io",
+            VmExit::Cpuid => "cpuid",
+            VmExit::Msr { .. } => "msr",
+            VmExit::Hlt => "hlt",
+            VmExit::NestedPageFault { .. } => "npf",
+            VmExit::ExternalInterrupt => "intr",
+            VmExit::Shutdown => "shutdown",
+            VmExit::Hypercall => "hypercall",
+            VmExit::PmlFull => "pml_full",
+            VmExit::EntryFailed { .. } => "entry_failed",
+            VmExit::Unknown(_) => "unknown",
+        }
+    }
+}
+
+/// Guest general-purpose registers that the hardware does not keep in the
+/// VMCB/VMCS. Layout is fixed: the entry stubs address it by offset
+/// (index × 8, RAX first, in the order of the fields).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuestRegs {
+    /// RAX (SVM keeps the live value in the VMCB; this copy is synced by
+    /// the backend).
+    pub rax: u64,
+    /// RBX.
+    pub rbx: u64,
+    /// RCX.
+    pub rcx: u64,
+    /// RDX.
+    pub rdx: u64,
+    /// RSI.
+    pub rsi: u64,
+    /// RDI.
+    pub rdi: u64,
+    /// RBP.
+    pub rbp: u64,
+    /// R8.
+    pub r8: u64,
+    /// R9.
+    pub r9: u64,
+    /// R10.
+    pub r10: u64,
+    /// R11.
+    pub r11: u64,
+    /// R12.
+    pub r12: u64,
+    /// R13.
+    pub r13: u64,
+    /// R14.
+    pub r14: u64,
+    /// R15.
+    pub r15: u64,
+}
+
+/// Architectural state of a vCPU that migration and inspection need,
+/// independent of the vendor's control structure.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VcpuState {
+    /// General-purpose registers.
+    pub regs: GuestRegs,
+    /// RIP.
+    pub rip: u64,
+    /// RSP.
+    pub rsp: u64,
+    /// RFLAGS.
+    pub rflags: u64,
+}
+
+/// One virtual CPU. The VM run loop is written against this trait only;
+/// the SVM and VMX backends implement it.
+pub trait Vcpu {
+    /// Enters the guest and returns when it exits.
+    fn run(&mut self) -> VmExit;
+    /// Sets the guest RIP (after emulating an instruction).
+    fn set_rip(&mut self, rip: u64);
+    /// Current architectural state.
+    fn state(&self) -> VcpuState;
+    /// Asks for a guest TLB flush before the next entry (after clearing
+    /// second-level D or W bits).
+    fn flush_tlb(&mut self);
+}
