@@ -282,7 +282,7 @@ pub fn decode_exit(control: &ControlArea) -> VmExit {
     let info1 = control.exit_info1;
     match control.exit_code {
         exit_code::IOIO => VmExit::Io {
-            port: (info1 >> 16) as u16,
+            port: ((info1 >> 16) & 0xFFFF) as u16, // bits 31:16
             input: info1 & 1 != 0,
             size: match (info1 >> 4) & 0b111 {
                 0b001 => 1,
