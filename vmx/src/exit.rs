@@ -151,6 +151,8 @@ pub trait Vcpu {
     fn set_rip(&mut self, rip: u64);
     /// Current architectural state.
     fn state(&self) -> VcpuState;
+    /// The general-purpose registers, to emulate an instruction.
+    fn regs_mut(&mut self) -> &mut GuestRegs;
     /// Asks for a guest TLB flush before the next entry (after clearing
     /// second-level D or W bits).
     fn flush_tlb(&mut self);

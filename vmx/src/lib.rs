@@ -10,5 +10,6 @@
 pub mod cpu;
 pub mod exit;
 pub mod svm;
+pub mod vmcs;
 
 pub use exit::{Access, GuestRegs, Vcpu, VcpuState, VmExit};
