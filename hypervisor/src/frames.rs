@@ -72,24 +72,33 @@ impl<'a> FrameBitmap<'a> {
     /// Allocates `count` physically contiguous frames (next fit); returns the
     /// physical address of the first.
     pub fn alloc_contiguous(&mut self, count: u64) -> Option<u64> {
-        if count == 0 || count > self.free {
+        self.alloc_aligned(count, 1)
+    }
+
+    fn is_used(&self, frame: u64) -> bool {
+        self.bits[(frame / 64) as usize] & (1 << (frame % 64)) != 0
+    }
+
+    /// Allocates `count` contiguous frames whose first frame number is a
+    /// multiple of `align` (512 for a 2 MiB-aligned run). Next fit: searches
+    /// from where the last allocation ended, then from the bottom.
+    pub fn alloc_aligned(&mut self, count: u64, align: u64) -> Option<u64> {
+        if count == 0 || align == 0 || count > self.free {
             return None;
         }
-        let mut run = 0;
-        for step in 0..self.frames + count {
-            let f = (self.next + step) % self.frames;
-            if f == 0 {
-                run = 0; // runs do not wrap around the top of memory
-            }
-            let used = self.bits[(f / 64) as usize] & (1 << (f % 64)) != 0;
-            run = if used { 0 } else { run + 1 };
-            if run == count {
-                let first = f + 1 - count;
-                for g in first..=f {
-                    self.set(g, true);
+        for from in [self.next, 0] {
+            let mut start = from.div_ceil(align) * align;
+            while start + count <= self.frames {
+                match (start..start + count).rev().find(|&f| self.is_used(f)) {
+                    None => {
+                        for f in start..start + count {
+                            self.set(f, true);
+                        }
+                        self.next = start + count;
+                        return Some(start * FRAME);
+                    }
+                    Some(used) => start = (used + 1).div_ceil(align) * align,
                 }
-                self.next = f + 1;
-                return Some(first * FRAME);
             }
         }
         None
@@ -149,6 +158,24 @@ mod tests {
         // Next fit wraps around the top and finds the low frames.
         assert_eq!(fb.alloc_contiguous(5), Some(0));
         assert_eq!(fb.alloc_contiguous(0), None);
+    }
+
+    #[test]
+    fn aligned_runs_start_on_the_alignment() {
+        let mut store = vec![0u64; 64];
+        let mut fb = FrameBitmap::new(&mut store);
+        fb.release_range(0, 64 * 64 * FRAME);
+        fb.reserve_range(0, 3 * FRAME);
+        assert_eq!(fb.alloc_aligned(512, 512), Some(512 * FRAME));
+        fb.reserve_range(1100 * FRAME, 1101 * FRAME);
+        assert_eq!(fb.alloc_aligned(512, 512), Some(1536 * FRAME));
+        assert_eq!(fb.alloc_aligned(4, 4), Some(2048 * FRAME));
+        // Second pass from the bottom finds the run below the last one.
+        assert_eq!(fb.alloc_aligned(512, 512), Some(2560 * FRAME));
+        assert_eq!(fb.alloc_aligned(512, 512), Some(3072 * FRAME));
+        assert_eq!(fb.alloc_aligned(512, 512), Some(3584 * FRAME));
+        assert_eq!(fb.alloc_aligned(512, 512), None, "only 0..512 and 1024..1536 are left, both holed");
+        assert_eq!(fb.alloc_aligned(8, 0), None);
     }
 
     #[test]

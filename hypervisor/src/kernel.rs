@@ -7,16 +7,19 @@ use core::sync::atomic::Ordering;
 use hypervisor::acpi;
 use hypervisor::bootinfo::BootInfo;
 use hypervisor::line::LineEditor;
-use hypervisor::shell::{Action, Fault, Host, MemInfo, Mode, Shell};
+use hypervisor::shell::{Action, Fault, Host, MemInfo, Mode, Reply, Shell};
+use hypervisor::vmcmd::VmCommand;
 use vmx::cpu::CpuReport;
 
-use crate::arch::{clock, cpu, gdt, idt, memory, power, serial};
+use crate::arch::{clock, cpu, gdt, idt, memory, power, serial, svm, timer};
+use crate::vm::Manager;
 
 /// The machine as the shell sees it.
 struct Machine {
     cpu: CpuReport,
     processors: u32,
     route: &'static str,
+    vms: Manager,
 }
 
 impl Host for Machine {
@@ -38,6 +41,9 @@ impl Host for Machine {
     }
     fn uptime_us(&self) -> u64 {
         clock::uptime_us()
+    }
+    fn vm(&mut self, cmd: VmCommand) -> Result<Reply, String> {
+        self.vms.command(cmd)
     }
 }
 
@@ -73,9 +79,17 @@ pub fn start(boot: BootInfo, reserved: &[(u64, u64)]) -> ! {
         memory::total_bytes() >> 20,
         memory::free_bytes() >> 20
     );
-    let machine = Machine { cpu, processors, route: boot.route.as_str() };
+    if cpu.backend() == vmx::cpu::Backend::Svm {
+        match svm::enable() {
+            Ok(()) => log::info!("SVM enabled (ASIDs: {})", cpu.tlb_tags),
+            Err(e) => log::error!("SVM could not be enabled: {e:?}"),
+        }
+    }
+    timer::init();
+    let vms = Manager::new(&cpu);
+    let mut machine = Machine { cpu, processors, route: boot.route.as_str(), vms };
     serial::write_str("hypervisor ready\r\n");
-    console_loop(&machine)
+    console_loop(&mut machine)
 }
 
 fn count_processors(boot: &BootInfo) -> u32 {
@@ -101,14 +115,21 @@ fn count_processors(boot: &BootInfo) -> u32 {
     }
 }
 
-fn console_loop(machine: &Machine) -> ! {
+/// The main loop: console input first, then one time slice of the next
+/// running VM; with nothing to do, sleep until an interrupt.
+fn console_loop(machine: &mut Machine) -> ! {
     let mut shell = Shell::new();
     let mut editor = LineEditor::new();
     let mut echo = String::new();
     serial::write_str(shell.prompt());
     loop {
         let Some(byte) = serial::try_read() else {
-            core::hint::spin_loop();
+            if machine.vms.any_running() {
+                machine.vms.run_slice();
+            } else {
+                x86_64::instructions::interrupts::enable_and_hlt();
+                x86_64::instructions::interrupts::disable();
+            }
             continue;
         };
         let event = editor.feed(byte, &mut echo);

@@ -10,6 +10,8 @@ extern crate alloc;
 pub mod acpi;
 pub mod bootinfo;
 pub mod frames;
+pub mod guest;
 pub mod json;
 pub mod line;
 pub mod shell;
+pub mod vmcmd;

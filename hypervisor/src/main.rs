@@ -19,3 +19,5 @@ extern crate alloc;
 mod arch;
 #[cfg(target_os = "none")]
 mod kernel;
+#[cfg(target_os = "none")]
+mod vm;

@@ -16,6 +16,7 @@ use vmx::cpu::CpuReport;
 
 use crate::json::{human_value, Obj, Value};
 use crate::line::{Event, MAX_LINE};
+use crate::vmcmd::{self, VmCommand};
 
 /// Memory figures for `mem`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -44,6 +45,8 @@ pub trait Host {
     fn memory(&self) -> MemInfo;
     /// Microseconds since the clock was calibrated at boot.
     fn uptime_us(&self) -> u64;
+    /// Runs a `vm` command.
+    fn vm(&mut self, cmd: VmCommand) -> Result<Reply, String>;
 }
 
 /// Something the kernel must do after printing the reply.
@@ -86,7 +89,8 @@ pub struct Reply {
 }
 
 impl Reply {
-    fn data(data: Obj) -> Self {
+    /// A reply printed as its fields in human mode.
+    pub fn data(data: Obj) -> Self {
         Reply { data, human: None }
     }
 }
@@ -154,7 +158,7 @@ impl Shell {
     }
 
     /// Handles one event from the line editor.
-    pub fn handle(&mut self, event: Event, host: &dyn Host) -> Output {
+    pub fn handle(&mut self, event: Event, host: &mut dyn Host) -> Output {
         match event {
             Event::Line(line) => self.execute(&line, host),
             Event::TooLong => self.reply_only(Err(format!("line too long (at most {MAX_LINE} bytes)"))),
@@ -164,7 +168,7 @@ impl Shell {
     }
 
     /// Parses and runs one command line.
-    pub fn execute(&mut self, line: &str, host: &dyn Host) -> Output {
+    pub fn execute(&mut self, line: &str, host: &mut dyn Host) -> Output {
         let words: Vec<&str> = line.split_ascii_whitespace().collect();
         let Some((&cmd, args)) = words.split_first() else {
             return Output { text: String::new(), action: None };
@@ -182,6 +186,7 @@ impl Shell {
                 action = Some(Action::Shutdown);
                 Reply::data(Obj::new().with("shutdown", true))
             }),
+            "vm" => vmcmd::parse(args).and_then(|cmd| host.vm(cmd)),
             "fault" => fault(args).map(|(f, reply)| {
                 action = Some(Action::Fault(f));
                 reply
@@ -260,11 +265,14 @@ fn no_args(cmd: &str, args: &[&str]) -> Result<(), String> {
 
 fn help() -> Reply {
     let mut text = String::from("commands:\n");
-    for (usage, about) in COMMANDS {
+    for (usage, about) in COMMANDS.iter().chain(vmcmd::USAGE) {
         let _ = writeln!(text, "  {usage:<40} {about}");
     }
-    let list: Vec<Value> =
-        COMMANDS.iter().map(|(usage, about)| Obj::new().with("usage", *usage).with("about", *about).into()).collect();
+    let list: Vec<Value> = COMMANDS
+        .iter()
+        .chain(vmcmd::USAGE)
+        .map(|(usage, about)| Obj::new().with("usage", *usage).with("about", *about).into())
+        .collect();
     Reply { data: Obj::new().with("commands", Value::Arr(list)), human: Some(text) }
 }
 
@@ -385,6 +393,12 @@ mod tests {
         fn uptime_us(&self) -> u64 {
             3_000_042
         }
+        fn vm(&mut self, cmd: VmCommand) -> Result<Reply, String> {
+            match cmd {
+                VmCommand::List => Ok(Reply::data(Obj::new().with("vms", Vec::<u8>::new()))),
+                other => Err(format!("no VM for {other:?}")),
+            }
+        }
     }
 
     fn host() -> FakeHost {
@@ -395,9 +409,9 @@ mod tests {
 
     fn json(shell: &mut Shell, line: &str) -> String {
         if shell.mode() != Mode::Json {
-            shell.execute("mode json", &host());
+            shell.execute("mode json", &mut host());
         }
-        shell.execute(line, &host()).text
+        shell.execute(line, &mut host()).text
     }
 
     #[test]
@@ -432,7 +446,7 @@ mod tests {
     #[test]
     fn unknown_command_is_a_clear_error() {
         let mut sh = Shell::new();
-        let out = sh.execute("frobnicate now", &host()).text;
+        let out = sh.execute("frobnicate now", &mut host()).text;
         assert_eq!(out, "error: unknown command 'frobnicate'; type 'help' for the list\r\n");
         assert_eq!(
             json(&mut sh, "frobnicate"),
@@ -443,13 +457,13 @@ mod tests {
     #[test]
     fn bad_arguments_change_nothing() {
         let mut sh = Shell::new();
-        assert!(sh.execute("mode xml", &host()).text.starts_with("error: usage: mode"));
+        assert!(sh.execute("mode xml", &mut host()).text.starts_with("error: usage: mode"));
         assert_eq!(sh.mode(), Mode::Human);
         let before = log::max_level();
-        assert!(sh.execute("log loud", &host()).text.starts_with("error: usage: log"));
-        assert!(sh.execute("log warn info", &host()).text.starts_with("error: usage: log"));
+        assert!(sh.execute("log loud", &mut host()).text.starts_with("error: usage: log"));
+        assert!(sh.execute("log warn info", &mut host()).text.starts_with("error: usage: log"));
         assert_eq!(log::max_level(), before);
-        assert_eq!(sh.execute("uptime now", &host()).text, "error: 'uptime' takes no arguments\r\n");
+        assert_eq!(sh.execute("uptime now", &mut host()).text, "error: 'uptime' takes no arguments\r\n");
     }
 
     #[test]
@@ -463,43 +477,54 @@ mod tests {
     #[test]
     fn shutdown_asks_for_the_action_after_replying() {
         let mut sh = Shell::new();
-        let out = sh.execute("shutdown", &host());
+        let out = sh.execute("shutdown", &mut host());
         assert_eq!(out.action, Some(Action::Shutdown));
         assert_eq!(out.text, "shutdown: true\r\n");
-        assert_eq!(sh.execute("shutdown now", &host()).action, None);
+        assert_eq!(sh.execute("shutdown now", &mut host()).action, None);
     }
 
     #[test]
     fn hidden_fault_command_asks_for_the_fault() {
         let mut sh = Shell::new();
-        assert_eq!(sh.execute("fault pf", &host()).action, Some(Action::Fault(Fault::PageFault)));
-        assert_eq!(sh.execute("fault bp", &host()).action, Some(Action::Fault(Fault::Breakpoint)));
-        let bad = sh.execute("fault xx", &host());
+        assert_eq!(sh.execute("fault pf", &mut host()).action, Some(Action::Fault(Fault::PageFault)));
+        assert_eq!(sh.execute("fault bp", &mut host()).action, Some(Action::Fault(Fault::Breakpoint)));
+        let bad = sh.execute("fault xx", &mut host());
         assert_eq!((bad.action, bad.text.as_str()), (None, "error: usage: fault bp|ud|pf\r\n"));
-        assert!(!sh.execute("help", &host()).text.contains("fault"));
+        assert!(!sh.execute("help", &mut host()).text.contains("fault"));
     }
 
     #[test]
     fn editor_errors_become_replies() {
         let mut sh = Shell::new();
-        assert_eq!(sh.handle(Event::TooLong, &host()).text, "error: line too long (at most 256 bytes)\r\n");
-        sh.execute("mode json", &host());
-        let out = sh.handle(Event::Binary(0xff), &host()).text;
+        assert_eq!(sh.handle(Event::TooLong, &mut host()).text, "error: line too long (at most 256 bytes)\r\n");
+        sh.execute("mode json", &mut host());
+        let out = sh.handle(Event::Binary(0xff), &mut host()).text;
         assert_eq!(out, "{\"ok\":false,\"error\":\"line holds a non-printable byte 0xff; ignored\"}\r\n");
-        assert!(sh.handle(Event::Cancelled, &host()).text.is_empty());
+        assert!(sh.handle(Event::Cancelled, &mut host()).text.is_empty());
+    }
+
+    #[test]
+    fn vm_commands_reach_the_host_after_parsing() {
+        let mut sh = Shell::new();
+        assert_eq!(json(&mut sh, "vm list"), "{\"ok\":true,\"vms\":[]}\r\n");
+        let out = json(&mut sh, "vm create x mem=3");
+        assert!(out.contains("\"ok\":false") && out.contains("from 16 to 4096"), "{out}");
+        let out = json(&mut sh, "vm start x");
+        assert!(out.contains("no VM for Start"), "{out}");
+        assert!(sh.execute("help", &mut host()).text.contains("vm create <name> mem=<MiB>"));
     }
 
     #[test]
     fn empty_line_prints_nothing() {
         let mut sh = Shell::new();
-        assert!(sh.execute("   ", &host()).text.is_empty());
+        assert!(sh.execute("   ", &mut host()).text.is_empty());
     }
 
     #[test]
     fn human_mem_and_uptime_read_well() {
         let mut sh = Shell::new();
-        assert_eq!(sh.execute("uptime", &host()).text, "up 3.000042 s\r\n");
-        let mem = sh.execute("mem", &host()).text;
+        assert_eq!(sh.execute("uptime", &mut host()).text, "up 3.000042 s\r\n");
+        let mem = sh.execute("mem", &mut host()).text;
         assert!(mem.contains("total: 512.0 MiB") && mem.contains("heap:  1.0 MiB used of 16.0 MiB"), "{mem}");
     }
 
@@ -507,6 +532,6 @@ mod tests {
     fn long_unknown_command_is_truncated_in_the_error() {
         let mut sh = Shell::new();
         let long = "x".repeat(200);
-        assert!(sh.execute(&long, &host()).text.len() < 100);
+        assert!(sh.execute(&long, &mut host()).text.len() < 100);
     }
 }

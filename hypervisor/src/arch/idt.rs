@@ -117,6 +117,12 @@ pub fn init() {
         idt.hv_injection_exception.set_handler_fn(hv_injection);
         idt.vmm_communication_exception.set_handler_fn(vmm_communication);
         idt.security_exception.set_handler_fn(security);
+        let base = super::timer::PIC_BASE;
+        for vector in base..base + 16 {
+            idt[vector].set_handler_fn(super::timer::other_interrupt);
+        }
+        idt[base].set_handler_fn(super::timer::timer_interrupt);
+        idt[base + 4].set_handler_fn(super::timer::serial_interrupt);
         // SAFETY: the IST indices name stacks that `gdt::init` installed in
         // the TSS; they are used by no other handler.
         unsafe {

@@ -121,6 +121,29 @@ fn map_heap(frames: &mut FrameBitmap<'static>) -> Result<(), MemoryError> {
     Ok(())
 }
 
+/// Allocates `count` contiguous frames, zeroed; returns the physical address.
+pub fn alloc_zeroed(count: u64) -> Option<u64> {
+    let pa = FRAMES.lock().as_mut()?.alloc_contiguous(count)?;
+    // SAFETY: the frames were just allocated, so nothing else uses them, and
+    // they lie in the physical map.
+    unsafe { core::ptr::write_bytes(phys_to_virt(pa), 0, usize::try_from(count * FRAME).ok()?) };
+    Some(pa)
+}
+
+/// Allocates a 2 MiB-aligned run of 2 MiB (guest memory chunks), not zeroed.
+pub fn alloc_2m() -> Option<u64> {
+    FRAMES.lock().as_mut()?.alloc_aligned(512, 512)
+}
+
+/// Frees `count` frames starting at `pa`.
+pub fn free_frames(pa: u64, count: u64) {
+    if let Some(frames) = FRAMES.lock().as_mut() {
+        for i in 0..count {
+            frames.free(pa + i * FRAME);
+        }
+    }
+}
+
 /// Usable RAM reported at boot, in bytes.
 pub fn total_bytes() -> u64 {
     TOTAL_BYTES.load(Ordering::Relaxed)

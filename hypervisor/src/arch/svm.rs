@@ -1,0 +1,214 @@
+//! AMD SVM on the real processor: turning it on (EFER.SVME, the host save
+//! area), the shared I/O and MSR permission maps, and `VMRUN` with the guest
+//! registers the VMCB does not hold (APM Vol. 2, 15.4 "Enabling SVM", 15.5
+//! "VMRUN Instruction", 15.10 "I/O Intercepts", 15.11 "MSR Intercepts").
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use vmx::svm::{decode_exit, intercept, intercept2, tlb_control, Vmcb, V_INTR_MASKING};
+use vmx::{GuestRegs, Vcpu, VcpuState, VmExit};
+use x86_64::registers::model_specific::Msr;
+
+use super::memory;
+
+const MSR_EFER: u32 = 0xC000_0080;
+const MSR_VM_CR: u32 = 0xC001_0114;
+const MSR_VM_HSAVE_PA: u32 = 0xC001_0117;
+
+/// Physical addresses of the all-ones permission maps every VM shares:
+/// every port and every MSR access exits.
+static IOPM_PA: AtomicU64 = AtomicU64::new(0);
+static MSRPM_PA: AtomicU64 = AtomicU64::new(0);
+/// The VMCB that ran last; a different one must flush the TLB (our ASIDs
+/// are few and reused).
+static LAST_VMCB: AtomicU64 = AtomicU64::new(0);
+
+/// Why SVM could not be enabled.
+#[derive(Debug)]
+pub enum SvmError {
+    /// The firmware disabled SVM (VM_CR.SVMDIS).
+    DisabledByFirmware,
+    /// No memory for the host save area or permission maps.
+    OutOfMemory,
+}
+
+/// Enables SVM on this processor. Call once, after memory is up, and only
+/// when CPUID reported SVM.
+pub fn enable() -> Result<(), SvmError> {
+    // SAFETY: VM_CR exists on every processor with CPUID SVM (the caller
+    // checked); reading it has no side effect.
+    if unsafe { Msr::new(MSR_VM_CR).read() } & (1 << 4) != 0 {
+        return Err(SvmError::DisabledByFirmware);
+    }
+    let hsave = memory::alloc_zeroed(1).ok_or(SvmError::OutOfMemory)?;
+    let iopm = memory::alloc_zeroed(3).ok_or(SvmError::OutOfMemory)?;
+    let msrpm = memory::alloc_zeroed(2).ok_or(SvmError::OutOfMemory)?;
+    // SAFETY: both maps were just allocated (3 and 2 frames) and are reached
+    // through the physical map; nothing else refers to them yet.
+    unsafe {
+        core::ptr::write_bytes(memory::phys_to_virt(iopm), 0xFF, 3 * 4096);
+        core::ptr::write_bytes(memory::phys_to_virt(msrpm), 0xFF, 2 * 4096);
+    }
+    IOPM_PA.store(iopm, Ordering::Relaxed);
+    MSRPM_PA.store(msrpm, Ordering::Relaxed);
+    // SAFETY: setting EFER.SVME is allowed once VM_CR.SVMDIS is clear
+    // (checked above); VM_HSAVE_PA gets a page-aligned frame owned by SVM
+    // from now on.
+    unsafe {
+        let mut efer = Msr::new(MSR_EFER);
+        efer.write(efer.read() | vmx::svm::EFER_SVME);
+        Msr::new(MSR_VM_HSAVE_PA).write(hsave);
+    }
+    Ok(())
+}
+
+/// One SVM vCPU: its VMCB (a frame of its own) and the GPRs VMRUN leaves to
+/// software.
+pub struct SvmVcpu {
+    vmcb_pa: u64,
+    regs: GuestRegs,
+}
+
+impl SvmVcpu {
+    /// A vCPU in 64-bit mode at `rip`, on the nested page table `n_cr3`,
+    /// tagged with `asid`.
+    pub fn new(asid: u32, n_cr3: u64, rip: u64, rsp: u64, cr3: u64) -> Option<Self> {
+        let vmcb_pa = memory::alloc_zeroed(1)?;
+        let vcpu = SvmVcpu { vmcb_pa, regs: GuestRegs::default() };
+        let v = vcpu.vmcb();
+        *v = Vmcb::zeroed();
+        v.control.intercept_misc1 = intercept::INTR
+            | intercept::NMI
+            | intercept::CPUID
+            | intercept::HLT
+            | intercept::IOIO_PROT
+            | intercept::MSR_PROT
+            | intercept::SHUTDOWN;
+        v.control.intercept_misc2 = intercept2::VMRUN | intercept2::VMMCALL;
+        v.control.iopm_base_pa = IOPM_PA.load(Ordering::Relaxed);
+        v.control.msrpm_base_pa = MSRPM_PA.load(Ordering::Relaxed);
+        v.control.guest_asid = asid;
+        v.control.tlb_control = tlb_control::FLUSH_ALL;
+        v.control.vintr = V_INTR_MASKING;
+        v.control.np_enable = 1;
+        v.control.n_cr3 = n_cr3;
+        v.set_long_mode_guest(rip, rsp, cr3);
+        Some(vcpu)
+    }
+
+    fn vmcb(&self) -> &'static mut Vmcb {
+        // SAFETY: `vmcb_pa` is a frame this vCPU allocated and owns alone;
+        // the physical map makes it reachable; the reference never outlives
+        // a method call of `&mut self` in practice (callers do not keep it).
+        unsafe { &mut *memory::phys_to_virt(self.vmcb_pa).cast::<Vmcb>() }
+    }
+
+    /// Frees the VMCB.
+    pub fn destroy(self) {
+        memory::free_frames(self.vmcb_pa, 1);
+    }
+}
+
+unsafe extern "C" {
+    /// VMRUN with the guest GPRs loaded from and saved back to `regs`.
+    fn svm_run(vmcb_pa: u64, regs: *mut GuestRegs);
+}
+
+// Host callee-saved registers go on the stack; the guest's are loaded from
+// `GuestRegs` (RAX lives in the VMCB). GIF is cleared around the switch so
+// that a host interrupt arriving after STI is taken by the guest's INTR
+// intercept, not by the host mid-switch (APM 15.17 "Global Interrupt Flag").
+core::arch::global_asm!(
+    r#"
+    .section .text.svm_run, "ax"
+    .global svm_run
+svm_run:
+    push rbp
+    push rbx
+    push r12
+    push r13
+    push r14
+    push r15
+    push rsi
+    mov rax, rdi
+    mov rbx, [rsi + 8]
+    mov rcx, [rsi + 16]
+    mov rdx, [rsi + 24]
+    mov rdi, [rsi + 40]
+    mov rbp, [rsi + 48]
+    mov r8, [rsi + 56]
+    mov r9, [rsi + 64]
+    mov r10, [rsi + 72]
+    mov r11, [rsi + 80]
+    mov r12, [rsi + 88]
+    mov r13, [rsi + 96]
+    mov r14, [rsi + 104]
+    mov r15, [rsi + 112]
+    mov rsi, [rsi + 32]
+    clgi
+    sti
+    vmrun rax
+    cli
+    xchg rsi, [rsp]
+    mov [rsi + 8], rbx
+    mov [rsi + 16], rcx
+    mov [rsi + 24], rdx
+    mov [rsi + 40], rdi
+    mov [rsi + 48], rbp
+    mov [rsi + 56], r8
+    mov [rsi + 64], r9
+    mov [rsi + 72], r10
+    mov [rsi + 80], r11
+    mov [rsi + 88], r12
+    mov [rsi + 96], r13
+    mov [rsi + 104], r14
+    mov [rsi + 112], r15
+    pop rax
+    mov [rsi + 32], rax
+    stgi
+    pop r15
+    pop r14
+    pop r13
+    pop r12
+    pop rbx
+    pop rbp
+    ret
+"#
+);
+
+impl Vcpu for SvmVcpu {
+    fn run(&mut self) -> VmExit {
+        let pa = self.vmcb_pa;
+        let v = self.vmcb();
+        if LAST_VMCB.swap(pa, Ordering::Relaxed) != pa {
+            v.control.tlb_control = tlb_control::FLUSH_ALL;
+        }
+        v.save.rax = self.regs.rax;
+        // SAFETY: the VMCB is a valid, page-aligned, exclusively owned
+        // control block set up by `new`; SVM was enabled by `enable`;
+        // `regs` is a live GuestRegs. Interrupts are off on entry (the run
+        // loop calls this with IF=0) and off again on return.
+        unsafe { svm_run(pa, &mut self.regs) };
+        let v = self.vmcb();
+        self.regs.rax = v.save.rax;
+        v.control.tlb_control = tlb_control::NOTHING;
+        decode_exit(&v.control)
+    }
+
+    fn set_rip(&mut self, rip: u64) {
+        self.vmcb().save.rip = rip;
+    }
+
+    fn state(&self) -> VcpuState {
+        let v = self.vmcb();
+        VcpuState { regs: self.regs, rip: v.save.rip, rsp: v.save.rsp, rflags: v.save.rflags }
+    }
+
+    fn regs_mut(&mut self) -> &mut GuestRegs {
+        &mut self.regs
+    }
+
+    fn flush_tlb(&mut self) {
+        self.vmcb().control.tlb_control = tlb_control::FLUSH_ALL;
+    }
+}

@@ -1,0 +1,76 @@
+//! The host's periodic timer: 8259 PICs remapped to vectors 0x20-0x2F, PIT
+//! channel 0 at 100 Hz on IRQ 0, and COM1's receive interrupt on IRQ 4 (it
+//! only wakes the console loop from `hlt`; bytes are read by polling).
+//!
+//! While a guest runs, the same interrupts make it exit (SVM INTR intercept,
+//! VMX external-interrupt exiting), which is how VMs share the CPU.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use x86_64::instructions::port::Port;
+use x86_64::structures::idt::InterruptStackFrame;
+
+/// First vector of the master PIC.
+pub const PIC_BASE: u8 = 0x20;
+/// Timer frequency.
+pub const HZ: u64 = 100;
+const PIT_HZ: u64 = 1_193_182;
+
+static TICKS: AtomicU64 = AtomicU64::new(0);
+
+fn outb(port: u16, value: u8) {
+    // SAFETY: only called with the PIC (0x20/0x21/0xA0/0xA1) and PIT
+    // (0x40/0x43) ports, which this module alone programs.
+    unsafe { Port::<u8>::new(port).write(value) };
+}
+
+/// Remaps the PICs, starts the PIT, unmasks IRQ 0 and 4. Interrupts stay
+/// disabled until the caller enables them.
+pub fn init() {
+    // ICW1: init + ICW4 needed; ICW2: vector base; ICW3: cascade on IRQ 2;
+    // ICW4: 8086 mode (8259A datasheet).
+    outb(0x20, 0x11);
+    outb(0xA0, 0x11);
+    outb(0x21, PIC_BASE);
+    outb(0xA1, PIC_BASE + 8);
+    outb(0x21, 0x04);
+    outb(0xA1, 0x02);
+    outb(0x21, 0x01);
+    outb(0xA1, 0x01);
+    outb(0x21, !((1 << 0) | (1 << 4))); // IRQ 0 (timer) and 4 (COM1)
+    outb(0xA1, 0xFF);
+    let divisor = u16::try_from(PIT_HZ / HZ).unwrap_or(u16::MAX);
+    let [lo, hi] = divisor.to_le_bytes();
+    outb(0x43, 0b0011_0100); // channel 0, lobyte/hibyte, mode 2 (rate generator)
+    outb(0x40, lo);
+    outb(0x40, hi);
+}
+
+/// Lets a pending host interrupt (the one that made a guest exit) be
+/// delivered now, then disables interrupts again.
+pub fn service_pending() {
+    x86_64::instructions::interrupts::enable();
+    x86_64::instructions::nop();
+    x86_64::instructions::interrupts::disable();
+}
+
+fn end_of_interrupt() {
+    outb(0x20, 0x20);
+}
+
+/// IRQ 0.
+pub extern "x86-interrupt" fn timer_interrupt(_frame: InterruptStackFrame) {
+    TICKS.fetch_add(1, Ordering::Relaxed);
+    end_of_interrupt();
+}
+
+/// IRQ 4: a byte arrived on COM1; the console loop reads it.
+pub extern "x86-interrupt" fn serial_interrupt(_frame: InterruptStackFrame) {
+    end_of_interrupt();
+}
+
+/// Any other PIC line (spurious IRQ 7 among them): acknowledge and ignore.
+pub extern "x86-interrupt" fn other_interrupt(_frame: InterruptStackFrame) {
+    outb(0xA0, 0x20);
+    end_of_interrupt();
+}

@@ -1,0 +1,237 @@
+//! The built-in test guest, as 64-bit code copied into every VM at
+//! `guest::CODE_GPA`. Its contract (config/status page, stamps, ports) is
+//! documented and host-tested in `hypervisor::guest`; the offsets below are
+//! those of `guest::cfg` and `guest::st`.
+//!
+//! Registers: RBX = config page; R12 = TSC of the next heartbeat; R13 = TSC
+//! of the next page write; R14 = now. All other state is in guest memory, so
+//! a copy of the memory and these registers is a copy of the guest.
+
+core::arch::global_asm!(
+    r#"
+    .section .rodata.guest_image, "a"
+    .balign 16
+    .global guest_image_start
+    .global guest_image_end
+guest_image_start:
+    mov rsp, {stack_top}
+    mov rbx, {config}
+    rdtsc
+    shl rdx, 32
+    or rax, rdx
+    mov r12, rax
+    mov r13, rax
+
+g_main:
+    cmp qword ptr [rbx + {crash_req}], 0
+    jne g_crash
+    mov rax, [rbx + {verify_req}]
+    cmp rax, [rbx + {verify_done}]
+    jne g_verify
+    rdtsc
+    shl rdx, 32
+    or rax, rdx
+    mov r14, rax
+
+    cmp r14, r12
+    jb g_work
+    inc qword ptr [rbx + {ticks}]
+    mov rax, [rbx + {tsc_hz}]
+    xor edx, edx
+    mov rcx, 10
+    div rcx
+    add r12, rax
+    cmp r12, r14
+    jae g_beat
+    lea r12, [r14 + rax]
+g_beat:
+    mov eax, [rbx + {ticks}]
+    out {port_heartbeat}, al
+
+g_work:
+    cmp qword ptr [rbx + {workload}], 0
+    je g_idle
+    mov rcx, [rbx + {rate}]
+    test rcx, rcx
+    jz g_write
+    cmp r14, r13
+    jb g_idle
+    mov rax, [rbx + {tsc_hz}]
+    xor edx, edx
+    div rcx
+    add r13, rax
+    mov rax, r14
+    sub rax, [rbx + {tsc_hz}]
+    jb g_write
+    cmp r13, rax
+    jae g_write
+    mov r13, r14
+g_write:
+    call g_pick
+    call g_write_page
+    jmp g_main
+g_idle:
+    pause
+    jmp g_main
+
+g_pick:
+    mov rcx, [rbx + {data_pages}]
+    cmp qword ptr [rbx + {workload}], 1
+    jne g_pick_random
+    mov rax, [rbx + {cursor}]
+    lea rdx, [rax + 1]
+    cmp rdx, rcx
+    jb g_pick_store
+    xor edx, edx
+g_pick_store:
+    mov [rbx + {cursor}], rdx
+    ret
+g_pick_random:
+    cmp qword ptr [rbx + {workload}], 3
+    jne g_pick_rng
+    mov rcx, [rbx + {hot_pages}]
+g_pick_rng:
+    mov rax, [rbx + {rng}]
+    mov rdx, rax
+    shl rdx, 13
+    xor rax, rdx
+    mov rdx, rax
+    shr rdx, 7
+    xor rax, rdx
+    mov rdx, rax
+    shl rdx, 17
+    xor rax, rdx
+    mov [rbx + {rng}], rax
+    xor edx, edx
+    div rcx
+    mov rax, rdx
+    ret
+
+g_page_regs:
+    mov r8, rsi
+    shl r8, 12
+    add r8, [rbx + {data_start}]
+    mov r9, [rbx + {data_start}]
+    shr r9, 12
+    add r9, rsi
+    mov rdi, [rbx + {gen_table}]
+    lea rdi, [rdi + rsi * 4]
+    mov eax, [rdi]
+    mov r10, r9
+    shl r10, 32
+    xor r10, rax
+    mov r11, {golden}
+    ret
+
+g_write_page:
+    mov rsi, rax
+    call g_page_regs
+    cmp [r8], r9
+    jne g_write_bad
+    cmp [r8 + 8], rax
+    je g_write_ok
+g_write_bad:
+    inc qword ptr [rbx + {check_errors}]
+g_write_ok:
+    inc eax
+    lea rcx, [rsi + 1]
+    mov [rbx + {in_flight}], rcx
+    mov [rdi], eax
+    mov [r8], r9
+    mov [r8 + 8], rax
+    mov r10, r9
+    shl r10, 32
+    xor r10, rax
+    mov ecx, 2
+g_fill:
+    mov rdx, rcx
+    imul rdx, r11
+    xor rdx, r10
+    mov [r8 + rcx * 8], rdx
+    inc ecx
+    cmp ecx, 512
+    jne g_fill
+    mov qword ptr [rbx + {in_flight}], 0
+    inc qword ptr [rbx + {writes}]
+    ret
+
+g_verify:
+    xor r15, r15
+    mov qword ptr [rbx + {verify_first_bad}], -1
+    xor esi, esi
+g_verify_page:
+    cmp rsi, [rbx + {data_pages}]
+    jae g_verify_done
+    call g_page_regs
+    cmp [r8], r9
+    jne g_verify_bad
+    cmp [r8 + 8], rax
+    jne g_verify_bad
+    mov ecx, 2
+g_verify_word:
+    mov rdx, rcx
+    imul rdx, r11
+    xor rdx, r10
+    cmp [r8 + rcx * 8], rdx
+    jne g_verify_bad
+    inc ecx
+    cmp ecx, 512
+    jne g_verify_word
+    jmp g_verify_next
+g_verify_bad:
+    inc r15
+    cmp qword ptr [rbx + {verify_first_bad}], -1
+    jne g_verify_next
+    mov [rbx + {verify_first_bad}], rsi
+g_verify_next:
+    inc rsi
+    jmp g_verify_page
+g_verify_done:
+    mov [rbx + {verify_bad}], r15
+    mov rax, [rbx + {verify_req}]
+    mov [rbx + {verify_done}], rax
+    out {port_verify}, al
+    jmp g_main
+
+g_crash:
+    ud2
+guest_image_end:
+"#,
+    stack_top = const hypervisor::guest::STACK_TOP,
+    config = const hypervisor::guest::CONFIG_GPA,
+    golden = const hypervisor::guest::GOLDEN,
+    port_heartbeat = const hypervisor::guest::PORT_HEARTBEAT,
+    port_verify = const hypervisor::guest::PORT_VERIFY,
+    data_start = const hypervisor::guest::cfg::DATA_START,
+    data_pages = const hypervisor::guest::cfg::DATA_PAGES,
+    gen_table = const hypervisor::guest::cfg::GEN_TABLE,
+    workload = const hypervisor::guest::cfg::WORKLOAD,
+    hot_pages = const hypervisor::guest::cfg::HOT_PAGES,
+    rate = const hypervisor::guest::cfg::RATE,
+    tsc_hz = const hypervisor::guest::cfg::TSC_HZ,
+    verify_req = const hypervisor::guest::cfg::VERIFY_REQ,
+    crash_req = const hypervisor::guest::cfg::CRASH_REQ,
+    ticks = const hypervisor::guest::st::TICKS,
+    writes = const hypervisor::guest::st::WRITES,
+    check_errors = const hypervisor::guest::st::CHECK_ERRORS,
+    in_flight = const hypervisor::guest::st::IN_FLIGHT,
+    verify_done = const hypervisor::guest::st::VERIFY_DONE,
+    verify_bad = const hypervisor::guest::st::VERIFY_BAD,
+    verify_first_bad = const hypervisor::guest::st::VERIFY_FIRST_BAD,
+    cursor = const hypervisor::guest::st::CURSOR,
+    rng = const hypervisor::guest::st::RNG,
+);
+
+unsafe extern "C" {
+    static guest_image_start: u8;
+    static guest_image_end: u8;
+}
+
+/// The guest program's bytes.
+pub fn image() -> &'static [u8] {
+    let start = core::ptr::addr_of!(guest_image_start);
+    let end = core::ptr::addr_of!(guest_image_end);
+    // SAFETY: both labels delimit the assembled guest program in .rodata,
+    // `end` after `start`; the bytes are immutable for the kernel's life.
+    unsafe { core::slice::from_raw_parts(start, end as usize - start as usize) }
+}

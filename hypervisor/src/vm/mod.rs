@@ -1,0 +1,557 @@
+//! VMs: creation (guest memory, nested page tables, the test guest, a
+//! vCPU), the lifecycle, round-robin scheduling on timer exits, exit
+//! handling with containment (a failing guest stops only itself), dirty
+//! tracking, and the `vm` console commands.
+
+mod guest_code;
+
+use alloc::collections::BTreeMap;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use ept::{DirtyBitmap, Format, Gpa, Hpa, PageSize, Perms, Slat, TlbFlush};
+use hypervisor::guest::{self, cfg, st, Layout, Workload};
+use hypervisor::json::{Obj, Value};
+use hypervisor::shell::Reply;
+use hypervisor::vmcmd::{DirtyMode, VmCommand};
+use vmx::cpu::{Backend, CpuReport};
+use vmx::{Access, Vcpu, VmExit};
+
+use crate::arch::guest_memory::{GuestMemory, KernelFrames};
+use crate::arch::svm::SvmVcpu;
+use crate::arch::{clock, memory, timer};
+
+/// Host memory kept free for the hypervisor itself, beyond what VMs take.
+const HOST_RESERVE: u64 = 8 << 20;
+/// How long `vm verify` waits for the guest, in microseconds.
+const VERIFY_TIMEOUT_US: u64 = 60_000_000;
+/// Page numbers listed in a `vm dirty` reply.
+const DIRTY_LIST: usize = 16;
+
+/// Where a VM is in its life.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmState {
+    /// Created, never run.
+    Created,
+    /// Scheduled.
+    Running,
+    /// Not scheduled; resumable.
+    Paused,
+    /// Stopped for good, with the reason.
+    Stopped(String),
+}
+
+impl VmState {
+    fn name(&self) -> &'static str {
+        match self {
+            VmState::Created => "created",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Stopped(_) => "stopped",
+        }
+    }
+}
+
+struct Vm {
+    name: String,
+    mem_mib: u64,
+    layout: Layout,
+    workload: Workload,
+    rate: u64,
+    mem: GuestMemory,
+    slat: Slat,
+    vcpu: SvmVcpu,
+    state: VmState,
+    exits: BTreeMap<&'static str, u64>,
+    dirty_mode: DirtyMode,
+    /// The guest's generation table at the last harvest.
+    gen_snapshot: Option<Vec<u32>>,
+}
+
+/// All VMs of this host.
+pub struct Manager {
+    vms: Vec<Vm>,
+    next: usize,
+    backend: Backend,
+    default_dirty: DirtyMode,
+    tlb_tags: u32,
+    created: u64,
+}
+
+impl Manager {
+    /// A manager for the processor described by `cpu`.
+    pub fn new(cpu: &CpuReport) -> Self {
+        let default_dirty = if cpu.pml { DirtyMode::Pml } else { DirtyMode::Dbit };
+        Manager {
+            vms: Vec::new(),
+            next: 0,
+            backend: cpu.backend(),
+            default_dirty,
+            tlb_tags: cpu.tlb_tags.max(2),
+            created: 0,
+        }
+    }
+
+    /// Whether any VM wants the CPU.
+    pub fn any_running(&self) -> bool {
+        self.vms.iter().any(|vm| vm.state == VmState::Running)
+    }
+
+    /// Runs the next running VM (round robin) until the host timer
+    /// interrupts it.
+    pub fn run_slice(&mut self) {
+        let n = self.vms.len();
+        for step in 0..n {
+            let i = (self.next + step) % n;
+            if self.vms[i].state == VmState::Running {
+                self.next = i + 1;
+                self.vms[i].run_until(|_| false, u64::MAX);
+                return;
+            }
+        }
+    }
+
+    fn find(&mut self, name: &str) -> Result<&mut Vm, String> {
+        self.vms.iter_mut().find(|vm| vm.name == name).ok_or_else(|| format!("no VM named '{name}'"))
+    }
+
+    /// Executes a parsed `vm` command.
+    pub fn command(&mut self, cmd: VmCommand) -> Result<Reply, String> {
+        match cmd {
+            VmCommand::Create { name, mem_mib, workload, rate } => self.create(name, mem_mib, workload, rate),
+            VmCommand::Start(n) => self.find(&n)?.transition("start"),
+            VmCommand::Pause(n) => self.find(&n)?.transition("pause"),
+            VmCommand::Resume(n) => self.find(&n)?.transition("resume"),
+            VmCommand::Stop(n) => self.find(&n)?.transition("stop"),
+            VmCommand::Destroy(n) => {
+                let i = self.vms.iter().position(|vm| vm.name == n).ok_or_else(|| format!("no VM named '{n}'"))?;
+                let vm = self.vms.remove(i);
+                vm.destroy();
+                Ok(Reply::data(Obj::new().with("destroyed", n)))
+            }
+            VmCommand::List => {
+                let list: Vec<Value> = self
+                    .vms
+                    .iter()
+                    .map(|vm| {
+                        Obj::new()
+                            .with("name", vm.name.as_str())
+                            .with("state", vm.state.name())
+                            .with("mem_mib", vm.mem_mib)
+                            .with("ticks", vm.status(st::TICKS))
+                            .into()
+                    })
+                    .collect();
+                Ok(Reply::data(Obj::new().with("vms", Value::Arr(list))))
+            }
+            VmCommand::Info(n) => Ok(Reply::data(self.find(&n)?.info())),
+            VmCommand::Dirty(n, mode) => {
+                let default = self.default_dirty;
+                let backend = self.backend;
+                let vm = self.find(&n)?;
+                let mode = mode.unwrap_or(if vm.dirty_mode == DirtyMode::Off { default } else { vm.dirty_mode });
+                if mode == DirtyMode::Pml && backend != Backend::Vmx {
+                    return Err(String::from("pml needs Intel VT-x with page-modification logging; use dbit or wp"));
+                }
+                vm.dirty(mode).map(Reply::data)
+            }
+            VmCommand::Verify(n) => self.find(&n)?.verify().map(Reply::data),
+            VmCommand::Digest(n) => {
+                let vm = self.find(&n)?;
+                Ok(Reply::data(Obj::new().with("name", n).with("digest", format!("{:016x}", vm.mem.digest()))))
+            }
+            VmCommand::Crash(n) => {
+                let vm = self.find(&n)?;
+                vm.mem.write_u64(guest::CONFIG_GPA + cfg::CRASH_REQ, 1);
+                Ok(Reply::data(Obj::new().with("crash_requested", n)))
+            }
+        }
+    }
+
+    fn create(&mut self, name: String, mem_mib: u64, workload: Workload, rate: u64) -> Result<Reply, String> {
+        if self.backend != Backend::Svm {
+            return Err(format!(
+                "cannot run VMs on this processor yet: backend '{}' (AMD-V with NPT is supported; VT-x comes next)",
+                self.backend.as_str()
+            ));
+        }
+        if self.vms.iter().any(|vm| vm.name == name) {
+            return Err(format!("a VM named '{name}' already exists"));
+        }
+        let layout = Layout::new(mem_mib);
+        if let Workload::Hot(n) = workload {
+            if n > layout.data_pages {
+                return Err(format!("workload=hot:{n}: this VM has only {} data pages", layout.data_pages));
+            }
+        }
+        let bytes = mem_mib << 20;
+        // Guest memory, 4 KiB tables after splitting (8 bytes per page plus
+        // upper levels), and the host's own reserve.
+        let needed = bytes + bytes / 256 + HOST_RESERVE;
+        let free = memory::free_bytes();
+        if needed > free {
+            return Err(format!(
+                "not enough host memory for mem={mem_mib}: {} MiB free, {} MiB needed (guest, its page tables and {} MiB kept for the host)",
+                free >> 20,
+                needed.div_ceil(1 << 20),
+                HOST_RESERVE >> 20
+            ));
+        }
+        let oom = || format!("not enough host memory for mem={mem_mib} (allocation failed)");
+        let mut mem = GuestMemory::new(bytes).ok_or_else(oom)?;
+        let mut fa = KernelFrames;
+        let mut slat = Slat::new(Format::Npt, &mut fa, Gpa(bytes)).map_err(|e| format!("nested page table: {e:?}"))?;
+        for (i, &hpa) in mem.chunks().iter().enumerate() {
+            let gpa = Gpa(i as u64 * (2 << 20));
+            match slat.map(&mut fa, gpa, Hpa(hpa), PageSize::Size2M, Perms::RWX) {
+                Ok(flush) => flush.done(),
+                Err(e) => {
+                    slat.destroy(&mut fa);
+                    return Err(format!("mapping guest memory: {e:?}"));
+                }
+            }
+        }
+        if let Err(e) = load_guest(&mut mem, layout, workload, rate, self.created) {
+            slat.destroy(&mut fa);
+            return Err(e);
+        }
+        self.created += 1;
+        let asid = 1 + u32::try_from(self.created % u64::from(self.tlb_tags - 1)).unwrap_or(0);
+        let Some(vcpu) = SvmVcpu::new(asid, slat.root().0, guest::CODE_GPA, guest::STACK_TOP, guest::PML4_GPA) else {
+            slat.destroy(&mut fa);
+            return Err(oom());
+        };
+        let vm = Vm {
+            name: name.clone(),
+            mem_mib,
+            layout,
+            workload,
+            rate,
+            mem,
+            slat,
+            vcpu,
+            state: VmState::Created,
+            exits: BTreeMap::new(),
+            dirty_mode: DirtyMode::Off,
+            gen_snapshot: None,
+        };
+        let reply = Obj::new()
+            .with("created", name)
+            .with("mem_mib", mem_mib)
+            .with("data_pages", layout.data_pages)
+            .with("workload", workload.describe())
+            .with("rate", rate);
+        self.vms.push(vm);
+        Ok(Reply::data(reply))
+    }
+}
+
+/// Writes the guest program, its page tables, config page, generation
+/// table and the stamps of every data page (generation 1).
+fn load_guest(mem: &mut GuestMemory, layout: Layout, workload: Workload, rate: u64, seed: u64) -> Result<(), String> {
+    let image = guest_code::image();
+    if image.len() > guest::CODE_MAX || !mem.write_bytes(guest::CODE_GPA, image) {
+        return Err(String::from("guest program does not fit"));
+    }
+    mem.write_u64(guest::PML4_GPA, guest::PDPT_GPA | 0x3);
+    let gib = layout.mem_bytes.div_ceil(1 << 30);
+    for g in 0..gib {
+        mem.write_u64(guest::PDPT_GPA + g * 8, (guest::PD_GPA + g * 4096) | 0x3);
+    }
+    for n in 0..layout.mem_bytes / (2 << 20) {
+        mem.write_u64(guest::PD_GPA + n * 8, guest::pd_entry(n));
+    }
+    let c = guest::CONFIG_GPA;
+    let hot = if let Workload::Hot(n) = workload { n } else { 0 };
+    for (field, value) in [
+        (cfg::MAGIC, guest::MAGIC),
+        (cfg::MEM_BYTES, layout.mem_bytes),
+        (cfg::DATA_START, layout.data_start),
+        (cfg::DATA_PAGES, layout.data_pages),
+        (cfg::GEN_TABLE, guest::GEN_TABLE_GPA),
+        (cfg::WORKLOAD, workload.code()),
+        (cfg::HOT_PAGES, hot),
+        (cfg::RATE, rate),
+        (cfg::TSC_HZ, clock::tsc_hz()),
+        (st::RNG, 0x2545_f491_4f6c_dd1d ^ (seed.wrapping_mul(guest::GOLDEN) | 1)),
+    ] {
+        mem.write_u64(c + field, value);
+    }
+    for i in 0..layout.data_pages {
+        let word = guest::GEN_TABLE_GPA + i * 4;
+        let old = mem.read_u64(word & !7);
+        let shift = (word & 4) * 8;
+        mem.write_u64(word & !7, (old & !(0xFFFF_FFFF << shift)) | (1 << shift));
+        let gfn = layout.gfn(i);
+        let page = mem.page_mut(gfn).ok_or("data page outside guest memory")?;
+        guest::stamp(page, gfn, 1);
+    }
+    Ok(())
+}
+
+impl Vm {
+    fn status(&self, field: u64) -> u64 {
+        self.mem.read_u64(guest::CONFIG_GPA + field)
+    }
+
+    fn transition(&mut self, action: &str) -> Result<Reply, String> {
+        let next = match (action, &self.state) {
+            ("start", VmState::Created) => VmState::Running,
+            ("pause", VmState::Running) => VmState::Paused,
+            ("resume", VmState::Paused) => VmState::Running,
+            ("stop", VmState::Created | VmState::Running | VmState::Paused) => {
+                VmState::Stopped(String::from("stopped by the operator"))
+            }
+            (_, VmState::Stopped(why)) => {
+                return Err(format!("VM '{}' is stopped ({why}); destroy it and create a new one", self.name))
+            }
+            ("start", _) => return Err(format!("VM '{}' was started already ({})", self.name, self.state.name())),
+            _ => return Err(format!("cannot {action} VM '{}': it is {}", self.name, self.state.name())),
+        };
+        self.state = next;
+        Ok(Reply::data(Obj::new().with("name", self.name.as_str()).with("state", self.state.name())))
+    }
+
+    fn stop(&mut self, why: String) {
+        log::warn!("VM '{}' stopped: {why}", self.name);
+        self.state = VmState::Stopped(why);
+    }
+
+    /// Runs the vCPU until a host interrupt, `done` says so, the VM stops,
+    /// or `deadline_us` passes. Returns whether `done` was reached.
+    fn run_until(&mut self, mut done: impl FnMut(&Vm) -> bool, deadline_us: u64) -> bool {
+        loop {
+            if done(self) {
+                return true;
+            }
+            if matches!(self.state, VmState::Stopped(_)) || clock::uptime_us() > deadline_us {
+                return false;
+            }
+            let exit = self.vcpu.run();
+            *self.exits.entry(exit.name()).or_insert(0) += 1;
+            match exit {
+                VmExit::ExternalInterrupt => {
+                    timer::service_pending();
+                    if deadline_us == u64::MAX {
+                        return done(self);
+                    }
+                }
+                other => self.handle_exit(other),
+            }
+        }
+    }
+
+    fn handle_exit(&mut self, exit: VmExit) {
+        match exit {
+            VmExit::Io { string: true, .. } | VmExit::Io { rep: true, .. } => {
+                self.stop(String::from("string I/O is not emulated"));
+            }
+            VmExit::Io { port, input, size, next_rip, .. } => {
+                if input {
+                    let mask = u64::MAX >> (64 - 8 * u32::from(size));
+                    self.vcpu.regs_mut().rax |= mask; // nothing is there: all ones
+                } else if port == guest::PORT_HEARTBEAT {
+                    let ticks = self.status(st::TICKS);
+                    if ticks.is_multiple_of(10) {
+                        log::debug!(
+                            "VM '{}' heartbeat: ticks {ticks}, writes {}, self-check errors {}",
+                            self.name,
+                            self.status(st::WRITES),
+                            self.status(st::CHECK_ERRORS)
+                        );
+                    }
+                }
+                self.vcpu.set_rip(next_rip);
+            }
+            VmExit::Cpuid | VmExit::Msr { .. } => {
+                // Both are two bytes long; the guest sees zeros.
+                let regs = self.vcpu.regs_mut();
+                regs.rax = 0;
+                regs.rdx = 0;
+                if exit == VmExit::Cpuid {
+                    regs.rbx = 0;
+                    regs.rcx = 0;
+                }
+                let rip = self.vcpu.state().rip;
+                self.vcpu.set_rip(rip + 2);
+            }
+            VmExit::Hlt => {
+                let rip = self.vcpu.state().rip;
+                self.vcpu.set_rip(rip + 1);
+            }
+            VmExit::NestedPageFault { gpa, access: Access::Write, .. } if self.dirty_mode == DirtyMode::Wp => {
+                match self.slat.wp_fault(&mut KernelFrames, Gpa(gpa)) {
+                    Ok((true, flush)) => self.flush(flush),
+                    Ok((false, flush)) => {
+                        flush.done();
+                        self.stop(format!("write to read-only guest-physical {gpa:#x}"));
+                    }
+                    Err(e) => self.stop(format!("write to unmapped guest-physical {gpa:#x} ({e:?})")),
+                }
+            }
+            VmExit::NestedPageFault { gpa, access, .. } => {
+                self.stop(format!("bad {access:?} access to guest-physical {gpa:#x}"));
+            }
+            VmExit::Shutdown => self.stop(String::from("triple fault")),
+            VmExit::EntryFailed { code, reason } => self.stop(format!("{reason} (code {code:#x})")),
+            VmExit::Hypercall => {
+                let rip = self.vcpu.state().rip;
+                self.vcpu.set_rip(rip + 3);
+            }
+            VmExit::ExternalInterrupt => {}
+            VmExit::PmlFull => self.stop(String::from("unexpected PML-full exit on SVM")),
+            VmExit::Unknown(code) => self.stop(format!("unexpected exit code {code:#x}")),
+        }
+    }
+
+    fn flush(&mut self, flush: TlbFlush) {
+        if flush.needed() {
+            self.vcpu.flush_tlb();
+        }
+        flush.done();
+    }
+
+    fn info(&self) -> Obj {
+        let mut exits = Obj::new();
+        for (k, v) in &self.exits {
+            exits = exits.with(k, *v);
+        }
+        let stop_reason = match &self.state {
+            VmState::Stopped(why) => Some(why.clone()),
+            _ => None,
+        };
+        Obj::new()
+            .with("name", self.name.as_str())
+            .with("state", self.state.name())
+            .with("mem_mib", self.mem_mib)
+            .with("workload", self.workload.describe())
+            .with("rate", self.rate)
+            .with("ticks", self.status(st::TICKS))
+            .with("writes", self.status(st::WRITES))
+            .with("check_errors", self.status(st::CHECK_ERRORS))
+            .with("exits", exits)
+            .with("exits_total", self.exits.values().sum::<u64>())
+            .with("dirty_mode", self.dirty_mode.as_str())
+            .with("stop_reason", stop_reason)
+    }
+
+    fn gen_table(&self) -> Vec<u32> {
+        (0..self.layout.data_pages)
+            .map(|i| {
+                let word = guest::GEN_TABLE_GPA + i * 4;
+                u32::try_from((self.mem.read_u64(word & !7) >> ((word & 4) * 8)) & 0xFFFF_FFFF).unwrap_or(0)
+            })
+            .collect()
+    }
+
+    /// Harvests dirty pages with `mode`, switching mechanisms if needed, and
+    /// compares the result with the guest's own record of what it wrote.
+    fn dirty(&mut self, mode: DirtyMode) -> Result<Obj, String> {
+        let mut fa = KernelFrames;
+        let mut bitmap = DirtyBitmap::new(self.layout.mem_bytes / 4096);
+        if mode != self.dirty_mode || mode == DirtyMode::Off {
+            if self.dirty_mode == DirtyMode::Wp {
+                let f = self.slat.wp_disarm(&fa);
+                self.flush(f);
+            }
+            let f = self.slat.split_all(&mut fa).map_err(|e| format!("splitting 2 MiB pages: {e:?}"))?;
+            self.flush(f);
+            match mode {
+                DirtyMode::Dbit => {
+                    let (_, f) = self.slat.harvest_dirty(&fa, &mut bitmap);
+                    self.flush(f);
+                }
+                DirtyMode::Wp => {
+                    let f = self.slat.wp_arm(&fa);
+                    self.flush(f);
+                }
+                DirtyMode::Off | DirtyMode::Pml => {}
+            }
+            self.dirty_mode = mode;
+            self.gen_snapshot = (mode != DirtyMode::Off).then(|| self.gen_table());
+            return Ok(Obj::new()
+                .with("name", self.name.as_str())
+                .with("mode", mode.as_str())
+                .with("baseline", true)
+                .with("count", bitmap.count()));
+        }
+        let (_, flush) = match mode {
+            DirtyMode::Dbit => self.slat.harvest_dirty(&fa, &mut bitmap),
+            DirtyMode::Wp => self.slat.wp_harvest(&fa, &mut bitmap),
+            DirtyMode::Off => return Err(String::from("dirty tracking is off; say dbit or wp")),
+            DirtyMode::Pml => return Err(String::from("pml is not available on this backend")),
+        };
+        self.flush(flush);
+        let now = self.gen_table();
+        let in_flight = self.status(st::IN_FLIGHT);
+        let (mut written, mut missed, mut extra_data, mut flight) = (0u64, 0u64, 0u64, 0u64);
+        if let Some(before) = &self.gen_snapshot {
+            for (i, (old, new)) in before.iter().zip(&now).enumerate() {
+                let i = i as u64;
+                let was_written = old != new;
+                let reported = bitmap.get(ept::Gfn(self.layout.gfn(i)));
+                if in_flight == i + 1 {
+                    flight += 1;
+                } else if was_written && !reported {
+                    missed += 1;
+                } else if reported && !was_written {
+                    extra_data += 1;
+                }
+                written += u64::from(was_written);
+            }
+        }
+        let extra_other = bitmap.iter().filter(|g| self.layout.index(g.0).is_none()).count();
+        self.gen_snapshot = Some(now);
+        let first: Vec<u64> = bitmap.iter().take(DIRTY_LIST).map(|g| g.0).collect();
+        Ok(Obj::new()
+            .with("name", self.name.as_str())
+            .with("mode", mode.as_str())
+            .with("baseline", false)
+            .with("count", bitmap.count())
+            .with("first", first)
+            .with("written", written)
+            .with("missed", missed)
+            .with("extra_data", extra_data)
+            .with("extra_other", extra_other)
+            .with("in_flight", flight))
+    }
+
+    /// Asks the guest to check every page; runs it (even if paused) until it
+    /// answers.
+    fn verify(&mut self) -> Result<Obj, String> {
+        if !matches!(self.state, VmState::Running | VmState::Paused) {
+            return Err(format!("VM '{}' is {}; only a started VM can verify", self.name, self.state.name()));
+        }
+        let req = self.status(cfg::VERIFY_REQ) + 1;
+        self.mem.write_u64(guest::CONFIG_GPA + cfg::VERIFY_REQ, req);
+        let deadline = clock::uptime_us() + VERIFY_TIMEOUT_US;
+        let done = self.run_until(|vm| vm.status(st::VERIFY_DONE) == req, deadline);
+        if let VmState::Stopped(why) = &self.state {
+            return Err(format!("VM '{}' stopped during verify: {why}", self.name));
+        }
+        if !done {
+            return Err(format!(
+                "VM '{}' did not finish verifying within {} s",
+                self.name,
+                VERIFY_TIMEOUT_US / 1_000_000
+            ));
+        }
+        let bad = self.status(st::VERIFY_BAD);
+        let first_bad = self.status(st::VERIFY_FIRST_BAD);
+        Ok(Obj::new()
+            .with("name", self.name.as_str())
+            .with("pages", self.layout.data_pages)
+            .with("bad_pages", bad)
+            .with("first_bad", (first_bad != u64::MAX).then_some(first_bad))
+            .with("check_errors", self.status(st::CHECK_ERRORS))
+            .with("verified", bad == 0 && self.status(st::CHECK_ERRORS) == 0))
+    }
+
+    fn destroy(self) {
+        let Vm { slat, vcpu, mut mem, .. } = self;
+        slat.destroy(&mut KernelFrames);
+        vcpu.destroy();
+        mem.free();
+    }
+}

@@ -1,0 +1,225 @@
+//! Parsing of the `vm` console commands into a [`VmCommand`]; the kernel's VM
+//! manager executes them. Every bad name, number or option is refused here
+//! with a message that says what was expected.
+
+use alloc::format;
+use alloc::string::{String, ToString};
+
+use crate::guest::{Workload, MAX_MEM_MIB, MIN_MEM_MIB};
+
+/// Longest VM name.
+pub const MAX_NAME: usize = 32;
+/// Highest accepted `rate=` (page writes per second).
+pub const MAX_RATE: u64 = 10_000_000;
+
+/// How a VM's dirty pages are tracked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirtyMode {
+    /// Not tracking.
+    Off,
+    /// Second-level D bits, harvested by test-and-clear.
+    Dbit,
+    /// Write protection: the first write to each page after a harvest exits.
+    Wp,
+    /// Intel page-modification logging.
+    Pml,
+}
+
+impl DirtyMode {
+    /// Console name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DirtyMode::Off => "off",
+            DirtyMode::Dbit => "dbit",
+            DirtyMode::Wp => "wp",
+            DirtyMode::Pml => "pml",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "dbit" => Ok(DirtyMode::Dbit),
+            "wp" => Ok(DirtyMode::Wp),
+            "pml" => Ok(DirtyMode::Pml),
+            "off" => Ok(DirtyMode::Off),
+            _ => Err(format!("bad dirty mode '{s}': dbit, wp, pml or off")),
+        }
+    }
+}
+
+/// A parsed `vm` command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmCommand {
+    /// `vm create <name> mem=<MiB> [workload=...] [rate=...]`
+    Create {
+        /// Name.
+        name: String,
+        /// Memory in MiB.
+        mem_mib: u64,
+        /// Workload.
+        workload: Workload,
+        /// Page writes per second (0 = unlimited).
+        rate: u64,
+    },
+    /// `vm start <name>`
+    Start(String),
+    /// `vm pause <name>`
+    Pause(String),
+    /// `vm resume <name>`
+    Resume(String),
+    /// `vm stop <name>`
+    Stop(String),
+    /// `vm destroy <name>`
+    Destroy(String),
+    /// `vm list`
+    List,
+    /// `vm info <name>`
+    Info(String),
+    /// `vm dirty <name> [dbit|wp|pml|off]`
+    Dirty(String, Option<DirtyMode>),
+    /// `vm verify <name>`
+    Verify(String),
+    /// `vm digest <name>`
+    Digest(String),
+    /// Hidden: `vm crash <name>` makes the guest triple-fault.
+    Crash(String),
+}
+
+/// Usage lines for `help`.
+pub const USAGE: &[(&str, &str)] = &[
+    ("vm create <name> mem=<MiB> [workload=idle|sweep|random|hot:<pages>] [rate=<pages/s>]", "create a VM"),
+    ("vm start|pause|resume|stop|destroy <name>", "VM lifecycle"),
+    ("vm list", "all VMs"),
+    ("vm info <name>", "state, memory, ticks, exits, dirty mode"),
+    ("vm dirty <name> [dbit|wp|pml|off]", "harvest dirty pages now (and pick the mechanism)"),
+    ("vm verify <name>", "the guest checks every page it stamped"),
+    ("vm digest <name>", "hash of all guest memory"),
+];
+
+fn name(s: Option<&&str>) -> Result<String, String> {
+    let s = s.ok_or("missing VM name")?;
+    if s.is_empty() || s.len() > MAX_NAME || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        return Err(format!("bad VM name '{s}': 1-{MAX_NAME} letters, digits, '-' or '_'"));
+    }
+    Ok(s.to_string())
+}
+
+fn number(key: &str, v: &str) -> Result<u64, String> {
+    v.parse::<u64>().map_err(|_| format!("{key}= needs a whole number, got '{v}'"))
+}
+
+/// Parses the words after `vm`.
+pub fn parse(args: &[&str]) -> Result<VmCommand, String> {
+    let usage = || String::from("usage: vm create|start|pause|resume|stop|destroy|list|info|dirty|verify|digest ...");
+    let (&sub, rest) = args.split_first().ok_or_else(usage)?;
+    let one = |f: fn(String) -> VmCommand| -> Result<VmCommand, String> {
+        if rest.len() > 1 {
+            return Err(format!("'vm {sub}' takes just a VM name"));
+        }
+        Ok(f(name(rest.first())?))
+    };
+    match sub {
+        "create" => parse_create(rest),
+        "start" => one(VmCommand::Start),
+        "pause" => one(VmCommand::Pause),
+        "resume" => one(VmCommand::Resume),
+        "stop" => one(VmCommand::Stop),
+        "destroy" => one(VmCommand::Destroy),
+        "info" => one(VmCommand::Info),
+        "verify" => one(VmCommand::Verify),
+        "digest" => one(VmCommand::Digest),
+        "crash" => one(VmCommand::Crash),
+        "list" if rest.is_empty() => Ok(VmCommand::List),
+        "list" => Err(String::from("'vm list' takes no arguments")),
+        "dirty" => match rest {
+            [n] => Ok(VmCommand::Dirty(name(Some(n))?, None)),
+            [n, mode] => Ok(VmCommand::Dirty(name(Some(n))?, Some(DirtyMode::parse(mode)?))),
+            _ => Err(String::from("usage: vm dirty <name> [dbit|wp|pml|off]")),
+        },
+        _ => Err(usage()),
+    }
+}
+
+fn parse_create(rest: &[&str]) -> Result<VmCommand, String> {
+    let name = name(rest.first())?;
+    let (mut mem_mib, mut workload, mut rate) = (None, Workload::Idle, 0);
+    for opt in rest.iter().skip(1) {
+        let (key, value) = opt.split_once('=').ok_or_else(|| format!("bad option '{opt}': expected key=value"))?;
+        match key {
+            "mem" => {
+                let m = number(key, value)?;
+                if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&m) || m % 2 != 0 {
+                    return Err(format!(
+                        "mem={m}: guest memory must be an even number of MiB from {MIN_MEM_MIB} to {MAX_MEM_MIB}"
+                    ));
+                }
+                mem_mib = Some(m);
+            }
+            "workload" => workload = Workload::parse(value)?,
+            "rate" => {
+                rate = number(key, value)?;
+                if rate > MAX_RATE {
+                    return Err(format!("rate={rate}: at most {MAX_RATE} pages/s (0 = unlimited)"));
+                }
+            }
+            _ => return Err(format!("unknown option '{key}': mem, workload or rate")),
+        }
+    }
+    let mem_mib = mem_mib.ok_or("vm create needs mem=<MiB>")?;
+    Ok(VmCommand::Create { name, mem_mib, workload, rate })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec::Vec;
+
+    fn p(s: &str) -> Result<VmCommand, String> {
+        parse(&s.split_whitespace().collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn parses_create_with_options() {
+        assert_eq!(
+            p("create a mem=64 workload=hot:32 rate=1000"),
+            Ok(VmCommand::Create { name: "a".into(), mem_mib: 64, workload: Workload::Hot(32), rate: 1000 })
+        );
+        assert_eq!(
+            p("create vm-1_x mem=16"),
+            Ok(VmCommand::Create { name: "vm-1_x".into(), mem_mib: 16, workload: Workload::Idle, rate: 0 })
+        );
+    }
+
+    #[test]
+    fn refuses_bad_create_arguments_with_reasons() {
+        let err = |s: &str| p(s).unwrap_err();
+        assert!(err("create a").contains("needs mem="));
+        assert!(err("create a mem=8").contains("from 16 to 4096"));
+        assert!(err("create a mem=17").contains("even number"));
+        assert!(err("create a mem=99999").contains("from 16 to 4096"));
+        assert!(err("create a mem=lots").contains("whole number"));
+        assert!(err("create a mem=16 rate=-1").contains("whole number"));
+        assert!(err("create a mem=16 rate=20000000").contains("at most"));
+        assert!(err("create a mem=16 workload=busy").contains("bad workload"));
+        assert!(err("create a mem=16 colour=red").contains("unknown option 'colour'"));
+        assert!(err("create a mem=16 junk").contains("expected key=value"));
+        assert!(err("create bad!name mem=16").contains("bad VM name"));
+        assert!(err(&alloc::format!("create {} mem=16", "n".repeat(33))).contains("bad VM name"));
+        assert!(err("create").contains("missing VM name"));
+    }
+
+    #[test]
+    fn parses_the_lifecycle_and_queries() {
+        assert_eq!(p("start a"), Ok(VmCommand::Start("a".into())));
+        assert_eq!(p("destroy a"), Ok(VmCommand::Destroy("a".into())));
+        assert_eq!(p("list"), Ok(VmCommand::List));
+        assert_eq!(p("dirty a wp"), Ok(VmCommand::Dirty("a".into(), Some(DirtyMode::Wp))));
+        assert_eq!(p("dirty a"), Ok(VmCommand::Dirty("a".into(), None)));
+        assert!(p("dirty a xyz").unwrap_err().contains("bad dirty mode"));
+        assert!(p("start a b").unwrap_err().contains("just a VM name"));
+        assert!(p("start").unwrap_err().contains("missing VM name"));
+        assert!(p("list x").is_err());
+        assert!(p("fly a").unwrap_err().starts_with("usage: vm"));
+        assert!(p("").unwrap_err().starts_with("usage: vm"));
+    }
+}
