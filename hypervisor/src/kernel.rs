@@ -79,11 +79,16 @@ pub fn start(boot: BootInfo, reserved: &[(u64, u64)]) -> ! {
         memory::total_bytes() >> 20,
         memory::free_bytes() >> 20
     );
-    if cpu.backend() == vmx::cpu::Backend::Svm {
-        match svm::enable() {
+    match cpu.backend() {
+        vmx::cpu::Backend::Svm => match svm::enable() {
             Ok(()) => log::info!("SVM enabled (ASIDs: {})", cpu.tlb_tags),
             Err(e) => log::error!("SVM could not be enabled: {e:?}"),
-        }
+        },
+        vmx::cpu::Backend::Vmx => match crate::arch::vmx::enable() {
+            Ok(()) => log::info!("VMX enabled (EPT A/D: {}, PML: {}, VPID: {})", cpu.ept_ad, cpu.pml, cpu.vpid),
+            Err(e) => log::error!("VMX could not be enabled: {e:?}"),
+        },
+        vmx::cpu::Backend::None => log::warn!("no VT-x with EPT or AMD-V with NPT: VMs cannot run"),
     }
     timer::init();
     let vms = Manager::new(&cpu);

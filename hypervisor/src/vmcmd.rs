@@ -83,6 +83,9 @@ pub enum VmCommand {
     Digest(String),
     /// Hidden: `vm crash <name>` makes the guest triple-fault.
     Crash(String),
+    /// Hidden: `vm break <name>` corrupts the vCPU's control state so the
+    /// next VM entry fails (containment test for entry failures).
+    Break(String),
 }
 
 /// Usage lines for `help`.
@@ -129,6 +132,7 @@ pub fn parse(args: &[&str]) -> Result<VmCommand, String> {
         "verify" => one(VmCommand::Verify),
         "digest" => one(VmCommand::Digest),
         "crash" => one(VmCommand::Crash),
+        "break" => one(VmCommand::Break),
         "list" if rest.is_empty() => Ok(VmCommand::List),
         "list" => Err(String::from("'vm list' takes no arguments")),
         "dirty" => match rest {

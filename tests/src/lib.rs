@@ -44,7 +44,7 @@ pub fn qemu(firmware: Firmware) -> HostConfig {
 
 /// A Bochs host (VT-x with EPT), kept small.
 pub fn bochs() -> HostConfig {
-    HostConfig { emulator: Emulator::Bochs, mem_mib: 64, ..HostConfig::default() }
+    HostConfig { emulator: Emulator::Bochs, mem_mib: 128, ..HostConfig::default() }
 }
 
 /// Sends `shutdown` and checks that the emulator exits cleanly: QEMU with

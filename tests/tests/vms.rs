@@ -83,8 +83,20 @@ fn two_vms_run_and_a_triple_fault_stops_only_its_vm() {
     std::thread::sleep(Duration::from_millis(700));
     assert!(ticks(c, "b") > b2, "b stopped ticking after a crashed");
     assert_eq!(ok(c, "version")["name"], "hypervisor");
-    ok(c, "vm destroy a");
-    ok(c, "vm destroy b");
+    // A VMCB that fails VMRUN's consistency checks stops only its VM.
+    ok(c, "vm create x mem=16");
+    ok(c, "vm start x");
+    ok(c, "vm break x");
+    std::thread::sleep(Duration::from_millis(500));
+    let x = ok(c, "vm info x");
+    assert_eq!(x["state"], "stopped", "{x}");
+    assert!(x["stop_reason"].as_str().unwrap().contains("VMEXIT_INVALID"), "{x}");
+    let b3 = ticks(c, "b");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(ticks(c, "b") > b3, "b stopped ticking after x failed to enter");
+    for vm in ["a", "b", "x"] {
+        ok(c, &format!("vm destroy {vm}"));
+    }
 }
 
 #[test]

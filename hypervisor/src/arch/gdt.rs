@@ -26,6 +26,14 @@ static mut IST_STACKS: [Stack; 3] = [const { Stack([0; IST_STACK]) }; 3];
 static TSS: Once<TaskStateSegment> = Once::new();
 static GDT: Once<(GlobalDescriptorTable, SegmentSelector, SegmentSelector, SegmentSelector)> = Once::new();
 
+/// Host selectors and the TSS base, for the VMCS host-state area:
+/// (code, data, TSS selector, TSS base).
+pub fn host_segments() -> (u16, u16, u16, u64) {
+    let (_, code, data, tss) = GDT.get().expect("gdt::init ran at boot");
+    let base = TSS.get().map_or(0, |t| core::ptr::from_ref(t) as u64);
+    (code.0, data.0, tss.0, base)
+}
+
 /// Builds and loads the GDT and TSS, and reloads the segment registers.
 pub fn init() {
     let tss = TSS.call_once(|| {

@@ -13,3 +13,4 @@ pub mod power;
 pub mod serial;
 pub mod svm;
 pub mod timer;
+pub mod vmx;

@@ -103,6 +103,12 @@ impl SvmVcpu {
         unsafe { &mut *memory::phys_to_virt(self.vmcb_pa).cast::<Vmcb>() }
     }
 
+    /// Corrupts the guest state so the next VMRUN fails its consistency
+    /// checks (hidden test hook: a failed entry must stop only this VM).
+    pub fn break_state(&mut self) {
+        self.vmcb().save.efer &= !vmx::svm::EFER_SVME;
+    }
+
     /// Frees the VMCB.
     pub fn destroy(self) {
         memory::free_frames(self.vmcb_pa, 1);

@@ -20,6 +20,7 @@ use vmx::{Access, Vcpu, VmExit};
 
 use crate::arch::guest_memory::{GuestMemory, KernelFrames};
 use crate::arch::svm::SvmVcpu;
+use crate::arch::vmx::VmxVcpu;
 use crate::arch::{clock, memory, timer};
 
 /// Host memory kept free for the hypervisor itself, beyond what VMs take.
@@ -53,6 +54,76 @@ impl VmState {
     }
 }
 
+/// The vCPU of either vendor. The run loop sees only the `Vcpu` trait; the
+/// few vendor-specific operations (PML, the test hook) are methods here.
+enum AnyVcpu {
+    Svm(SvmVcpu),
+    Vmx(VmxVcpu),
+}
+
+impl Vcpu for AnyVcpu {
+    fn run(&mut self) -> VmExit {
+        match self {
+            AnyVcpu::Svm(v) => v.run(),
+            AnyVcpu::Vmx(v) => v.run(),
+        }
+    }
+    fn set_rip(&mut self, rip: u64) {
+        match self {
+            AnyVcpu::Svm(v) => v.set_rip(rip),
+            AnyVcpu::Vmx(v) => v.set_rip(rip),
+        }
+    }
+    fn state(&self) -> vmx::VcpuState {
+        match self {
+            AnyVcpu::Svm(v) => v.state(),
+            AnyVcpu::Vmx(v) => v.state(),
+        }
+    }
+    fn regs_mut(&mut self) -> &mut vmx::GuestRegs {
+        match self {
+            AnyVcpu::Svm(v) => v.regs_mut(),
+            AnyVcpu::Vmx(v) => v.regs_mut(),
+        }
+    }
+    fn flush_tlb(&mut self) {
+        match self {
+            AnyVcpu::Svm(v) => v.flush_tlb(),
+            AnyVcpu::Vmx(v) => v.flush_tlb(),
+        }
+    }
+}
+
+impl AnyVcpu {
+    fn set_pml(&mut self, on: bool) -> bool {
+        match self {
+            AnyVcpu::Svm(_) => !on,
+            AnyVcpu::Vmx(v) => v.set_pml(on),
+        }
+    }
+
+    fn drain_pml(&mut self, out: &mut DirtyBitmap) -> usize {
+        match self {
+            AnyVcpu::Svm(_) => 0,
+            AnyVcpu::Vmx(v) => v.drain_pml(out),
+        }
+    }
+
+    fn break_state(&mut self) {
+        match self {
+            AnyVcpu::Svm(v) => v.break_state(),
+            AnyVcpu::Vmx(v) => v.break_state(),
+        }
+    }
+
+    fn destroy(self) {
+        match self {
+            AnyVcpu::Svm(v) => v.destroy(),
+            AnyVcpu::Vmx(v) => v.destroy(),
+        }
+    }
+}
+
 struct Vm {
     name: String,
     mem_mib: u64,
@@ -61,12 +132,15 @@ struct Vm {
     rate: u64,
     mem: GuestMemory,
     slat: Slat,
-    vcpu: SvmVcpu,
+    vcpu: AnyVcpu,
     state: VmState,
     exits: BTreeMap<&'static str, u64>,
     dirty_mode: DirtyMode,
     /// The guest's generation table at the last harvest.
     gen_snapshot: Option<Vec<u32>>,
+    /// Pages the PML log reported since the last harvest (PML-full exits
+    /// drain into it).
+    pml_log: DirtyBitmap,
 }
 
 /// All VMs of this host.
@@ -77,6 +151,7 @@ pub struct Manager {
     default_dirty: DirtyMode,
     tlb_tags: u32,
     created: u64,
+    cpu: CpuReport,
 }
 
 impl Manager {
@@ -90,6 +165,7 @@ impl Manager {
             default_dirty,
             tlb_tags: cpu.tlb_tags.max(2),
             created: 0,
+            cpu: cpu.clone(),
         }
     }
 
@@ -148,11 +224,14 @@ impl Manager {
             VmCommand::Info(n) => Ok(Reply::data(self.find(&n)?.info())),
             VmCommand::Dirty(n, mode) => {
                 let default = self.default_dirty;
-                let backend = self.backend;
+                let (backend, pml, ept_ad) = (self.backend, self.cpu.pml, self.cpu.ept_ad);
                 let vm = self.find(&n)?;
                 let mode = mode.unwrap_or(if vm.dirty_mode == DirtyMode::Off { default } else { vm.dirty_mode });
-                if mode == DirtyMode::Pml && backend != Backend::Vmx {
+                if mode == DirtyMode::Pml && !(backend == Backend::Vmx && pml) {
                     return Err(String::from("pml needs Intel VT-x with page-modification logging; use dbit or wp"));
+                }
+                if mode == DirtyMode::Dbit && backend == Backend::Vmx && !ept_ad {
+                    return Err(String::from("dbit needs EPT accessed/dirty flags, which this CPU lacks; use wp"));
                 }
                 vm.dirty(mode).map(Reply::data)
             }
@@ -160,6 +239,11 @@ impl Manager {
             VmCommand::Digest(n) => {
                 let vm = self.find(&n)?;
                 Ok(Reply::data(Obj::new().with("name", n).with("digest", format!("{:016x}", vm.mem.digest()))))
+            }
+            VmCommand::Break(n) => {
+                let vm = self.find(&n)?;
+                vm.vcpu.break_state();
+                Ok(Reply::data(Obj::new().with("broken", n)))
             }
             VmCommand::Crash(n) => {
                 let vm = self.find(&n)?;
@@ -170,10 +254,9 @@ impl Manager {
     }
 
     fn create(&mut self, name: String, mem_mib: u64, workload: Workload, rate: u64) -> Result<Reply, String> {
-        if self.backend != Backend::Svm {
-            return Err(format!(
-                "cannot run VMs on this processor yet: backend '{}' (AMD-V with NPT is supported; VT-x comes next)",
-                self.backend.as_str()
+        if self.backend == Backend::None {
+            return Err(String::from(
+                "this processor has no usable virtualization (VT-x with EPT or AMD-V with NPT is needed)",
             ));
         }
         if self.vms.iter().any(|vm| vm.name == name) {
@@ -201,7 +284,8 @@ impl Manager {
         let oom = || format!("not enough host memory for mem={mem_mib} (allocation failed)");
         let mut mem = GuestMemory::new(bytes).ok_or_else(oom)?;
         let mut fa = KernelFrames;
-        let mut slat = Slat::new(Format::Npt, &mut fa, Gpa(bytes)).map_err(|e| format!("nested page table: {e:?}"))?;
+        let format = if self.backend == Backend::Vmx { Format::Ept } else { Format::Npt };
+        let mut slat = Slat::new(format, &mut fa, Gpa(bytes)).map_err(|e| format!("nested page table: {e:?}"))?;
         for (i, &hpa) in mem.chunks().iter().enumerate() {
             let gpa = Gpa(i as u64 * (2 << 20));
             match slat.map(&mut fa, gpa, Hpa(hpa), PageSize::Size2M, Perms::RWX) {
@@ -217,10 +301,24 @@ impl Manager {
             return Err(e);
         }
         self.created += 1;
-        let asid = 1 + u32::try_from(self.created % u64::from(self.tlb_tags - 1)).unwrap_or(0);
-        let Some(vcpu) = SvmVcpu::new(asid, slat.root().0, guest::CODE_GPA, guest::STACK_TOP, guest::PML4_GPA) else {
-            slat.destroy(&mut fa);
-            return Err(oom());
+        let tag = 1 + u32::try_from(self.created % u64::from(self.tlb_tags - 1)).unwrap_or(0);
+        let (rip, rsp, cr3) = (guest::CODE_GPA, guest::STACK_TOP, guest::PML4_GPA);
+        let vcpu = match self.backend {
+            Backend::Vmx => {
+                let eptp = slat.eptp(self.cpu.ept_ad);
+                let vpid = u16::try_from(tag).unwrap_or(1);
+                VmxVcpu::new(&self.cpu, vpid, eptp, rip, rsp, cr3)
+                    .map(AnyVcpu::Vmx)
+                    .map_err(|e| format!("setting up the VMCS: {e:?}"))
+            }
+            _ => SvmVcpu::new(tag, slat.root().0, rip, rsp, cr3).map(AnyVcpu::Svm).ok_or_else(oom),
+        };
+        let vcpu = match vcpu {
+            Ok(v) => v,
+            Err(e) => {
+                slat.destroy(&mut fa);
+                return Err(e);
+            }
         };
         let vm = Vm {
             name: name.clone(),
@@ -235,6 +333,7 @@ impl Manager {
             exits: BTreeMap::new(),
             dirty_mode: DirtyMode::Off,
             gen_snapshot: None,
+            pml_log: DirtyBitmap::new(bytes / 4096),
         };
         let reply = Obj::new()
             .with("created", name)
@@ -400,7 +499,9 @@ impl Vm {
                 self.vcpu.set_rip(rip + 3);
             }
             VmExit::ExternalInterrupt => {}
-            VmExit::PmlFull => self.stop(String::from("unexpected PML-full exit on SVM")),
+            VmExit::PmlFull => {
+                self.vcpu.drain_pml(&mut self.pml_log);
+            }
             VmExit::Unknown(code) => self.stop(format!("unexpected exit code {code:#x}")),
         }
     }
@@ -455,18 +556,26 @@ impl Vm {
                 let f = self.slat.wp_disarm(&fa);
                 self.flush(f);
             }
+            if self.dirty_mode == DirtyMode::Pml {
+                self.vcpu.set_pml(false);
+            }
             let f = self.slat.split_all(&mut fa).map_err(|e| format!("splitting 2 MiB pages: {e:?}"))?;
             self.flush(f);
             match mode {
-                DirtyMode::Dbit => {
+                DirtyMode::Dbit | DirtyMode::Pml => {
                     let (_, f) = self.slat.harvest_dirty(&fa, &mut bitmap);
                     self.flush(f);
+                    if mode == DirtyMode::Pml && !self.vcpu.set_pml(true) {
+                        self.dirty_mode = DirtyMode::Off;
+                        return Err(String::from("this vCPU cannot log page modifications (no PML)"));
+                    }
+                    self.pml_log.clear_all();
                 }
                 DirtyMode::Wp => {
                     let f = self.slat.wp_arm(&fa);
                     self.flush(f);
                 }
-                DirtyMode::Off | DirtyMode::Pml => {}
+                DirtyMode::Off => {}
             }
             self.dirty_mode = mode;
             self.gen_snapshot = (mode != DirtyMode::Off).then(|| self.gen_table());
@@ -479,8 +588,17 @@ impl Vm {
         let (_, flush) = match mode {
             DirtyMode::Dbit => self.slat.harvest_dirty(&fa, &mut bitmap),
             DirtyMode::Wp => self.slat.wp_harvest(&fa, &mut bitmap),
+            DirtyMode::Pml => {
+                // The log alone is the answer; the D-bit pass only clears D
+                // so that the next write to each page is logged again.
+                self.vcpu.drain_pml(&mut self.pml_log);
+                let mut rearm = DirtyBitmap::new(bitmap.pages());
+                let r = self.slat.harvest_dirty(&fa, &mut rearm);
+                core::mem::swap(&mut bitmap, &mut self.pml_log);
+                self.pml_log.clear_all();
+                r
+            }
             DirtyMode::Off => return Err(String::from("dirty tracking is off; say dbit or wp")),
-            DirtyMode::Pml => return Err(String::from("pml is not available on this backend")),
         };
         self.flush(flush);
         let now = self.gen_table();

@@ -1,0 +1,525 @@
+//! Intel VMX on the real processor: VMXON, VMCS set-up for our long-mode
+//! guests, VMREAD/VMWRITE, INVEPT, and VMLAUNCH/VMRESUME with the guest
+//! registers (Intel SDM Vol. 3C chapters 24 "Introduction to VMX", 25 "VMCS",
+//! 27 "VM Entries", 28 "VM Exits", 29.3 "EPT" and 29.3.6 "PML").
+
+use core::arch::asm;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use ept::DirtyBitmap;
+use vmx::cpu::CpuReport;
+use vmx::svm::{ATTR_CODE64, ATTR_DATA, ATTR_TSS64};
+use vmx::vmcs::{
+    access_rights, adjust_controls, ctl, decode_exit, instruction_error, msr, ExitFields, Field16, Field32, Field64,
+    FieldN, UNUSABLE,
+};
+use vmx::{GuestRegs, Vcpu, VcpuState, VmExit};
+use x86_64::registers::control::{Cr0, Cr3, Cr4};
+use x86_64::registers::model_specific::Msr;
+
+use super::{gdt, memory};
+
+const MSR_EFER: u32 = 0xC000_0080;
+const MSR_FS_BASE: u32 = 0xC000_0100;
+const MSR_GS_BASE: u32 = 0xC000_0101;
+
+/// The VMCS that is current on this processor (VMPTRLD), 0 for none.
+static CURRENT_VMCS: AtomicU64 = AtomicU64::new(0);
+/// VMCS revision identifier (IA32_VMX_BASIC[30:0]).
+static REVISION: AtomicU64 = AtomicU64::new(0);
+/// Whether the TRUE_* capability MSRs apply.
+static TRUE_CONTROLS: AtomicU64 = AtomicU64::new(0);
+
+/// Why VMX could not be used (printed through `Debug`).
+#[derive(Debug)]
+#[allow(dead_code)]
+pub enum VmxError {
+    /// IA32_FEATURE_CONTROL is locked with VMX outside SMX disabled.
+    DisabledByFirmware,
+    /// No memory for the VMXON region or a VMCS.
+    OutOfMemory,
+    /// A VMX instruction failed; the text says which and why.
+    Instruction(&'static str),
+    /// A control we need is not offered: (which control, missing bits).
+    Unsupported(&'static str, u32),
+}
+
+fn revision() -> u32 {
+    u32::try_from(REVISION.load(Ordering::Relaxed)).unwrap_or(0)
+}
+
+fn rdmsr(index: u32) -> u64 {
+    // SAFETY: only called for architectural MSRs that exist on every
+    // processor with VMX (the IA32_VMX_* capabilities, FEATURE_CONTROL, EFER,
+    // FS/GS base); reading them has no side effect.
+    unsafe { Msr::new(index).read() }
+}
+
+/// Runs a VMX instruction's flag check: CF=1 is VMfailInvalid, ZF=1 is
+/// VMfailValid (the VMCS holds an error number).
+fn check(cf: u8, zf: u8, what: &'static str) -> Result<(), VmxError> {
+    match (cf, zf) {
+        (0, 0) => Ok(()),
+        (1, _) => Err(VmxError::Instruction(what)),
+        _ => Err(VmxError::Instruction(instruction_error(vmread(Field32::VmInstructionError as u32)))),
+    }
+}
+
+fn vmread(field: u32) -> u64 {
+    let value: u64;
+    // SAFETY: VMREAD of a field of the current VMCS only reads it; callers
+    // make the right VMCS current first. An unsupported field fails without
+    // side effects and leaves 0.
+    unsafe { asm!("vmread {v}, {f}", f = in(reg) u64::from(field), v = out(reg) value, options(nostack)) };
+    value
+}
+
+fn vmwrite(field: u32, value: u64) {
+    // SAFETY: VMWRITE of a field of the current VMCS changes only that VMCS,
+    // which the caller owns and has made current.
+    unsafe { asm!("vmwrite {f}, {v}", f = in(reg) u64::from(field), v = in(reg) value, options(nostack)) };
+}
+
+fn write16(f: Field16, v: u16) {
+    vmwrite(f as u32, u64::from(v));
+}
+fn write32(f: Field32, v: u32) {
+    vmwrite(f as u32, u64::from(v));
+}
+fn write64(f: Field64, v: u64) {
+    vmwrite(f as u32, v);
+}
+fn write_n(f: FieldN, v: u64) {
+    vmwrite(f as u32, v);
+}
+
+/// Enters VMX operation on this processor (CR4.VMXE, FEATURE_CONTROL,
+/// fixed CR0/CR4 bits, VMXON). Call once, when CPUID reported VMX.
+pub fn enable() -> Result<(), VmxError> {
+    let fc = rdmsr(msr::FEATURE_CONTROL);
+    if fc & 1 != 0 && fc & (1 << 2) == 0 {
+        return Err(VmxError::DisabledByFirmware);
+    }
+    if fc & 1 == 0 {
+        // SAFETY: the MSR is unlocked; enabling VMX outside SMX and locking
+        // it is what firmware would do and affects nothing else.
+        unsafe { Msr::new(msr::FEATURE_CONTROL).write(fc | 1 | (1 << 2)) };
+    }
+    let basic = rdmsr(msr::BASIC);
+    REVISION.store(basic & 0x7FFF_FFFF, Ordering::Relaxed);
+    TRUE_CONTROLS.store(u64::from(basic & (1 << 55) != 0), Ordering::Relaxed);
+    // SAFETY: setting the bits the fixed-bit MSRs require (NE, and VMXE in
+    // CR4) keeps the kernel's paging and protection as they are.
+    unsafe {
+        let cr0 = (Cr0::read_raw() | rdmsr(msr::CR0_FIXED0)) & rdmsr(msr::CR0_FIXED1);
+        Cr0::write_raw(cr0);
+        let cr4 = (Cr4::read_raw() | (1 << 13) | rdmsr(msr::CR4_FIXED0)) & rdmsr(msr::CR4_FIXED1);
+        Cr4::write_raw(cr4);
+    }
+    let region = memory::alloc_zeroed(1).ok_or(VmxError::OutOfMemory)?;
+    // SAFETY: the region is a fresh frame; its first word takes the revision.
+    unsafe { memory::phys_to_virt(region).cast::<u32>().write(revision()) };
+    let (cf, zf): (u8, u8);
+    // SAFETY: VMXON with a 4 KiB-aligned region carrying the revision id,
+    // CR0/CR4 fixed bits satisfied and FEATURE_CONTROL enabled above.
+    unsafe {
+        asm!("vmxon [{p}]", "setc {cf}", "setz {zf}", p = in(reg) &region, cf = out(reg_byte) cf, zf = out(reg_byte) zf)
+    };
+    check(cf, zf, "VMXON failed")
+}
+
+fn controls(desired: u32, plain: u32, true_msr: u32, name: &'static str, required: u32) -> Result<u32, VmxError> {
+    let cap = if TRUE_CONTROLS.load(Ordering::Relaxed) != 0 { rdmsr(true_msr) } else { rdmsr(plain) };
+    let (value, missing) = adjust_controls(desired, cap);
+    if missing & required != 0 {
+        return Err(VmxError::Unsupported(name, missing & required));
+    }
+    Ok(value)
+}
+
+/// One VMX vCPU: its VMCS, the GPRs, and its EPT/PML state.
+pub struct VmxVcpu {
+    vmcs_pa: u64,
+    regs: GuestRegs,
+    launched: bool,
+    eptp: u64,
+    flush_pending: bool,
+    pml_pa: u64,
+    proc2: u32,
+    pml_supported: bool,
+}
+
+unsafe extern "C" {
+    /// VMLAUNCH (`launched` = 0) or VMRESUME with the guest GPRs from and
+    /// back to `regs`. Returns 0 after a VM exit, 1 for VMfailInvalid, 2 for
+    /// VMfailValid.
+    fn vmx_run(regs: *mut GuestRegs, launched: u64) -> u64;
+}
+
+core::arch::global_asm!(
+    r#"
+    .section .text.vmx_run, "ax"
+    .global vmx_run
+    .global vmx_exit
+vmx_run:
+    push rbp
+    push rbx
+    push r12
+    push r13
+    push r14
+    push r15
+    push rdi
+    mov rax, {host_rsp}
+    vmwrite rax, rsp
+    test rsi, rsi
+    mov rax, [rdi]
+    mov rbx, [rdi + 8]
+    mov rcx, [rdi + 16]
+    mov rdx, [rdi + 24]
+    mov rsi, [rdi + 32]
+    mov rbp, [rdi + 48]
+    mov r8, [rdi + 56]
+    mov r9, [rdi + 64]
+    mov r10, [rdi + 72]
+    mov r11, [rdi + 80]
+    mov r12, [rdi + 88]
+    mov r13, [rdi + 96]
+    mov r14, [rdi + 104]
+    mov r15, [rdi + 112]
+    mov rdi, [rdi + 40]
+    jnz vmx_resume
+    vmlaunch
+    jmp vmx_failed
+vmx_resume:
+    vmresume
+vmx_failed:
+    mov eax, 2
+    jnc vmx_fail_valid
+    mov eax, 1
+vmx_fail_valid:
+    pop rdi
+    pop r15
+    pop r14
+    pop r13
+    pop r12
+    pop rbx
+    pop rbp
+    ret
+
+vmx_exit:
+    push rdi
+    mov rdi, [rsp + 8]
+    mov [rdi], rax
+    mov [rdi + 8], rbx
+    mov [rdi + 16], rcx
+    mov [rdi + 24], rdx
+    mov [rdi + 32], rsi
+    mov [rdi + 48], rbp
+    mov [rdi + 56], r8
+    mov [rdi + 64], r9
+    mov [rdi + 72], r10
+    mov [rdi + 80], r11
+    mov [rdi + 88], r12
+    mov [rdi + 96], r13
+    mov [rdi + 104], r14
+    mov [rdi + 112], r15
+    pop rax
+    mov [rdi + 40], rax
+    pop rdi
+    xor eax, eax
+    pop r15
+    pop r14
+    pop r13
+    pop r12
+    pop rbx
+    pop rbp
+    ret
+"#,
+    host_rsp = const FieldN::HostRsp as u32,
+);
+
+unsafe extern "C" {
+    static vmx_exit: u8;
+}
+
+impl VmxVcpu {
+    /// A vCPU in 64-bit mode at `rip`, on the EPT `eptp`, tagged `vpid`.
+    pub fn new(cpu: &CpuReport, vpid: u16, eptp: u64, rip: u64, rsp: u64, cr3: u64) -> Result<Self, VmxError> {
+        let vmcs_pa = memory::alloc_zeroed(1).ok_or(VmxError::OutOfMemory)?;
+        let pml_pa = memory::alloc_zeroed(1).ok_or(VmxError::OutOfMemory)?;
+        // SAFETY: the VMCS frame is fresh; its first word takes the revision.
+        unsafe { memory::phys_to_virt(vmcs_pa).cast::<u32>().write(revision()) };
+        let mut vcpu = VmxVcpu {
+            vmcs_pa,
+            regs: GuestRegs::default(),
+            launched: false,
+            eptp,
+            flush_pending: true,
+            pml_pa,
+            proc2: 0,
+            pml_supported: cpu.pml,
+        };
+        let (cf, zf): (u8, u8);
+        // SAFETY: VMCLEAR of our own, freshly initialized VMCS region.
+        unsafe {
+            asm!("vmclear [{p}]", "setc {cf}", "setz {zf}", p = in(reg) &vmcs_pa, cf = out(reg_byte) cf, zf = out(reg_byte) zf)
+        };
+        check(cf, zf, "VMCLEAR failed")?;
+        vcpu.make_current()?;
+        vcpu.setup(cpu, vpid, rip, rsp, cr3)?;
+        Ok(vcpu)
+    }
+
+    fn make_current(&self) -> Result<(), VmxError> {
+        if CURRENT_VMCS.load(Ordering::Relaxed) == self.vmcs_pa {
+            return Ok(());
+        }
+        let (cf, zf): (u8, u8);
+        // SAFETY: VMPTRLD of a VMCS region this vCPU owns and cleared.
+        unsafe {
+            asm!("vmptrld [{p}]", "setc {cf}", "setz {zf}", p = in(reg) &self.vmcs_pa, cf = out(reg_byte) cf, zf = out(reg_byte) zf)
+        };
+        check(cf, zf, "VMPTRLD failed")?;
+        CURRENT_VMCS.store(self.vmcs_pa, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn setup(&mut self, cpu: &CpuReport, vpid: u16, rip: u64, rsp: u64, cr3: u64) -> Result<(), VmxError> {
+        let pin = controls(
+            ctl::PIN_EXTERNAL_INTERRUPT | ctl::PIN_NMI,
+            msr::PINBASED,
+            msr::TRUE_PINBASED,
+            "pin-based",
+            ctl::PIN_EXTERNAL_INTERRUPT,
+        )?;
+        let proc = controls(
+            ctl::PROC_HLT | ctl::PROC_UNCOND_IO | ctl::PROC_SECONDARY,
+            msr::PROCBASED,
+            msr::TRUE_PROCBASED,
+            "processor-based",
+            ctl::PROC_UNCOND_IO | ctl::PROC_SECONDARY,
+        )?;
+        let want2 = ctl::PROC2_EPT | if cpu.vpid { ctl::PROC2_VPID } else { 0 };
+        let proc2 = controls(want2, msr::PROCBASED2, msr::PROCBASED2, "secondary", ctl::PROC2_EPT)?;
+        let exit = controls(
+            ctl::EXIT_HOST_64 | ctl::EXIT_SAVE_EFER | ctl::EXIT_LOAD_EFER,
+            msr::EXIT,
+            msr::TRUE_EXIT,
+            "VM-exit",
+            ctl::EXIT_HOST_64 | ctl::EXIT_LOAD_EFER,
+        )?;
+        let entry = controls(
+            ctl::ENTRY_IA32E | ctl::ENTRY_LOAD_EFER,
+            msr::ENTRY,
+            msr::TRUE_ENTRY,
+            "VM-entry",
+            ctl::ENTRY_IA32E | ctl::ENTRY_LOAD_EFER,
+        )?;
+        self.proc2 = proc2;
+        write32(Field32::PinBasedControls, pin);
+        write32(Field32::PrimaryProcControls, proc);
+        write32(Field32::SecondaryProcControls, proc2);
+        write32(Field32::ExitControls, exit);
+        write32(Field32::EntryControls, entry);
+        write32(Field32::ExceptionBitmap, 0);
+        write32(Field32::Cr3TargetCount, 0);
+        write32(Field32::ExitMsrStoreCount, 0);
+        write32(Field32::ExitMsrLoadCount, 0);
+        write32(Field32::EntryMsrLoadCount, 0);
+        write32(Field32::EntryInterruptionInfo, 0);
+        write64(Field64::EptPointer, self.eptp);
+        write64(Field64::PmlAddress, self.pml_pa);
+        write16(Field16::GuestPmlIndex, 511);
+        if cpu.vpid {
+            write16(Field16::Vpid, vpid.max(1));
+        }
+
+        // Host state: what the kernel runs with now.
+        let (code, data, tss, tss_base) = gdt::host_segments();
+        write_n(FieldN::HostCr0, Cr0::read_raw());
+        write_n(FieldN::HostCr3, Cr3::read_raw().0.start_address().as_u64());
+        write_n(FieldN::HostCr4, Cr4::read_raw());
+        for f in [Field16::HostDsSelector, Field16::HostEsSelector, Field16::HostSsSelector] {
+            write16(f, data);
+        }
+        write16(Field16::HostFsSelector, 0);
+        write16(Field16::HostGsSelector, 0);
+        write16(Field16::HostCsSelector, code);
+        write16(Field16::HostTrSelector, tss);
+        write_n(FieldN::HostFsBase, rdmsr(MSR_FS_BASE));
+        write_n(FieldN::HostGsBase, rdmsr(MSR_GS_BASE));
+        write_n(FieldN::HostTrBase, tss_base);
+        write_n(FieldN::HostGdtrBase, x86_64::instructions::tables::sgdt().base.as_u64());
+        write_n(FieldN::HostIdtrBase, x86_64::instructions::tables::sidt().base.as_u64());
+        write32(Field32::HostSysenterCs, 0);
+        write_n(FieldN::HostSysenterEsp, 0);
+        write_n(FieldN::HostSysenterEip, 0);
+        write64(Field64::HostIa32Efer, rdmsr(MSR_EFER));
+        write_n(FieldN::HostRip, core::ptr::addr_of!(vmx_exit) as u64);
+
+        // Guest state: flat 64-bit mode, the same as the SVM guest gets.
+        let cr0 = (0x8005_0033 | rdmsr(msr::CR0_FIXED0)) & rdmsr(msr::CR0_FIXED1);
+        let cr4 = ((1 << 5) | rdmsr(msr::CR4_FIXED0)) & rdmsr(msr::CR4_FIXED1);
+        write_n(FieldN::GuestCr0, cr0);
+        write_n(FieldN::GuestCr3, cr3);
+        write_n(FieldN::GuestCr4, cr4);
+        write_n(FieldN::Cr0ReadShadow, cr0);
+        write_n(FieldN::Cr4ReadShadow, cr4 & !(1 << 13));
+        write_n(FieldN::Cr4GuestHostMask, 1 << 13);
+        let segs = [
+            (Field16::GuestEsSelector, Field32::GuestEsLimit, Field32::GuestEsAccessRights, FieldN::GuestEsBase),
+            (Field16::GuestSsSelector, Field32::GuestSsLimit, Field32::GuestSsAccessRights, FieldN::GuestSsBase),
+            (Field16::GuestDsSelector, Field32::GuestDsLimit, Field32::GuestDsAccessRights, FieldN::GuestDsBase),
+            (Field16::GuestFsSelector, Field32::GuestFsLimit, Field32::GuestFsAccessRights, FieldN::GuestFsBase),
+            (Field16::GuestGsSelector, Field32::GuestGsLimit, Field32::GuestGsAccessRights, FieldN::GuestGsBase),
+        ];
+        for (sel, limit, ar, base) in segs {
+            write16(sel, 0x10);
+            write32(limit, 0xFFFF_FFFF);
+            write32(ar, access_rights(ATTR_DATA));
+            write_n(base, 0);
+        }
+        write16(Field16::GuestCsSelector, 0x08);
+        write32(Field32::GuestCsLimit, 0xFFFF_FFFF);
+        write32(Field32::GuestCsAccessRights, access_rights(ATTR_CODE64));
+        write_n(FieldN::GuestCsBase, 0);
+        write16(Field16::GuestTrSelector, 0x18);
+        write32(Field32::GuestTrLimit, 0x67);
+        write32(Field32::GuestTrAccessRights, access_rights(ATTR_TSS64));
+        write_n(FieldN::GuestTrBase, 0);
+        write16(Field16::GuestLdtrSelector, 0);
+        write32(Field32::GuestLdtrLimit, 0);
+        write32(Field32::GuestLdtrAccessRights, UNUSABLE);
+        write_n(FieldN::GuestLdtrBase, 0);
+        write32(Field32::GuestGdtrLimit, 0x1F);
+        write_n(FieldN::GuestGdtrBase, 0);
+        write32(Field32::GuestIdtrLimit, 0);
+        write_n(FieldN::GuestIdtrBase, 0);
+        write_n(FieldN::GuestDr7, 0x400);
+        // IF=1: Bochs delivers a host interrupt as an external-interrupt exit
+        // only while the guest's IF is set (see EMULATORS notes in README).
+        write_n(FieldN::GuestRflags, 0x202);
+        write_n(FieldN::GuestRip, rip);
+        write_n(FieldN::GuestRsp, rsp);
+        write64(Field64::GuestIa32Efer, (1 << 8) | (1 << 10));
+        write64(Field64::VmcsLinkPointer, u64::MAX);
+        write32(Field32::GuestInterruptibility, 0);
+        write32(Field32::GuestActivityState, 0);
+        write32(Field32::GuestSysenterCs, 0);
+        write_n(FieldN::GuestSysenterEsp, 0);
+        write_n(FieldN::GuestSysenterEip, 0);
+        Ok(())
+    }
+
+    /// Turns page-modification logging on or off (secondary control bit 17)
+    /// and empties the log.
+    pub fn set_pml(&mut self, on: bool) -> bool {
+        if on && !self.pml_supported || self.make_current().is_err() {
+            return false;
+        }
+        self.proc2 = if on { self.proc2 | ctl::PROC2_PML } else { self.proc2 & !ctl::PROC2_PML };
+        write32(Field32::SecondaryProcControls, self.proc2);
+        write16(Field16::GuestPmlIndex, 511);
+        true
+    }
+
+    /// Moves the logged GPAs into `out` and empties the log.
+    pub fn drain_pml(&mut self, out: &mut DirtyBitmap) -> usize {
+        if self.make_current().is_err() {
+            return 0;
+        }
+        let index = (vmread(Field16::GuestPmlIndex as u32) & 0xFFFF) as u16;
+        // SAFETY: the PML page is this vCPU's own frame; the CPU writes it
+        // only while the guest runs, which it does not now.
+        let log = unsafe { &*memory::phys_to_virt(self.pml_pa).cast::<[u64; 512]>() };
+        let n = ept::drain_pml(log, index, out);
+        write16(Field16::GuestPmlIndex, 511);
+        n
+    }
+
+    /// Breaks the controls so the next entry fails (hidden test hook).
+    pub fn break_state(&mut self) {
+        if self.make_current().is_ok() {
+            write32(Field32::PinBasedControls, 0);
+        }
+    }
+
+    /// Frees the VMCS and the PML page.
+    pub fn destroy(self) {
+        let (cf, zf): (u8, u8);
+        // SAFETY: VMCLEAR of our own VMCS makes it inactive before the frame
+        // goes back to the allocator.
+        unsafe {
+            asm!("vmclear [{p}]", "setc {cf}", "setz {zf}", p = in(reg) &self.vmcs_pa, cf = out(reg_byte) cf, zf = out(reg_byte) zf)
+        };
+        let _ = (cf, zf);
+        let _ = CURRENT_VMCS.compare_exchange(self.vmcs_pa, 0, Ordering::Relaxed, Ordering::Relaxed);
+        memory::free_frames(self.vmcs_pa, 1);
+        memory::free_frames(self.pml_pa, 1);
+    }
+
+    fn invept(&self) {
+        let descriptor: [u64; 2] = [self.eptp, 0];
+        // SAFETY: INVEPT type 1 (single-context) with a descriptor naming
+        // this vCPU's EPTP only drops cached translations.
+        unsafe { asm!("invept {t}, [{d}]", t = in(reg) 1u64, d = in(reg) &descriptor, options(nostack)) };
+    }
+}
+
+impl Vcpu for VmxVcpu {
+    fn run(&mut self) -> VmExit {
+        if let Err(VmxError::Instruction(reason)) = self.make_current() {
+            return VmExit::EntryFailed { code: 0, reason };
+        }
+        if self.flush_pending {
+            self.invept();
+            self.flush_pending = false;
+        }
+        // SAFETY: this vCPU's VMCS is current and fully set up; `regs` is a
+        // live GuestRegs; host state points at `vmx_exit` and the stack
+        // pointer is written by the stub itself. Interrupts are off.
+        let status = unsafe { vmx_run(&mut self.regs, u64::from(self.launched)) };
+        match status {
+            0 => {
+                self.launched = true;
+                let f = ExitFields {
+                    reason: (vmread(Field32::ExitReason as u32) & 0xFFFF_FFFF) as u32,
+                    qualification: vmread(FieldN::ExitQualification as u32),
+                    rip: vmread(FieldN::GuestRip as u32),
+                    instruction_length: vmread(Field32::ExitInstructionLength as u32),
+                    guest_physical: vmread(Field64::GuestPhysicalAddress as u32),
+                };
+                decode_exit(&f)
+            }
+            1 => VmExit::EntryFailed { code: 0, reason: "VMLAUNCH/VMRESUME failed: no valid current VMCS" },
+            _ => {
+                let n = vmread(Field32::VmInstructionError as u32);
+                VmExit::EntryFailed { code: n, reason: instruction_error(n) }
+            }
+        }
+    }
+
+    fn set_rip(&mut self, rip: u64) {
+        if self.make_current().is_ok() {
+            write_n(FieldN::GuestRip, rip);
+        }
+    }
+
+    fn state(&self) -> VcpuState {
+        let _ = self.make_current();
+        VcpuState {
+            regs: self.regs,
+            rip: vmread(FieldN::GuestRip as u32),
+            rsp: vmread(FieldN::GuestRsp as u32),
+            rflags: vmread(FieldN::GuestRflags as u32),
+        }
+    }
+
+    fn regs_mut(&mut self) -> &mut GuestRegs {
+        &mut self.regs
+    }
+
+    fn flush_tlb(&mut self) {
+        self.flush_pending = true;
+    }
+}
