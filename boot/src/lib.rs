@@ -10,6 +10,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -114,11 +115,158 @@ pub struct HostConfig {
     pub mem_mib: u32,
     /// Extra arguments appended to the QEMU command line.
     pub qemu_args: Vec<String>,
+    /// The host's e1000 NIC, if any.
+    pub nic: Option<Nic>,
+    /// Run the emulator inside this network namespace (`ip netns exec`);
+    /// the console then goes over a Unix socket, which crosses namespaces.
+    pub netns: Option<String>,
+}
+
+/// How a host's e1000 is connected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Nic {
+    /// A TAP device (in the host's network namespace).
+    Tap {
+        /// Interface name.
+        ifname: String,
+        /// MAC address, `52:54:00:..`.
+        mac: String,
+    },
+    /// A point-to-point QEMU socket link: this side listens on a loopback port.
+    Listen {
+        /// TCP port on 127.0.0.1.
+        port: u16,
+        /// MAC address.
+        mac: String,
+    },
+    /// The other side of [`Nic::Listen`].
+    Connect {
+        /// TCP port on 127.0.0.1.
+        port: u16,
+        /// MAC address.
+        mac: String,
+    },
 }
 
 impl Default for HostConfig {
     fn default() -> Self {
-        HostConfig { emulator: Emulator::Qemu, firmware: Firmware::Bios, cpus: 1, mem_mib: 256, qemu_args: Vec::new() }
+        HostConfig {
+            emulator: Emulator::Qemu,
+            firmware: Firmware::Bios,
+            cpus: 1,
+            mem_mib: 256,
+            qemu_args: Vec::new(),
+            nic: None,
+            netns: None,
+        }
+    }
+}
+
+/// A console byte stream: TCP on loopback, or a Unix socket.
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    fn try_clone(&self) -> std::io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+        })
+    }
+
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.flush(),
+            Stream::Unix(s) => s.flush(),
+        }
+    }
+}
+
+/// Where the emulator's COM1 connects to.
+enum ConsoleListener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl ConsoleListener {
+    fn new(unix: bool) -> Result<Self> {
+        if unix {
+            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path = std::env::temp_dir().join(format!("hv-console-{}-{n}.sock", std::process::id()));
+            let _ = std::fs::remove_file(&path);
+            let l = UnixListener::bind(&path).context("binding the console socket")?;
+            l.set_nonblocking(true)?;
+            Ok(ConsoleListener::Unix(l, path))
+        } else {
+            let l = TcpListener::bind("127.0.0.1:0").context("binding the console listener")?;
+            l.set_nonblocking(true)?;
+            Ok(ConsoleListener::Tcp(l))
+        }
+    }
+
+    /// The `-serial` / `com1: dev=` argument.
+    fn qemu_serial(&self) -> Result<String> {
+        Ok(match self {
+            ConsoleListener::Tcp(l) => format!("tcp:127.0.0.1:{}", l.local_addr()?.port()),
+            ConsoleListener::Unix(_, path) => format!("unix:{}", path.display()),
+        })
+    }
+
+    fn tcp_port(&self) -> Result<u16> {
+        match self {
+            ConsoleListener::Tcp(l) => Ok(l.local_addr()?.port()),
+            ConsoleListener::Unix(..) => bail!("Bochs consoles use TCP; run Bochs outside network namespaces"),
+        }
+    }
+
+    fn accept(&self) -> std::io::Result<Stream> {
+        match self {
+            ConsoleListener::Tcp(l) => {
+                let (s, _) = l.accept()?;
+                s.set_nonblocking(false)?;
+                Ok(Stream::Tcp(s))
+            }
+            ConsoleListener::Unix(l, _) => {
+                let (s, _) = l.accept()?;
+                s.set_nonblocking(false)?;
+                Ok(Stream::Unix(s))
+            }
+        }
+    }
+}
+
+impl Drop for ConsoleListener {
+    fn drop(&mut self) {
+        if let ConsoleListener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -131,8 +279,8 @@ pub struct Host {
 
 /// Line-oriented access to a host's serial console.
 pub struct Console {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
+    reader: BufReader<Stream>,
+    writer: Stream,
     /// Every line read so far, for failure reports.
     pub transcript: Vec<String>,
 }
@@ -141,13 +289,16 @@ impl Host {
     /// Starts a host and waits until its console connects (not until the
     /// kernel is ready; see [`Console::wait_for`]).
     pub fn launch(images: &Images, config: &HostConfig) -> Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").context("binding the console listener")?;
-        let port = listener.local_addr()?.port();
+        let listener = ConsoleListener::new(config.netns.is_some())?;
         let (child, workdir) = match config.emulator {
-            Emulator::Qemu => {
-                (qemu_command(images, config, port).spawn().context("starting qemu-system-x86_64")?, None)
-            }
+            Emulator::Qemu => (
+                qemu_command(images, config, &listener.qemu_serial()?)
+                    .spawn()
+                    .context("starting qemu-system-x86_64")?,
+                None,
+            ),
             Emulator::Bochs => {
+                let port = listener.tcp_port()?;
                 let dir = std::env::temp_dir().join(format!("hv-bochs-{}-{port}", std::process::id()));
                 std::fs::create_dir_all(&dir)?;
                 let mut cmd = bochs_command(images, config, port, &dir)?;
@@ -155,11 +306,10 @@ impl Host {
             }
         };
         let mut host = Host { child, console: Console::placeholder()?, workdir };
-        listener.set_nonblocking(true)?;
         let deadline = Instant::now() + Duration::from_secs(30);
         let stream = loop {
             match listener.accept() {
-                Ok((stream, _)) => break stream,
+                Ok(stream) => break stream,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if let Some(status) = host.child.try_wait()? {
                         bail!("emulator exited before connecting its console: {status}");
@@ -172,7 +322,6 @@ impl Host {
                 Err(e) => return Err(e.into()),
             }
         };
-        stream.set_nonblocking(false)?;
         host.console = Console::new(stream)?;
         Ok(host)
     }
@@ -236,12 +385,19 @@ impl Drop for Host {
     }
 }
 
-fn qemu_command(images: &Images, config: &HostConfig, port: u16) -> Command {
-    let mut cmd = Command::new("qemu-system-x86_64");
+fn qemu_command(images: &Images, config: &HostConfig, serial: &str) -> Command {
+    let mut cmd = match &config.netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "qemu-system-x86_64"]);
+            c
+        }
+        None => Command::new("qemu-system-x86_64"),
+    };
     cmd.args(["-nodefaults", "-vga", "std", "-display", "none", "-no-reboot", "-monitor", "none", "-snapshot"])
         .args(["-machine", "pc", "-cpu", "max"])
         .args(["-smp", &config.cpus.to_string(), "-m", &config.mem_mib.to_string()])
-        .args(["-serial", &format!("tcp:127.0.0.1:{port}")])
+        .args(["-serial", serial])
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
     match config.firmware {
         Firmware::Bios => {
@@ -253,6 +409,15 @@ fn qemu_command(images: &Images, config: &HostConfig, port: u16) -> Command {
         Firmware::Grub => {
             cmd.arg("-cdrom").arg(&images.grub).args(["-boot", "d"]);
         }
+    }
+    let netdev = match &config.nic {
+        Some(Nic::Tap { ifname, mac }) => Some((format!("tap,id=n0,ifname={ifname},script=no,downscript=no"), mac)),
+        Some(Nic::Listen { port, mac }) => Some((format!("socket,id=n0,listen=127.0.0.1:{port}"), mac)),
+        Some(Nic::Connect { port, mac }) => Some((format!("socket,id=n0,connect=127.0.0.1:{port}"), mac)),
+        None => None,
+    };
+    if let Some((netdev, mac)) = netdev {
+        cmd.args(["-netdev", &netdev, "-device", &format!("e1000,netdev=n0,mac={mac}")]);
     }
     cmd.args(&config.qemu_args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
     cmd
@@ -296,7 +461,7 @@ fn bochs_command(images: &Images, config: &HostConfig, port: u16, dir: &Path) ->
 }
 
 impl Console {
-    fn new(stream: TcpStream) -> Result<Self> {
+    fn new(stream: Stream) -> Result<Self> {
         let writer = stream.try_clone()?;
         Ok(Console { reader: BufReader::new(stream), writer, transcript: Vec::new() })
     }
@@ -307,7 +472,7 @@ impl Console {
         let l = TcpListener::bind("127.0.0.1:0")?;
         let a = TcpStream::connect(l.local_addr()?)?;
         let _ = l.accept()?;
-        Console::new(a)
+        Console::new(Stream::Tcp(a))
     }
 
     /// Sends raw bytes.
@@ -401,7 +566,7 @@ impl Console {
     }
 
     /// Splits into raw reader and writer streams (for relaying).
-    pub fn into_streams(self) -> (BufReader<TcpStream>, TcpStream) {
+    pub fn into_streams(self) -> (impl Read + Send, impl Write + Send) {
         (self.reader, self.writer)
     }
 }

@@ -13,11 +13,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use boot::{Emulator, Firmware, Host, HostConfig, Images, QEMU_CLEAN_EXIT};
+use boot::{Emulator, Firmware, Host, HostConfig, Images, Nic, QEMU_CLEAN_EXIT};
 
 const USAGE: &str = "usage:
   boot image --kernel ELF --out DIR
-  boot run --images DIR [--emulator qemu|bochs] [--uefi|--grub] [--cpus N] [--mem MiB]";
+  boot run --images DIR [--emulator qemu|bochs] [--uefi|--grub] [--cpus N] [--mem MiB]
+           [--nic-listen PORT | --nic-connect PORT | --tap IFNAME] [--mac MAC] [--netns NS]";
 
 fn main() {
     match run(std::env::args().skip(1).collect()) {
@@ -39,6 +40,7 @@ fn run(args: Vec<String>) -> Result<i32> {
     let mut kernel = None;
     let mut out = None;
     let mut config = HostConfig::default();
+    let mut mac = None;
     let mut i = 1;
     while i < args.len() {
         match args[i].as_str() {
@@ -55,11 +57,30 @@ fn run(args: Vec<String>) -> Result<i32> {
             }
             "--cpus" => config.cpus = value(&args, &mut i, "--cpus")?.parse().context("--cpus: a number")?,
             "--mem" => config.mem_mib = value(&args, &mut i, "--mem")?.parse().context("--mem: MiB")?,
+            "--nic-listen" => {
+                let port = value(&args, &mut i, "--nic-listen")?.parse().context("--nic-listen: a port")?;
+                config.nic = Some(Nic::Listen { port, mac: String::new() });
+            }
+            "--nic-connect" => {
+                let port = value(&args, &mut i, "--nic-connect")?.parse().context("--nic-connect: a port")?;
+                config.nic = Some(Nic::Connect { port, mac: String::new() });
+            }
+            "--tap" => {
+                let ifname = value(&args, &mut i, "--tap")?.to_string();
+                config.nic = Some(Nic::Tap { ifname, mac: String::new() });
+            }
+            "--mac" => mac = Some(value(&args, &mut i, "--mac")?.to_string()),
+            "--netns" => config.netns = Some(value(&args, &mut i, "--netns")?.to_string()),
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
         i += 1;
     }
     let out = out.with_context(|| format!("--out/--images is required\n{USAGE}"))?;
+    let mac = mac.unwrap_or_else(|| String::from("52:54:00:12:34:56"));
+    match &mut config.nic {
+        Some(Nic::Listen { mac: m, .. } | Nic::Connect { mac: m, .. } | Nic::Tap { mac: m, .. }) => *m = mac,
+        None => {}
+    }
     match cmd.as_str() {
         "image" => {
             let kernel = kernel.with_context(|| format!("--kernel is required\n{USAGE}"))?;

@@ -6,6 +6,8 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+pub mod lab;
+
 use anyhow::{bail, Result};
 pub use boot::{Console, Emulator, Firmware, Host, HostConfig, Images};
 
