@@ -18,7 +18,7 @@ use boot::{Emulator, Firmware, Host, HostConfig, Images, Nic, QEMU_CLEAN_EXIT};
 const USAGE: &str = "usage:
   boot image --kernel ELF --out DIR
   boot run --images DIR [--emulator qemu|bochs] [--uefi|--grub] [--cpus N] [--mem MiB]
-           [--nic-listen PORT | --nic-connect PORT | --tap IFNAME] [--mac MAC] [--netns NS]";
+           [--nic-listen PORT | --nic-connect PORT | --tap IFNAME] [--mac MAC] [--netns NS] [--qemu-arg ARG]...";
 
 fn main() {
     match run(std::env::args().skip(1).collect()) {
@@ -70,6 +70,7 @@ fn run(args: Vec<String>) -> Result<i32> {
                 config.nic = Some(Nic::Tap { ifname, mac: String::new() });
             }
             "--mac" => mac = Some(value(&args, &mut i, "--mac")?.to_string()),
+            "--qemu-arg" => config.qemu_args.push(value(&args, &mut i, "--qemu-arg")?.to_string()),
             "--netns" => config.netns = Some(value(&args, &mut i, "--netns")?.to_string()),
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }

@@ -7,11 +7,13 @@ use core::sync::atomic::Ordering;
 use hypervisor::acpi;
 use hypervisor::bootinfo::BootInfo;
 use hypervisor::line::LineEditor;
+use hypervisor::netcmd::NetCommand;
 use hypervisor::shell::{Action, Fault, Host, MemInfo, Mode, Reply, Shell};
 use hypervisor::vmcmd::VmCommand;
 use vmx::cpu::CpuReport;
 
 use crate::arch::{clock, cpu, gdt, idt, memory, power, serial, svm, timer};
+use crate::net::Net;
 use crate::vm::Manager;
 
 /// The machine as the shell sees it.
@@ -20,6 +22,7 @@ struct Machine {
     processors: u32,
     route: &'static str,
     vms: Manager,
+    net: Option<Net>,
 }
 
 impl Host for Machine {
@@ -44,6 +47,12 @@ impl Host for Machine {
     }
     fn vm(&mut self, cmd: VmCommand) -> Result<Reply, String> {
         self.vms.command(cmd)
+    }
+    fn net(&mut self, cmd: NetCommand) -> Result<Reply, String> {
+        match self.net.as_mut() {
+            Some(net) => net.command(cmd),
+            None => Err(String::from("no network card: this host has no e1000")),
+        }
     }
 }
 
@@ -92,7 +101,11 @@ pub fn start(boot: BootInfo, reserved: &[(u64, u64)]) -> ! {
     }
     timer::init();
     let vms = Manager::new(&cpu);
-    let mut machine = Machine { cpu, processors, route: boot.route.as_str(), vms };
+    let net = Net::probe();
+    if net.is_none() {
+        log::info!("no e1000 found: networking off");
+    }
+    let mut machine = Machine { cpu, processors, route: boot.route.as_str(), vms, net };
     serial::write_str("hypervisor ready\r\n");
     console_loop(&mut machine)
 }
@@ -129,9 +142,10 @@ fn console_loop(machine: &mut Machine) -> ! {
     serial::write_str(shell.prompt());
     loop {
         let Some(byte) = serial::try_read() else {
+            let busy = machine.net.as_mut().is_some_and(Net::poll);
             if machine.vms.any_running() {
                 machine.vms.run_slice();
-            } else {
+            } else if !busy {
                 x86_64::instructions::interrupts::enable_and_hlt();
                 x86_64::instructions::interrupts::disable();
             }

@@ -13,5 +13,6 @@ pub mod frames;
 pub mod guest;
 pub mod json;
 pub mod line;
+pub mod netcmd;
 pub mod shell;
 pub mod vmcmd;

@@ -20,4 +20,6 @@ mod arch;
 #[cfg(target_os = "none")]
 mod kernel;
 #[cfg(target_os = "none")]
+mod net;
+#[cfg(target_os = "none")]
 mod vm;

@@ -16,6 +16,7 @@ use vmx::cpu::CpuReport;
 
 use crate::json::{human_value, Obj, Value};
 use crate::line::{Event, MAX_LINE};
+use crate::netcmd::{self, NetCommand};
 use crate::vmcmd::{self, VmCommand};
 
 /// Memory figures for `mem`.
@@ -47,6 +48,8 @@ pub trait Host {
     fn uptime_us(&self) -> u64;
     /// Runs a `vm` command.
     fn vm(&mut self, cmd: VmCommand) -> Result<Reply, String>;
+    /// Runs a network command.
+    fn net(&mut self, cmd: NetCommand) -> Result<Reply, String>;
 }
 
 /// Something the kernel must do after printing the reply.
@@ -187,6 +190,8 @@ impl Shell {
                 Reply::data(Obj::new().with("shutdown", true))
             }),
             "vm" => vmcmd::parse(args).and_then(|cmd| host.vm(cmd)),
+            "net" => netcmd::parse_net(args).and_then(|cmd| host.net(cmd)),
+            "ping" => netcmd::parse_ping(args).and_then(|cmd| host.net(cmd)),
             "fault" => fault(args).map(|(f, reply)| {
                 action = Some(Action::Fault(f));
                 reply
@@ -265,12 +270,13 @@ fn no_args(cmd: &str, args: &[&str]) -> Result<(), String> {
 
 fn help() -> Reply {
     let mut text = String::from("commands:\n");
-    for (usage, about) in COMMANDS.iter().chain(vmcmd::USAGE) {
+    for (usage, about) in COMMANDS.iter().chain(vmcmd::USAGE).chain(netcmd::USAGE) {
         let _ = writeln!(text, "  {usage:<40} {about}");
     }
     let list: Vec<Value> = COMMANDS
         .iter()
         .chain(vmcmd::USAGE)
+        .chain(netcmd::USAGE)
         .map(|(usage, about)| Obj::new().with("usage", *usage).with("about", *about).into())
         .collect();
     Reply { data: Obj::new().with("commands", Value::Arr(list)), human: Some(text) }
@@ -392,6 +398,9 @@ mod tests {
         }
         fn uptime_us(&self) -> u64 {
             3_000_042
+        }
+        fn net(&mut self, cmd: NetCommand) -> Result<Reply, String> {
+            Err(format!("no NIC for {cmd:?}"))
         }
         fn vm(&mut self, cmd: VmCommand) -> Result<Reply, String> {
             match cmd {

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Sends bad frames at one hypervisor host, from inside the lab namespace.
 
-Usage: barrage.py IFACE DST_MAC DST_IP [COUNT]
+Usage: barrage.py IFACE DST_MAC DST_IP [COUNT] [KIND,KIND...]
 
 COUNT (default 200) frames of each kind: runts, truncated IPv4, oversized
 frames, bad IPv4 header checksums, bad TCP checksums, garbage EtherTypes, a
@@ -46,6 +46,7 @@ def tcp_syn(src: bytes, dst: bytes, sport: int, dport: int, good: bool = True) -
 def main() -> None:
     iface, dst_mac, dst_ip = sys.argv[1], bytes.fromhex(sys.argv[2].replace(":", "")), socket.inet_aton(sys.argv[3])
     count = int(sys.argv[4]) if len(sys.argv) > 4 else 200
+    only = set(sys.argv[5].split(",")) if len(sys.argv) > 5 else None
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
     s.bind((iface, 0))
     src_mac = s.getsockname()[4][:6]
@@ -54,6 +55,8 @@ def main() -> None:
     sent = {}
 
     def send(kind: str, frame: bytes) -> None:
+        if only is not None and kind not in only:
+            return
         try:
             s.send(frame)
             sent[kind] = sent.get(kind, 0) + 1

@@ -118,8 +118,8 @@ pub fn init() {
         idt.vmm_communication_exception.set_handler_fn(vmm_communication);
         idt.security_exception.set_handler_fn(security);
         let base = super::timer::PIC_BASE;
-        for vector in base..base + 16 {
-            idt[vector].set_handler_fn(super::timer::other_interrupt);
+        for (line, handler) in (0u8..).zip(super::timer::LINE_HANDLERS.iter()) {
+            idt[base + line].set_handler_fn(*handler);
         }
         idt[base].set_handler_fn(super::timer::timer_interrupt);
         idt[base + 4].set_handler_fn(super::timer::serial_interrupt);

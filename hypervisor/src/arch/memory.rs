@@ -144,6 +144,35 @@ pub fn free_frames(pa: u64, count: u64) {
     }
 }
 
+/// Virtual base of device (MMIO) mappings.
+const MMIO_BASE: u64 = 0xffff_b000_0000_0000;
+static MMIO_NEXT: AtomicU64 = AtomicU64::new(MMIO_BASE);
+
+/// Maps `size` bytes of device memory at physical `pa` uncached (PCD|PWT)
+/// and returns the virtual address.
+pub fn map_mmio(pa: u64, size: u64) -> Option<u64> {
+    let pages = size.div_ceil(FRAME).max(1);
+    let virt = MMIO_NEXT.fetch_add(pages * FRAME, Ordering::Relaxed);
+    let mut guard = FRAMES.lock();
+    let frames = guard.as_mut()?;
+    let (l4_frame, _) = Cr3::read();
+    let l4_ptr = phys_to_virt(l4_frame.start_address().as_u64()).cast::<PageTable>();
+    // SAFETY: as in `map_heap`: the active level-4 table through the
+    // physical map, referenced only here while the frame lock is held.
+    let mut mapper = unsafe { OffsetPageTable::new(&mut *l4_ptr, VirtAddr::new(PHYS_OFFSET)) };
+    let mut alloc = BitmapAllocator(frames);
+    let flags =
+        PageTableFlags::PRESENT | PageTableFlags::WRITABLE | PageTableFlags::NO_CACHE | PageTableFlags::WRITE_THROUGH;
+    for i in 0..pages {
+        let page = Page::<Size4KiB>::containing_address(VirtAddr::new(virt + i * FRAME));
+        let frame = PhysFrame::containing_address(PhysAddr::new(pa + i * FRAME));
+        // SAFETY: the virtual range is fresh (bump allocated above) and the
+        // frame is device memory named by a BAR, which no RAM user owns.
+        unsafe { mapper.map_to(page, frame, flags, &mut alloc) }.ok()?.flush();
+    }
+    Some(virt + pa % FRAME)
+}
+
 /// Usable RAM reported at boot, in bytes.
 pub fn total_bytes() -> u64 {
     TOTAL_BYTES.load(Ordering::Relaxed)

@@ -9,6 +9,8 @@ pub mod gdt;
 pub mod guest_memory;
 pub mod idt;
 pub mod memory;
+pub mod nic;
+pub mod pci;
 pub mod power;
 pub mod serial;
 pub mod svm;

@@ -54,6 +54,31 @@ pub fn service_pending() {
     x86_64::instructions::interrupts::disable();
 }
 
+/// Unmasks PIC line `irq` (a PCI device's interrupt line), and the cascade
+/// line when it is on the slave PIC.
+pub fn unmask_irq(irq: u8) {
+    MASKED.fetch_and(!(1 << u32::from(irq & 15)), Ordering::Relaxed);
+    fn inb(port: u16) -> u8 {
+        // SAFETY: reading a PIC's mask register has no side effect.
+        unsafe { Port::<u8>::new(port).read() }
+    }
+    match irq {
+        0..=7 => outb(0x21, inb(0x21) & !(1 << irq)),
+        8..=15 => {
+            outb(0xA1, inb(0xA1) & !(1 << (irq - 8)));
+            outb(0x21, inb(0x21) & !(1 << 2));
+        }
+        _ => {}
+    }
+}
+
+/// Unmasks `irq` if its handler masked it (cheap when it did not).
+pub fn rearm_irq(irq: u8) {
+    if MASKED.load(Ordering::Relaxed) & (1 << u32::from(irq & 15)) != 0 {
+        unmask_irq(irq);
+    }
+}
+
 fn end_of_interrupt() {
     outb(0x20, 0x20);
 }
@@ -69,8 +94,54 @@ pub extern "x86-interrupt" fn serial_interrupt(_frame: InterruptStackFrame) {
     end_of_interrupt();
 }
 
-/// Any other PIC line (spurious IRQ 7 among them): acknowledge and ignore.
-pub extern "x86-interrupt" fn other_interrupt(_frame: InterruptStackFrame) {
-    outb(0xA0, 0x20);
+/// Lines whose handler masked them until their driver has polled.
+static MASKED: AtomicU64 = AtomicU64::new(0);
+
+/// A device interrupt (PCI INTx lines are level-triggered): mask the line
+/// and acknowledge it; the main loop polls the device, which deasserts the
+/// line, and then calls [`unmask_irq`]. Without the mask, a level-triggered
+/// line would fire again the moment the handler returns.
+fn device_interrupt(irq: u8) {
+    fn inb(port: u16) -> u8 {
+        // SAFETY: reading a PIC's mask register has no side effect.
+        unsafe { Port::<u8>::new(port).read() }
+    }
+    if irq >= 8 {
+        outb(0xA1, inb(0xA1) | (1 << (irq - 8)));
+        outb(0xA0, 0x20);
+    } else {
+        outb(0x21, inb(0x21) | (1 << irq));
+    }
+    MASKED.fetch_or(1 << irq, Ordering::Relaxed);
     end_of_interrupt();
 }
+
+macro_rules! line_handlers {
+    ($($name:ident = $irq:expr),* $(,)?) => {
+        $(extern "x86-interrupt" fn $name(_frame: InterruptStackFrame) {
+            device_interrupt($irq);
+        })*
+        /// Handlers for PIC lines 0-15 (0 and 4 are replaced by the timer
+        /// and serial handlers).
+        pub const LINE_HANDLERS: [extern "x86-interrupt" fn(InterruptStackFrame); 16] = [$($name),*];
+    };
+}
+
+line_handlers!(
+    line0 = 0,
+    line1 = 1,
+    line2 = 2,
+    line3 = 3,
+    line4 = 4,
+    line5 = 5,
+    line6 = 6,
+    line7 = 7,
+    line8 = 8,
+    line9 = 9,
+    line10 = 10,
+    line11 = 11,
+    line12 = 12,
+    line13 = 13,
+    line14 = 14,
+    line15 = 15,
+);

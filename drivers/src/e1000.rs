@@ -1,0 +1,1519 @@
+//! Intel 8254x ("e1000") gigabit Ethernet driver: owns device reset and
+//! initialisation, the legacy receive and transmit descriptor rings with their
+//! DMA buffers, the statistics counters, and the `smoltcp` device glue.
+//!
+//! Follows the Intel "PCI/PCI-X Family of Gigabit Ethernet Controllers
+//! Software Developer's Manual" (8254x): chapter 3 "Receive and Transmit
+//! Description" (legacy receive descriptor 3.2.3, receive descriptor ring
+//! 3.2.6, legacy transmit descriptor 3.3.3, transmit ring 3.4), chapter 13
+//! for register layouts (CTRL 13.4.1, EERD 13.4.4, RCTL 13.4.22, TCTL 13.4.33,
+//! statistics 13.7), and chapter 14 "General Initialization and Reset
+//! Operation" for the bring-up order. The target is the 82540EM that QEMU
+//! (`-device e1000`) and Bochs emulate.
+//!
+//! Hardware access goes through [`Registers`] (32-bit MMIO over BAR 0) and
+//! [`Dma`] (zeroed, physically contiguous, never freed memory), both provided
+//! by the kernel. The driver is polled: interrupts are unmasked for the
+//! kernel's benefit, but nothing here runs in interrupt context.
+//!
+//! Ring ownership: for receive, hardware owns descriptors from RDH up to (not
+//! including) RDT; the driver holds the rest and always keeps one back so
+//! that a full ring is distinguishable from an empty one. For transmit, the
+//! driver fills the slot at TDT and advances TDT; a slot is free again once
+//! hardware has set its DD bit (reclaimed lazily before queueing).
+
+use alloc::vec::Vec;
+use core::ptr::{addr_of, addr_of_mut, NonNull};
+use core::sync::atomic::{fence, Ordering};
+
+use smoltcp::phy::{self, DeviceCapabilities, Medium};
+use smoltcp::time::Instant;
+
+/// Intel's PCI vendor ID.
+pub const VENDOR_INTEL: u16 = 0x8086;
+/// 82540EM desktop adapter: what QEMU `-device e1000` and Bochs emulate.
+pub const DEVICE_82540EM: u16 = 0x100E;
+
+/// 32-bit MMIO registers at byte offsets (the kernel implements this over the
+/// uncached BAR 0 mapping with volatile accesses).
+pub trait Registers {
+    /// Reads the register at byte `offset`.
+    fn read(&self, offset: u32) -> u32;
+    /// Writes the register at byte `offset`.
+    fn write(&mut self, offset: u32, value: u32);
+}
+
+/// DMA memory provider.
+pub trait Dma {
+    /// Returns `bytes` of zeroed, physically contiguous memory aligned to 4096
+    /// bytes that is never freed: the pointer the driver uses and the physical
+    /// address the device uses. `None` when out of memory.
+    fn alloc(&mut self, bytes: usize) -> Option<(NonNull<u8>, u64)>;
+}
+
+/// Ring sizes and MTU for [`E1000::new`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Receive descriptors: a multiple of 8 in 8..=4096 (default 256).
+    pub rx_descriptors: usize,
+    /// Transmit descriptors: a multiple of 8 in 8..=4096 (default 256).
+    pub tx_descriptors: usize,
+    /// IP MTU in 576..=9000 (default 1500); above 1500 enables jumbo frames.
+    pub mtu: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self { rx_descriptors: 256, tx_descriptors: 256, mtu: 1500 }
+    }
+}
+
+/// Traffic and error counters; see [`E1000::counters`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Good frames handed to the caller.
+    pub rx_frames: u64,
+    /// Bytes of those frames (without FCS).
+    pub rx_bytes: u64,
+    /// Frames queued for transmission.
+    pub tx_frames: u64,
+    /// Bytes of those frames (without FCS).
+    pub tx_bytes: u64,
+    /// Hardware drops: MPC (missed packets) + RNBC (no receive buffer).
+    pub rx_dropped: u64,
+    /// Descriptors with error bits, frames not fitting one buffer (no EOP),
+    /// plus the hardware's CRCERRS and RUC (bad CRC, undersize) counts.
+    pub rx_errors: u64,
+    /// Frames longer than MTU + 14 (+4 for a VLAN tag) dropped by the driver,
+    /// plus the hardware's ROC (receive oversize) count.
+    pub rx_oversize: u64,
+    /// Transmit attempts refused because the ring was full.
+    pub tx_ring_full: u64,
+}
+
+/// Errors of [`E1000::new`] and [`E1000::set_mtu`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum E1000Error {
+    /// The [`Dma`] provider returned `None`.
+    OutOfDmaMemory,
+    /// CTRL.RST did not self-clear.
+    ResetTimeout,
+    /// A configuration value is out of range, or the EEPROM did not answer.
+    BadConfig(&'static str),
+}
+
+/// Register offsets (manual 13.4) and bits.
+mod reg {
+    pub const CTRL: u32 = 0x0000;
+    pub const STATUS: u32 = 0x0008;
+    pub const EERD: u32 = 0x0014;
+    pub const ICR: u32 = 0x00C0;
+    pub const ITR: u32 = 0x00C4;
+    pub const IMS: u32 = 0x00D0;
+    pub const IMC: u32 = 0x00D8;
+    pub const RCTL: u32 = 0x0100;
+    pub const TCTL: u32 = 0x0400;
+    pub const TIPG: u32 = 0x0410;
+    pub const RDBAL: u32 = 0x2800;
+    pub const RDBAH: u32 = 0x2804;
+    pub const RDLEN: u32 = 0x2808;
+    pub const RDH: u32 = 0x2810;
+    pub const RDT: u32 = 0x2818;
+    pub const TDBAL: u32 = 0x3800;
+    pub const TDBAH: u32 = 0x3804;
+    pub const TDLEN: u32 = 0x3808;
+    pub const TDH: u32 = 0x3810;
+    pub const TDT: u32 = 0x3818;
+    pub const CRCERRS: u32 = 0x4000;
+    pub const MPC: u32 = 0x4010;
+    pub const RNBC: u32 = 0x40A0;
+    pub const RUC: u32 = 0x40A4;
+    pub const ROC: u32 = 0x40AC;
+    pub const RXCSUM: u32 = 0x5000;
+    pub const MTA: u32 = 0x5200;
+    pub const MTA_ENTRIES: u32 = 128;
+    pub const RAL0: u32 = 0x5400;
+    pub const RAH0: u32 = 0x5404;
+
+    pub const CTRL_LRST: u32 = 1 << 3;
+    pub const CTRL_ASDE: u32 = 1 << 5;
+    pub const CTRL_SLU: u32 = 1 << 6;
+    pub const CTRL_RST: u32 = 1 << 26;
+    pub const CTRL_PHY_RST: u32 = 1 << 31;
+
+    pub const STATUS_LU: u32 = 1 << 1;
+
+    pub const EERD_START: u32 = 1 << 0;
+    pub const EERD_DONE: u32 = 1 << 4;
+
+    pub const RAH_AV: u32 = 1 << 31;
+
+    pub const RCTL_EN: u32 = 1 << 1;
+    pub const RCTL_LPE: u32 = 1 << 5;
+    pub const RCTL_BAM: u32 = 1 << 15;
+    /// BSIZE = 01b; with BSEX the buffer size is 16384 bytes.
+    pub const RCTL_BSIZE_16K: u32 = 0b01 << 16;
+    pub const RCTL_BSEX: u32 = 1 << 25;
+    pub const RCTL_SECRC: u32 = 1 << 26;
+
+    pub const TCTL_EN: u32 = 1 << 1;
+    pub const TCTL_PSP: u32 = 1 << 3;
+    pub const TCTL_CT: u32 = 0x10 << 4;
+    pub const TCTL_COLD: u32 = 0x40 << 12;
+
+    pub const TIPG_DEFAULT: u32 = 0x0060_200A;
+
+    /// Interrupt cause: transmit descriptor written back.
+    pub const ICR_TXDW: u32 = 1 << 0;
+    /// Interrupt cause: link status change.
+    pub const ICR_LSC: u32 = 1 << 2;
+    /// Interrupt cause: receive descriptors below the minimum threshold.
+    pub const ICR_RXDMT0: u32 = 1 << 4;
+    /// Interrupt cause: receiver overrun.
+    pub const ICR_RXO: u32 = 1 << 6;
+    /// Interrupt cause: receiver timer (frames arrived).
+    pub const ICR_RXT0: u32 = 1 << 7;
+}
+
+pub use reg::{ICR_LSC, ICR_RXDMT0, ICR_RXO, ICR_RXT0, ICR_TXDW};
+
+/// Receive descriptor status: descriptor done.
+const RXD_DD: u8 = 1 << 0;
+/// Receive descriptor status: end of packet.
+const RXD_EOP: u8 = 1 << 1;
+/// Transmit descriptor command: end of packet, insert FCS, report status.
+const TXD_CMD: u8 = (1 << 0) | (1 << 1) | (1 << 3);
+/// Transmit descriptor status: descriptor done.
+const TXD_DD: u8 = 1 << 0;
+
+/// Size of every receive and transmit buffer.
+const BUFFER_SIZE: usize = 16384;
+/// Largest frame one legacy transmit descriptor may carry (manual 3.3.3).
+const TX_MAX_FRAME: usize = 16288;
+const ETH_HEADER: usize = 14;
+/// Received frames may carry a VLAN tag on top of MTU + header.
+const VLAN_TAG: usize = 4;
+const MIN_MTU: usize = 576;
+const MAX_MTU: usize = 9000;
+/// Above this MTU, RCTL.LPE must be set (hardware drops frames > 1522 bytes).
+const STANDARD_MTU: usize = 1500;
+const MIN_DESCRIPTORS: usize = 8;
+const MAX_DESCRIPTORS: usize = 4096;
+/// Register polls before giving up on reset / an EEPROM read. An uncached
+/// MMIO read takes on the order of a microsecond, so this is ~100 ms.
+const SPIN_LIMIT: u32 = 100_000;
+/// ITR interval in 256 ns units for ~8000 interrupts/s: 10^9 / (8000 * 256).
+const ITR_8000_PER_SEC: u32 = 488;
+
+/// Legacy receive descriptor (manual 3.2.3).
+#[repr(C)]
+struct RxDesc {
+    addr: u64,
+    length: u16,
+    checksum: u16,
+    status: u8,
+    errors: u8,
+    special: u16,
+}
+
+/// Legacy transmit descriptor (manual 3.3.3).
+#[repr(C)]
+struct TxDesc {
+    addr: u64,
+    length: u16,
+    cso: u8,
+    cmd: u8,
+    status: u8,
+    css: u8,
+    special: u16,
+}
+
+const _: () = assert!(core::mem::size_of::<RxDesc>() == 16);
+const _: () = assert!(core::mem::size_of::<TxDesc>() == 16);
+
+/// A DMA allocation: CPU pointer and device address.
+struct Buffer {
+    virt: NonNull<u8>,
+    phys: u64,
+}
+
+fn alloc(dma: &mut impl Dma, bytes: usize) -> Result<Buffer, E1000Error> {
+    dma.alloc(bytes).map(|(virt, phys)| Buffer { virt, phys }).ok_or(E1000Error::OutOfDmaMemory)
+}
+
+/// Low 32 bits of a physical address.
+#[allow(clippy::cast_possible_truncation)] // truncation is the point
+fn low32(value: u64) -> u32 {
+    value as u32
+}
+
+/// High 32 bits of a physical address.
+#[allow(clippy::cast_possible_truncation)] // value >> 32 fits
+fn high32(value: u64) -> u32 {
+    (value >> 32) as u32
+}
+
+/// A ring index or length as a register value (rings hold at most 4096
+/// descriptors, checked in [`E1000::new`]).
+fn reg32(value: usize) -> u32 {
+    u32::try_from(value).unwrap_or(0)
+}
+
+/// A descriptor ring in DMA memory; every access is volatile.
+struct Ring<D> {
+    base: NonNull<D>,
+    /// Device address of descriptor 0.
+    phys: u64,
+    count: usize,
+}
+
+impl<D> Ring<D> {
+    /// Pointer to descriptor `index` (taken modulo the ring size).
+    fn slot(&self, index: usize) -> *mut D {
+        // SAFETY: `base` points to `count` descriptors of DMA memory owned by
+        // this ring (allocated in `E1000::new`), and the index is reduced
+        // modulo `count`, so the result stays inside that allocation.
+        unsafe { self.base.as_ptr().add(index % self.count) }
+    }
+}
+
+/// Receive side: descriptor ring, buffers, cursor and software counters.
+struct RxRing {
+    descs: Ring<RxDesc>,
+    buffers: Vec<Buffer>,
+    /// Next descriptor the driver expects hardware to complete.
+    next: usize,
+    /// Descriptor recycled but not yet given back via RDT.
+    pending_tail: Option<usize>,
+    /// Inside a frame that did not fit one buffer: drop up to its EOP.
+    discarding: bool,
+    /// Longest frame accepted: MTU + Ethernet header + VLAN tag.
+    max_frame: usize,
+    frames: u64,
+    bytes: u64,
+    errors: u64,
+    oversize: u64,
+    /// Frames of this EtherType are counted and dropped instead of being
+    /// delivered (raw-throughput measurements).
+    divert: Option<u16>,
+    diverted: Diverted,
+    /// Time of the latest `receive` call, for the diverted frames.
+    now_us: u64,
+}
+
+/// Frames of the diverted EtherType seen since the last
+/// [`E1000::take_diverted`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Diverted {
+    /// Frames.
+    pub frames: u64,
+    /// Bytes (Ethernet header included).
+    pub bytes: u64,
+    /// Time of the first, in the caller's microseconds (smoltcp timestamps).
+    pub first_us: u64,
+    /// Time of the last.
+    pub last_us: u64,
+}
+
+impl RxRing {
+    /// Skips (counting and recycling) bad descriptors and returns the index
+    /// and length of the next good frame, if hardware has completed one.
+    fn next_good(&mut self) -> Option<(usize, usize)> {
+        for _ in 0..self.descs.count {
+            let index = self.next;
+            let desc = self.descs.slot(index);
+            // SAFETY: `desc` is a valid descriptor in our ring; hardware may
+            // write it concurrently, hence the volatile read.
+            let status = unsafe { addr_of!((*desc).status).read_volatile() };
+            if status & RXD_DD == 0 {
+                return None;
+            }
+            // Read the rest of the descriptor (and later the buffer) only
+            // after seeing DD.
+            fence(Ordering::Acquire);
+            // SAFETY: as above; DD is set so hardware is done with it.
+            let (length, errors) = unsafe {
+                (usize::from(addr_of!((*desc).length).read_volatile()), addr_of!((*desc).errors).read_volatile())
+            };
+            if status & RXD_EOP == 0 {
+                if !self.discarding {
+                    self.errors += 1;
+                    self.discarding = true;
+                }
+            } else if self.discarding {
+                // Last piece of an over-long frame, already counted.
+                self.discarding = false;
+            } else if errors != 0 || length == 0 {
+                self.errors += 1;
+            } else if length > self.max_frame || length > BUFFER_SIZE {
+                self.oversize += 1;
+            } else if self.divert.is_some_and(|t| self.frame(index, length).get(12..14) == Some(&t.to_be_bytes())) {
+                let d = &mut self.diverted;
+                if d.frames == 0 {
+                    d.first_us = self.now_us;
+                }
+                d.frames += 1;
+                d.bytes += length as u64;
+                d.last_us = self.now_us;
+            } else {
+                return Some((index, length));
+            }
+            self.recycle(index);
+        }
+        None
+    }
+
+    /// The received bytes of descriptor `index`.
+    fn frame(&self, index: usize, length: usize) -> &[u8] {
+        match self.buffers.get(index) {
+            // SAFETY: each receive buffer is BUFFER_SIZE bytes of DMA memory
+            // owned by this ring; the length is clamped to that, and hardware
+            // does not write the buffer while the driver owns the descriptor.
+            Some(buf) => unsafe { core::slice::from_raw_parts(buf.virt.as_ptr(), length.min(BUFFER_SIZE)) },
+            None => &[],
+        }
+    }
+
+    /// Counts a frame handed to the caller.
+    fn delivered(&mut self, length: usize) {
+        self.frames += 1;
+        self.bytes += length as u64;
+    }
+
+    /// Clears descriptor `index` and marks it for return to hardware.
+    fn recycle(&mut self, index: usize) {
+        let desc = self.descs.slot(index);
+        // SAFETY: the descriptor belongs to the driver (DD set, not yet given
+        // back), so writing it cannot race with hardware.
+        unsafe {
+            addr_of_mut!((*desc).status).write_volatile(0);
+            addr_of_mut!((*desc).errors).write_volatile(0);
+            addr_of_mut!((*desc).length).write_volatile(0);
+        }
+        self.next = (index + 1) % self.descs.count;
+        self.pending_tail = Some(index);
+    }
+
+    /// Gives recycled descriptors back to hardware by moving RDT.
+    ///
+    /// RDT = the last recycled index: hardware then owns everything before
+    /// it, and the driver keeps that one descriptor back.
+    fn flush(&mut self, regs: &mut impl Registers) {
+        if let Some(tail) = self.pending_tail.take() {
+            fence(Ordering::Release);
+            regs.write(reg::RDT, reg32(tail));
+        }
+    }
+}
+
+/// Transmit side: descriptor ring, buffers, cursors and counters.
+struct TxRing {
+    descs: Ring<TxDesc>,
+    buffers: Vec<Buffer>,
+    /// Next slot to fill (the driver's copy of TDT).
+    tail: usize,
+    /// Oldest slot handed to hardware and not yet seen done.
+    clean: usize,
+    /// Sink for frames smoltcp builds when no slot is free (dropped).
+    scratch: Vec<u8>,
+    frames: u64,
+    bytes: u64,
+    ring_full: u64,
+}
+
+impl TxRing {
+    /// Frees the slots hardware has finished with (DD set).
+    fn reclaim(&mut self) {
+        while self.clean != self.tail {
+            let desc = self.descs.slot(self.clean);
+            // SAFETY: valid descriptor in our ring; hardware writes its status
+            // concurrently, hence the volatile read.
+            let status = unsafe { addr_of!((*desc).status).read_volatile() };
+            if status & TXD_DD == 0 {
+                break;
+            }
+            fence(Ordering::Acquire);
+            self.clean = (self.clean + 1) % self.descs.count;
+        }
+    }
+
+    /// Whether a slot is free (after reclaiming). One slot always stays
+    /// empty so that TDT never catches up with TDH.
+    fn has_room(&mut self) -> bool {
+        self.reclaim();
+        (self.tail + 1) % self.descs.count != self.clean
+    }
+
+    /// Lets `fill` write a `length`-byte frame into the slot at the tail and
+    /// hands it to hardware. Callers check `has_room` and
+    /// `0 < length <= TX_MAX_FRAME` first.
+    fn send_with<T>(&mut self, regs: &mut impl Registers, length: usize, fill: impl FnOnce(&mut [u8]) -> T) -> T {
+        let index = self.tail;
+        let length = length.min(TX_MAX_FRAME);
+        let (result, phys) = match self.buffers.get(index) {
+            Some(buf) => {
+                // SAFETY: each transmit buffer is BUFFER_SIZE (> TX_MAX_FRAME)
+                // bytes of DMA memory owned by this ring; the slot is free, so
+                // hardware is not reading it.
+                let bytes = unsafe { core::slice::from_raw_parts_mut(buf.virt.as_ptr(), length) };
+                (fill(bytes), buf.phys)
+            }
+            None => {
+                self.scratch.resize(length, 0);
+                return fill(&mut self.scratch);
+            }
+        };
+        let desc = self.descs.slot(index);
+        // SAFETY: the slot is free (reclaimed or never used), so the driver
+        // owns the descriptor until TDT moves past it.
+        unsafe {
+            addr_of_mut!((*desc).addr).write_volatile(phys);
+            addr_of_mut!((*desc).length).write_volatile(u16::try_from(length).unwrap_or(0));
+            addr_of_mut!((*desc).cso).write_volatile(0);
+            addr_of_mut!((*desc).cmd).write_volatile(TXD_CMD);
+            addr_of_mut!((*desc).status).write_volatile(0);
+            addr_of_mut!((*desc).css).write_volatile(0);
+            addr_of_mut!((*desc).special).write_volatile(0);
+        }
+        self.tail = (index + 1) % self.descs.count;
+        self.frames += 1;
+        self.bytes += length as u64;
+        // Descriptor and buffer contents before the doorbell.
+        fence(Ordering::Release);
+        regs.write(reg::TDT, reg32(self.tail));
+        result
+    }
+}
+
+/// An initialised 8254x NIC. See the module docs for the ring protocol.
+pub struct E1000<R: Registers> {
+    regs: R,
+    mac: [u8; 6],
+    mtu: usize,
+    rx: RxRing,
+    tx: TxRing,
+    /// Accumulated clear-on-read hardware statistics.
+    hw_dropped: u64,
+    hw_errors: u64,
+    hw_oversize: u64,
+}
+
+// SAFETY: the raw pointers inside the rings refer to DMA memory that this
+// driver owns exclusively (the `Dma` contract: handed out once, never freed),
+// so the driver may move to another CPU together with its register handle.
+unsafe impl<R: Registers + Send> Send for E1000<R> {}
+
+fn check_ring(count: usize, what: &'static str) -> Result<(), E1000Error> {
+    if (MIN_DESCRIPTORS..=MAX_DESCRIPTORS).contains(&count) && count.is_multiple_of(8) {
+        Ok(())
+    } else {
+        Err(E1000Error::BadConfig(what))
+    }
+}
+
+fn check_mtu(mtu: usize) -> Result<(), E1000Error> {
+    if (MIN_MTU..=MAX_MTU).contains(&mtu) {
+        Ok(())
+    } else {
+        Err(E1000Error::BadConfig("mtu must be in 576..=9000"))
+    }
+}
+
+/// Reads one EEPROM word through EERD (82540EM layout: address in 15:8,
+/// DONE in bit 4, data in 31:16).
+fn eeprom_read(regs: &mut impl Registers, word: u32) -> Result<u16, E1000Error> {
+    regs.write(reg::EERD, (word << 8) | reg::EERD_START);
+    for _ in 0..SPIN_LIMIT {
+        let value = regs.read(reg::EERD);
+        if value & reg::EERD_DONE != 0 {
+            return Ok(u16::try_from(value >> 16).unwrap_or(0));
+        }
+        core::hint::spin_loop();
+    }
+    Err(E1000Error::BadConfig("EEPROM read timed out"))
+}
+
+/// The MAC from RAL0/RAH0, or from EEPROM words 0..3 if those are zero.
+fn read_mac(regs: &mut impl Registers) -> Result<[u8; 6], E1000Error> {
+    let low = regs.read(reg::RAL0).to_le_bytes();
+    let high = regs.read(reg::RAH0).to_le_bytes();
+    let mac = [low[0], low[1], low[2], low[3], high[0], high[1]];
+    if mac != [0; 6] {
+        return Ok(mac);
+    }
+    let [a, b] = eeprom_read(regs, 0)?.to_le_bytes();
+    let [c, d] = eeprom_read(regs, 1)?.to_le_bytes();
+    let [e, f] = eeprom_read(regs, 2)?.to_le_bytes();
+    Ok([a, b, c, d, e, f])
+}
+
+impl<R: Registers> E1000<R> {
+    /// Resets and initialises the device (manual ch. 14) and allocates its
+    /// rings: one 16 KiB buffer per descriptor, plus 16 bytes per descriptor.
+    ///
+    /// Resets (CTRL.RST, bounded wait → [`E1000Error::ResetTimeout`]), masks
+    /// interrupts, reads the MAC (RAL0/RAH0, else EEPROM) and programs it
+    /// back with AV, sets link up (SLU | ASDE), clears the multicast table,
+    /// disables receive checksum offload, programs both rings, then
+    /// RCTL = EN | BAM | SECRC | BSIZE 16K (+ LPE above MTU 1500),
+    /// TCTL = EN | PSP | CT 0x10 | COLD 0x40, TIPG, ITR (~8000/s) and
+    /// IMS = RXT0 | RXO | RXDMT0 | LSC.
+    pub fn new(mut regs: R, dma: &mut impl Dma, config: Config) -> Result<Self, E1000Error> {
+        check_ring(config.rx_descriptors, "rx_descriptors must be a multiple of 8 in 8..=4096")?;
+        check_ring(config.tx_descriptors, "tx_descriptors must be a multiple of 8 in 8..=4096")?;
+        check_mtu(config.mtu)?;
+
+        regs.write(reg::IMC, 0xFFFF_FFFF);
+        let ctrl = regs.read(reg::CTRL);
+        regs.write(reg::CTRL, ctrl | reg::CTRL_RST);
+        let mut reset_done = false;
+        for _ in 0..SPIN_LIMIT {
+            if regs.read(reg::CTRL) & reg::CTRL_RST == 0 {
+                reset_done = true;
+                break;
+            }
+            core::hint::spin_loop();
+        }
+        if !reset_done {
+            return Err(E1000Error::ResetTimeout);
+        }
+        regs.write(reg::IMC, 0xFFFF_FFFF);
+        regs.read(reg::ICR);
+
+        let mac = read_mac(&mut regs)?;
+        regs.write(reg::RAL0, u32::from_le_bytes([mac[0], mac[1], mac[2], mac[3]]));
+        regs.write(reg::RAH0, u32::from_le_bytes([mac[4], mac[5], 0, 0]) | reg::RAH_AV);
+
+        let ctrl = regs.read(reg::CTRL);
+        regs.write(reg::CTRL, (ctrl | reg::CTRL_SLU | reg::CTRL_ASDE) & !(reg::CTRL_LRST | reg::CTRL_PHY_RST));
+        for i in 0..reg::MTA_ENTRIES {
+            regs.write(reg::MTA + 4 * i, 0);
+        }
+        regs.write(reg::RXCSUM, 0);
+
+        let rx = Self::alloc_rx(dma, config.rx_descriptors, config.mtu)?;
+        let tx = Self::alloc_tx(dma, config.tx_descriptors)?;
+
+        let mut nic = Self { regs, mac, mtu: config.mtu, rx, tx, hw_dropped: 0, hw_errors: 0, hw_oversize: 0 };
+        nic.program();
+        log::info!(
+            "e1000: MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}, link {}",
+            mac[0],
+            mac[1],
+            mac[2],
+            mac[3],
+            mac[4],
+            mac[5],
+            if nic.link_up() { "up" } else { "down" }
+        );
+        Ok(nic)
+    }
+
+    /// Programs the rings and enables receive, transmit and interrupts.
+    fn program(&mut self) {
+        let regs = &mut self.regs;
+        let rx_count = self.rx.descs.count;
+        regs.write(reg::RDBAL, low32(self.rx.descs.phys));
+        regs.write(reg::RDBAH, high32(self.rx.descs.phys));
+        regs.write(reg::RDLEN, reg32(rx_count * core::mem::size_of::<RxDesc>()));
+        regs.write(reg::RDH, 0);
+        regs.write(reg::RDT, reg32(rx_count - 1));
+        let mut rctl = reg::RCTL_EN | reg::RCTL_BAM | reg::RCTL_SECRC | reg::RCTL_BSIZE_16K | reg::RCTL_BSEX;
+        if self.mtu > STANDARD_MTU {
+            rctl |= reg::RCTL_LPE;
+        }
+        regs.write(reg::RCTL, rctl);
+
+        let tx_count = self.tx.descs.count;
+        regs.write(reg::TDBAL, low32(self.tx.descs.phys));
+        regs.write(reg::TDBAH, high32(self.tx.descs.phys));
+        regs.write(reg::TDLEN, reg32(tx_count * core::mem::size_of::<TxDesc>()));
+        regs.write(reg::TDH, 0);
+        regs.write(reg::TDT, 0);
+        regs.write(reg::TCTL, reg::TCTL_EN | reg::TCTL_PSP | reg::TCTL_CT | reg::TCTL_COLD);
+        regs.write(reg::TIPG, reg::TIPG_DEFAULT);
+
+        regs.write(reg::ITR, ITR_8000_PER_SEC);
+        regs.read(reg::ICR);
+        regs.write(reg::IMS, reg::ICR_RXT0 | reg::ICR_RXO | reg::ICR_RXDMT0 | reg::ICR_LSC);
+    }
+
+    fn alloc_rx(dma: &mut impl Dma, count: usize, mtu: usize) -> Result<RxRing, E1000Error> {
+        let ring = alloc(dma, count * core::mem::size_of::<RxDesc>())?;
+        let descs = Ring { base: ring.virt.cast::<RxDesc>(), phys: ring.phys, count };
+        let mut buffers = Vec::with_capacity(count);
+        for index in 0..count {
+            let buf = alloc(dma, BUFFER_SIZE)?;
+            let desc = descs.slot(index);
+            // SAFETY: the ring memory is ours and not yet visible to hardware.
+            unsafe { addr_of_mut!((*desc).addr).write_volatile(buf.phys) };
+            buffers.push(buf);
+        }
+        Ok(RxRing {
+            descs,
+            buffers,
+            next: 0,
+            pending_tail: None,
+            discarding: false,
+            max_frame: mtu + ETH_HEADER + VLAN_TAG,
+            frames: 0,
+            bytes: 0,
+            errors: 0,
+            oversize: 0,
+            divert: None,
+            diverted: Diverted::default(),
+            now_us: 0,
+        })
+    }
+
+    fn alloc_tx(dma: &mut impl Dma, count: usize) -> Result<TxRing, E1000Error> {
+        let ring = alloc(dma, count * core::mem::size_of::<TxDesc>())?;
+        let descs = Ring { base: ring.virt.cast::<TxDesc>(), phys: ring.phys, count };
+        let mut buffers = Vec::with_capacity(count);
+        for index in 0..count {
+            let buf = alloc(dma, BUFFER_SIZE)?;
+            let desc = descs.slot(index);
+            // SAFETY: the ring memory is ours and not yet visible to hardware.
+            unsafe { addr_of_mut!((*desc).addr).write_volatile(buf.phys) };
+            buffers.push(buf);
+        }
+        Ok(TxRing { descs, buffers, tail: 0, clean: 0, scratch: Vec::new(), frames: 0, bytes: 0, ring_full: 0 })
+    }
+
+    /// The station MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// STATUS.LU: the link is up.
+    pub fn link_up(&self) -> bool {
+        self.regs.read(reg::STATUS) & reg::STATUS_LU != 0
+    }
+
+    /// The IP MTU.
+    pub fn mtu(&self) -> usize {
+        self.mtu
+    }
+
+    /// Sets the IP MTU (576..=9000) and sets or clears RCTL.LPE (long packet
+    /// enable, needed above 1500). Frames already received that exceed the new
+    /// MTU are dropped as oversize.
+    pub fn set_mtu(&mut self, mtu: usize) -> Result<(), E1000Error> {
+        check_mtu(mtu)?;
+        self.mtu = mtu;
+        self.rx.max_frame = mtu + ETH_HEADER + VLAN_TAG;
+        let rctl = self.regs.read(reg::RCTL);
+        let rctl = if mtu > STANDARD_MTU { rctl | reg::RCTL_LPE } else { rctl & !reg::RCTL_LPE };
+        self.regs.write(reg::RCTL, rctl);
+        Ok(())
+    }
+
+    /// Reads and returns ICR, which acknowledges the interrupt causes (bits
+    /// [`ICR_RXT0`], [`ICR_RXO`], [`ICR_RXDMT0`], [`ICR_LSC`], [`ICR_TXDW`]).
+    /// Also returns recycled receive descriptors to hardware.
+    pub fn ack_interrupts(&mut self) -> u32 {
+        self.rx.flush(&mut self.regs);
+        self.regs.read(reg::ICR)
+    }
+
+    /// Software counters plus the clear-on-read hardware statistics, which
+    /// are accumulated here (call at least every few seconds under load so
+    /// the 32-bit hardware counters cannot saturate).
+    pub fn counters(&mut self) -> Counters {
+        let read = |regs: &R, offset| u64::from(regs.read(offset));
+        self.hw_dropped += read(&self.regs, reg::MPC) + read(&self.regs, reg::RNBC);
+        self.hw_errors += read(&self.regs, reg::CRCERRS) + read(&self.regs, reg::RUC);
+        self.hw_oversize += read(&self.regs, reg::ROC);
+        Counters {
+            rx_frames: self.rx.frames,
+            rx_bytes: self.rx.bytes,
+            tx_frames: self.tx.frames,
+            tx_bytes: self.tx.bytes,
+            rx_dropped: self.hw_dropped,
+            rx_errors: self.rx.errors + self.hw_errors,
+            rx_oversize: self.rx.oversize + self.hw_oversize,
+            tx_ring_full: self.tx.ring_full,
+        }
+    }
+
+    /// Queues one raw Ethernet frame (without FCS; the NIC appends it).
+    /// Returns `false` (and counts `tx_ring_full` if that is why) when the
+    /// ring is full, or the frame is empty or longer than 16288 bytes (the
+    /// legacy descriptor limit).
+    pub fn send_raw(&mut self, frame: &[u8]) -> bool {
+        if frame.is_empty() || frame.len() > TX_MAX_FRAME {
+            return false;
+        }
+        if !self.tx.has_room() {
+            self.tx.ring_full += 1;
+            return false;
+        }
+        self.tx.send_with(&mut self.regs, frame.len(), |buf| {
+            if let Some(dst) = buf.get_mut(..frame.len()) {
+                dst.copy_from_slice(frame);
+            }
+        });
+        true
+    }
+
+    /// Counts and drops received frames of `ethertype` instead of delivering
+    /// them (`None` turns this off).
+    pub fn divert(&mut self, ethertype: Option<u16>) {
+        self.rx.divert = ethertype;
+    }
+
+    /// The diverted frames counted since the last call, then starts over.
+    pub fn take_diverted(&mut self) -> Diverted {
+        core::mem::take(&mut self.rx.diverted)
+    }
+
+    /// Hands the next received good frame to `f` and recycles its
+    /// descriptor; `None` when nothing arrived. Bad descriptors (error bits,
+    /// no EOP, longer than MTU + 18) are counted and recycled, never returned.
+    pub fn recv_with<T>(&mut self, f: impl FnOnce(&[u8]) -> T) -> Option<T> {
+        let found = self.rx.next_good();
+        let result = found.map(|(index, length)| {
+            let result = f(self.rx.frame(index, length));
+            self.rx.delivered(length);
+            self.rx.recycle(index);
+            result
+        });
+        self.rx.flush(&mut self.regs);
+        result
+    }
+}
+
+/// smoltcp receive token: borrows the receive ring only.
+pub struct E1000RxToken<'a> {
+    rx: &'a mut RxRing,
+    index: usize,
+    length: usize,
+}
+
+/// smoltcp transmit token: borrows the transmit ring and the registers.
+pub struct E1000TxToken<'a, R: Registers> {
+    tx: &'a mut TxRing,
+    regs: &'a mut R,
+}
+
+impl phy::RxToken for E1000RxToken<'_> {
+    fn consume<T, F>(self, f: F) -> T
+    where
+        F: FnOnce(&[u8]) -> T,
+    {
+        let result = f(self.rx.frame(self.index, self.length));
+        self.rx.delivered(self.length);
+        // Given back to hardware at the next receive()/transmit() call.
+        self.rx.recycle(self.index);
+        result
+    }
+}
+
+impl<R: Registers> phy::TxToken for E1000TxToken<'_, R> {
+    fn consume<T, F>(self, len: usize, f: F) -> T
+    where
+        F: FnOnce(&mut [u8]) -> T,
+    {
+        let fits = len > 0 && len <= TX_MAX_FRAME;
+        if fits && self.tx.has_room() {
+            return self.tx.send_with(self.regs, len, f);
+        }
+        // Never expected (the token is only created with a free slot and
+        // smoltcp respects the MTU), but the trait cannot fail: build the
+        // frame in a scratch buffer and drop it.
+        if fits {
+            self.tx.ring_full += 1;
+        }
+        log::warn!("e1000: dropping {len}-byte frame from smoltcp");
+        self.tx.scratch.clear();
+        self.tx.scratch.resize(len, 0);
+        f(&mut self.tx.scratch)
+    }
+}
+
+/// smoltcp device over the two rings. `receive` also returns recycled
+/// receive descriptors to hardware; call `Interface::poll` after every
+/// interrupt and on timer ticks (`Interface::poll_delay`).
+impl<R: Registers> phy::Device for E1000<R> {
+    type RxToken<'a>
+        = E1000RxToken<'a>
+    where
+        Self: 'a;
+    type TxToken<'a>
+        = E1000TxToken<'a, R>
+    where
+        Self: 'a;
+
+    fn receive(&mut self, timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        self.rx.now_us = u64::try_from(timestamp.total_micros()).unwrap_or(0);
+        let found = self.rx.next_good();
+        self.rx.flush(&mut self.regs);
+        let (index, length) = found?;
+        Some((
+            E1000RxToken { rx: &mut self.rx, index, length },
+            E1000TxToken { tx: &mut self.tx, regs: &mut self.regs },
+        ))
+    }
+
+    fn transmit(&mut self, _timestamp: Instant) -> Option<Self::TxToken<'_>> {
+        self.rx.flush(&mut self.regs);
+        if !self.tx.has_room() {
+            self.tx.ring_full += 1;
+            return None;
+        }
+        Some(E1000TxToken { tx: &mut self.tx, regs: &mut self.regs })
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ethernet;
+        caps.max_transmission_unit = self.mtu + ETH_HEADER;
+        caps.max_burst_size = Some(self.rx.descs.count.min(self.tx.descs.count) / 2);
+        caps
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::cast_possible_truncation)]
+
+    use super::*;
+    use smoltcp::iface::{Config as IfaceConfig, Interface, SocketSet};
+    use smoltcp::phy::Device;
+    use smoltcp::socket::tcp;
+    use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr};
+    use std::alloc::Layout;
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    use std::rc::Rc;
+
+    const MAC_A: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+    const MAC_B: [u8; 6] = [0x52, 0x54, 0x00, 0x65, 0x43, 0x21];
+
+    struct FakeState {
+        regs: HashMap<u32, u32>,
+        /// CTRL.RST never self-clears (a dead device).
+        rst_sticks: bool,
+        eeprom: [u16; 64],
+    }
+
+    /// The NIC's register file, shared between the driver and [`FakeWire`].
+    #[derive(Clone)]
+    struct FakeRegs(Rc<RefCell<FakeState>>);
+
+    impl FakeRegs {
+        fn new(mac: [u8; 6]) -> Self {
+            let mut regs = HashMap::new();
+            regs.insert(reg::STATUS, reg::STATUS_LU);
+            regs.insert(reg::RAL0, u32::from_le_bytes([mac[0], mac[1], mac[2], mac[3]]));
+            regs.insert(reg::RAH0, u32::from_le_bytes([mac[4], mac[5], 0, 0]) | reg::RAH_AV);
+            // Dirty multicast table, to check it gets cleared.
+            regs.insert(reg::MTA + 8, 0xFFFF_FFFF);
+            Self(Rc::new(RefCell::new(FakeState { regs, rst_sticks: false, eeprom: [0; 64] })))
+        }
+
+        fn get(&self, offset: u32) -> u32 {
+            self.0.borrow().regs.get(&offset).copied().unwrap_or(0)
+        }
+
+        fn set(&self, offset: u32, value: u32) {
+            self.0.borrow_mut().regs.insert(offset, value);
+        }
+    }
+
+    impl Registers for FakeRegs {
+        fn read(&self, offset: u32) -> u32 {
+            let mut state = self.0.borrow_mut();
+            let value = state.regs.get(&offset).copied().unwrap_or(0);
+            if offset == reg::ICR || (0x4000..0x4100).contains(&offset) {
+                state.regs.insert(offset, 0); // clear on read
+            }
+            value
+        }
+
+        fn write(&mut self, offset: u32, value: u32) {
+            let mut state = self.0.borrow_mut();
+            let value = match offset {
+                reg::CTRL if !state.rst_sticks => value & !reg::CTRL_RST,
+                reg::EERD if value & reg::EERD_START != 0 => {
+                    let word = (value >> 8) & 0xFF;
+                    let data = u32::from(state.eeprom[word as usize]);
+                    data << 16 | word << 8 | reg::EERD_DONE
+                }
+                reg::IMC => {
+                    let ims = state.regs.get(&reg::IMS).copied().unwrap_or(0);
+                    state.regs.insert(reg::IMS, ims & !value);
+                    return;
+                }
+                _ => value,
+            };
+            state.regs.insert(offset, value);
+        }
+    }
+
+    /// Zeroed, 4096-aligned heap blocks; physical address = pointer address.
+    #[derive(Default)]
+    struct HeapDma {
+        blocks: Vec<(NonNull<u8>, Layout)>,
+        allocated: usize,
+        limit: Option<usize>,
+    }
+
+    impl Dma for HeapDma {
+        fn alloc(&mut self, bytes: usize) -> Option<(NonNull<u8>, u64)> {
+            if self.limit.is_some_and(|limit| self.allocated + bytes > limit) {
+                return None;
+            }
+            let layout = Layout::from_size_align(bytes.max(1), 4096).ok()?;
+            // SAFETY: the layout has a non-zero size.
+            let ptr = NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })?;
+            self.blocks.push((ptr, layout));
+            self.allocated += bytes;
+            Some((ptr, ptr.as_ptr() as u64))
+        }
+    }
+
+    impl Drop for HeapDma {
+        fn drop(&mut self) {
+            for (ptr, layout) in self.blocks.drain(..) {
+                // SAFETY: allocated in `alloc` with this layout, freed once.
+                unsafe { std::alloc::dealloc(ptr.as_ptr(), layout) };
+            }
+        }
+    }
+
+    /// Plays the NIC's DMA engine against the rings the driver programmed.
+    struct FakeWire {
+        regs: FakeRegs,
+    }
+
+    impl FakeWire {
+        fn ring(&self, low: u32, high: u32, len: u32, index: u32) -> *mut u8 {
+            let base = u64::from(self.regs.get(high)) << 32 | u64::from(self.regs.get(low));
+            assert!(index < self.regs.get(len) / 16);
+            (base + u64::from(index) * 16) as *mut u8
+        }
+
+        fn rx_count(&self) -> u32 {
+            self.regs.get(reg::RDLEN) / 16
+        }
+
+        /// Writes a frame into the next hardware-owned RX descriptor, with the
+        /// given status and error bytes. `false` if hardware has no buffer,
+        /// or (like the real NIC without RCTL.LPE) the frame is too long, in
+        /// which case ROC counts it.
+        fn inject_raw(&self, frame: &[u8], status: u8, errors: u8) -> bool {
+            let rctl = self.regs.get(reg::RCTL);
+            assert_ne!(rctl & reg::RCTL_EN, 0, "receiver disabled");
+            if rctl & reg::RCTL_LPE == 0 && frame.len() > 1522 {
+                self.regs.set(reg::ROC, self.regs.get(reg::ROC) + 1);
+                return false;
+            }
+            let (head, tail) = (self.regs.get(reg::RDH), self.regs.get(reg::RDT));
+            if head == tail {
+                self.regs.set(reg::RNBC, self.regs.get(reg::RNBC) + 1);
+                return false;
+            }
+            let desc = self.ring(reg::RDBAL, reg::RDBAH, reg::RDLEN, head);
+            assert!(frame.len() <= BUFFER_SIZE);
+            // SAFETY: `desc` is a descriptor in the driver's RX ring and its
+            // buffer is BUFFER_SIZE bytes; the driver does not touch
+            // hardware-owned descriptors.
+            unsafe {
+                let buffer = (desc as *const u64).read_volatile() as *mut u8;
+                std::ptr::copy_nonoverlapping(frame.as_ptr(), buffer, frame.len());
+                desc.add(8).cast::<u16>().write_volatile(frame.len() as u16);
+                desc.add(13).write_volatile(errors);
+                desc.add(12).write_volatile(status);
+            }
+            self.regs.set(reg::RDH, (head + 1) % self.rx_count());
+            true
+        }
+
+        fn inject(&self, frame: &[u8]) -> bool {
+            self.inject_raw(frame, RXD_DD | RXD_EOP, 0)
+        }
+
+        /// Takes every frame between TDH and TDT, marks it done, bumps TDH.
+        fn take_sent(&self) -> Vec<Vec<u8>> {
+            let count = self.regs.get(reg::TDLEN) / 16;
+            let mut frames = Vec::new();
+            loop {
+                let (head, tail) = (self.regs.get(reg::TDH), self.regs.get(reg::TDT));
+                if head == tail {
+                    return frames;
+                }
+                let desc = self.ring(reg::TDBAL, reg::TDBAH, reg::TDLEN, head);
+                // SAFETY: `desc` is a hardware-owned descriptor of the
+                // driver's TX ring pointing at a buffer of `length` bytes.
+                unsafe {
+                    let buffer = (desc as *const u64).read_volatile() as *const u8;
+                    let length = desc.add(8).cast::<u16>().read_volatile();
+                    assert_eq!(desc.add(11).read_volatile(), TXD_CMD);
+                    frames.push(std::slice::from_raw_parts(buffer, usize::from(length)).to_vec());
+                    desc.add(12).write_volatile(TXD_DD);
+                }
+                self.regs.set(reg::TDH, (head + 1) % count);
+            }
+        }
+    }
+
+    fn config(descriptors: usize) -> Config {
+        Config { rx_descriptors: descriptors, tx_descriptors: descriptors, mtu: 1500 }
+    }
+
+    fn nic_with(regs: &FakeRegs, dma: &mut HeapDma, config: Config) -> E1000<FakeRegs> {
+        E1000::new(regs.clone(), dma, config).expect("init")
+    }
+
+    /// A frame whose payload encodes `seq`.
+    fn frame(seq: usize, len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i.wrapping_mul(7) ^ seq) as u8).collect()
+    }
+
+    #[test]
+    fn mac_is_read_from_receive_address_registers() {
+        let regs = FakeRegs::new(MAC_A);
+        let mut dma = HeapDma::default();
+        let nic = nic_with(&regs, &mut dma, config(8));
+        assert_eq!(nic.mac(), MAC_A);
+        assert!(nic.link_up());
+        assert_eq!(nic.mtu(), 1500);
+    }
+
+    #[test]
+    fn mac_falls_back_to_eeprom_and_is_programmed_with_address_valid() {
+        let regs = FakeRegs::new([0; 6]);
+        regs.set(reg::RAH0, 0);
+        regs.0.borrow_mut().eeprom[..3].copy_from_slice(&[0x5452, 0x1200, 0x5634]);
+        let mut dma = HeapDma::default();
+        let nic = nic_with(&regs, &mut dma, config(8));
+        assert_eq!(nic.mac(), MAC_A);
+        assert_eq!(regs.get(reg::RAL0), 0x1200_5452);
+        assert_eq!(regs.get(reg::RAH0), 0x8000_5634);
+    }
+
+    #[test]
+    fn reset_that_never_completes_times_out() {
+        let regs = FakeRegs::new(MAC_A);
+        regs.0.borrow_mut().rst_sticks = true;
+        let mut dma = HeapDma::default();
+        let result = E1000::new(regs.clone(), &mut dma, config(8));
+        assert_eq!(result.err(), Some(E1000Error::ResetTimeout));
+    }
+
+    #[test]
+    fn init_programs_rings_and_control_registers() {
+        let regs = FakeRegs::new(MAC_A);
+        regs.set(reg::CTRL, reg::CTRL_LRST);
+        let mut dma = HeapDma::default();
+        let _nic = nic_with(&regs, &mut dma, config(16));
+        let ctrl = regs.get(reg::CTRL);
+        assert_eq!(ctrl & (reg::CTRL_SLU | reg::CTRL_ASDE), reg::CTRL_SLU | reg::CTRL_ASDE);
+        assert_eq!(ctrl & (reg::CTRL_RST | reg::CTRL_LRST), 0);
+        assert_eq!(regs.get(reg::MTA + 8), 0);
+        assert_eq!(regs.get(reg::RDLEN), 16 * 16);
+        assert_eq!(regs.get(reg::TDLEN), 16 * 16);
+        assert_eq!((regs.get(reg::RDH), regs.get(reg::RDT)), (0, 15));
+        assert_eq!((regs.get(reg::TDH), regs.get(reg::TDT)), (0, 0));
+        assert_eq!(regs.get(reg::RCTL), (1 << 1) | (1 << 15) | (1 << 16) | (1 << 25) | (1 << 26));
+        assert_eq!(regs.get(reg::TCTL), (1 << 1) | (1 << 3) | (0x10 << 4) | (0x40 << 12));
+        assert_eq!(regs.get(reg::TIPG), 0x0060_200A);
+        assert_eq!(regs.get(reg::ITR), 488);
+        assert_eq!(regs.get(reg::IMS), (1 << 7) | (1 << 6) | (1 << 4) | (1 << 2));
+        // 2 rings of 16 descriptors + 32 buffers of 16 KiB.
+        assert_eq!(dma.allocated, 2 * 16 * 16 + 32 * 16384);
+    }
+
+    #[test]
+    fn default_config_needs_eight_mebibytes_of_dma() {
+        let regs = FakeRegs::new(MAC_A);
+        let mut dma = HeapDma::default();
+        let _nic = nic_with(&regs, &mut dma, Config::default());
+        assert_eq!(dma.allocated, 2 * 4096 + 512 * 16384);
+    }
+
+    #[test]
+    fn bad_config_is_rejected() {
+        for (rx, tx, mtu) in [(0, 8, 1500), (12, 8, 1500), (8, 8192, 1500), (8, 8, 575), (8, 8, 9001)] {
+            let regs = FakeRegs::new(MAC_A);
+            let mut dma = HeapDma::default();
+            let config = Config { rx_descriptors: rx, tx_descriptors: tx, mtu };
+            assert!(matches!(E1000::new(regs, &mut dma, config), Err(E1000Error::BadConfig(_))));
+        }
+    }
+
+    #[test]
+    fn dma_exhaustion_is_reported() {
+        let regs = FakeRegs::new(MAC_A);
+        let mut dma = HeapDma::default();
+        dma.limit = Some(100_000);
+        let result = E1000::new(regs, &mut dma, config(8));
+        assert_eq!(result.err(), Some(E1000Error::OutOfDmaMemory));
+    }
+
+    #[test]
+    fn received_frames_wrap_around_the_ring_three_times() {
+        let regs = FakeRegs::new(MAC_A);
+        let wire = FakeWire { regs: regs.clone() };
+        let mut dma = HeapDma::default();
+        let mut nic = nic_with(&regs, &mut dma, config(16));
+        for seq in 0..3 * 16 {
+            let sent = frame(seq, 60 + seq);
+            assert!(wire.inject(&sent), "frame {seq}");
+            assert_eq!(nic.recv_with(|f| f.to_vec()), Some(sent));
+            assert_eq!(nic.recv_with(|f| f.len()), None);
+        }
+        let counters = nic.counters();
+        assert_eq!(counters.rx_frames, 48);
+        assert_eq!(counters.rx_bytes, (0..48).map(|s| 60 + s as u64).sum::<u64>());
+    }
+
+    #[test]
+    fn rx_ring_lends_all_but_one_descriptor_and_refills_after_delivery() {
+        let regs = FakeRegs::new(MAC_A);
+        let wire = FakeWire { regs: regs.clone() };
+        let mut dma = HeapDma::default();
+        let mut nic = nic_with(&regs, &mut dma, config(8));
+        for round in 0..3 {
+            for seq in 0..7 {
+                assert!(wire.inject(&frame(seq + round, 64)));
+            }
+            assert!(!wire.inject(&frame(99, 64)), "ring must be full");
+            for seq in 0..7 {
+                assert_eq!(nic.recv_with(|f| f.to_vec()), Some(frame(seq + round, 64)));
+            }
+        }
+        assert_eq!(nic.counters().rx_dropped, 3, "RNBC folded in");
+    }
+
+    #[test]
+    fn transmitted_frames_wrap_around_the_ring_three_times() {
+        let regs = FakeRegs::new(MAC_A);
+        let wire = FakeWire { regs: regs.clone() };
+        let mut dma = HeapDma::default();
+        let mut nic = nic_with(&regs, &mut dma, config(16));
+        for seq in 0..3 * 16 {
+            let sent = frame(seq, 60 + seq);
+            assert!(nic.send_raw(&sent));
+            assert_eq!(wire.take_sent(), vec![sent]);
+        }
+        let counters = nic.counters();
+        assert_eq!((counters.tx_frames, counters.tx_ring_full), (48, 0));
+    }
+
+    #[test]
+    fn full_tx_ring_refuses_then_recovers_after_reclaim() {
+        let regs = FakeRegs::new(MAC_A);
+        let wire = FakeWire { regs: regs.clone() };
+        let mut dma = HeapDma::default();
+        let mut nic = nic_with(&regs, &mut dma, config(8));
+        for seq in 0..7 {
+            assert!(nic.send_raw(&frame(seq, 100)));
+        }
+        assert!(!nic.send_raw(&frame(7, 100)));
+        assert!(!nic.send_raw(&frame(7, 100)));
+        assert_eq!(nic.counters().tx_ring_full, 2);
+        assert_eq!(nic.counters().tx_frames, 7);
+        let sent = wire.take_sent();
+        assert_eq!(sent, (0..7).map(|s| frame(s, 100)).collect::<Vec<_>>());
+        for seq in 7..14 {
+            assert!(nic.send_raw(&frame(seq, 100)));
+        }
+        assert_eq!(wire.take_sent(), (7..14).map(|s| frame(s, 100)).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn send_raw_rejects_empty_and_over_long_frames() {
+        let regs = FakeRegs::new(MAC_A);
+        let wire = FakeWire { regs: regs.clone() };
+        let mut dma = HeapDma::default();
+        let mut nic = nic_with(&regs, &mut dma, config(8));
+        assert!(!nic.send_raw(&[]));
+        assert!(!nic.send_raw(&vec![0; TX_MAX_FRAME + 1]));
+        assert!(nic.send_raw(&frame(1, TX_MAX_FRAME)));
+        assert_eq!(wire.take_sent(), vec![frame(1, TX_MAX_FRAME)]);
+        assert_eq!(nic.counters().tx_ring_full, 0);
+    }
+
+    #[test]
+    fn diverted_ethertype_is_counted_not_delivered() {
+        let regs = FakeRegs::new(MAC_A);
+        let wire = FakeWire { regs: regs.clone() };
+        let mut dma = HeapDma::default();
+        let mut nic = nic_with(&regs, &mut dma, config(8));
+        nic.divert(Some(0x88B5));
+        let mut raw = vec![0u8; 100];
+        raw[12..14].copy_from_slice(&0x88B5u16.to_be_bytes());
+        let mut ip = vec![0u8; 60];
+        ip[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+        wire.inject(&raw);
+        wire.inject(&ip);
+        wire.inject(&raw);
+        let got = nic.recv_with(|f| f.len());
+        assert_eq!(got, Some(60), "only the IPv4 frame is delivered");
+        assert_eq!(nic.recv_with(|f| f.len()), None);
+        let d = nic.take_diverted();
+        assert_eq!((d.frames, d.bytes), (2, 200));
+        assert_eq!(nic.take_diverted(), Diverted::default());
+        nic.divert(None);
+        wire.inject(&raw);
+        assert_eq!(nic.recv_with(|f| f.len()), Some(100));
+    }
+
+    #[test]
+    fn descriptors_with_error_bits_are_dropped_and_counted() {
+        let regs = FakeRegs::new(MAC_A);
+        let wire = FakeWire { regs: regs.clone() };
+        let mut dma = HeapDma::default();
+        let mut nic = nic_with(&regs, &mut dma, config(8));
+        for errors in [0x01, 0x02, 0x80] {
+            assert!(wire.inject_raw(&frame(0, 64), RXD_DD | RXD_EOP, errors));
+        }
+        assert!(wire.inject(&frame(5, 64)));
+        assert_eq!(nic.recv_with(|f| f.to_vec()), Some(frame(5, 64)));
+        assert_eq!(nic.recv_with(|f| f.len()), None);
+        assert_eq!(nic.counters().rx_errors, 3);
+        assert_eq!(nic.counters().rx_frames, 1);
+    }
+
+    #[test]
+    fn frame_without_eop_is_dropped_with_its_continuation() {
+        let regs = FakeRegs::new(MAC_A);
+        let wire = FakeWire { regs: regs.clone() };
+        let mut dma = HeapDma::default();
+        let mut nic = nic_with(&regs, &mut dma, config(8));
+        assert!(wire.inject_raw(&frame(0, 1000), RXD_DD, 0));
+        assert!(wire.inject_raw(&frame(1, 1000), RXD_DD, 0));
+        assert!(wire.inject_raw(&frame(2, 500), RXD_DD | RXD_EOP, 0));
+        assert!(wire.inject(&frame(3, 64)));
+        assert_eq!(nic.recv_with(|f| f.to_vec()), Some(frame(3, 64)));
+        assert_eq!(nic.recv_with(|f| f.len()), None);
+        assert_eq!(nic.counters().rx_errors, 1);
+    }
+
+    #[test]
+    fn oversize_and_empty_frames_are_dropped_and_counted() {
+        let regs = FakeRegs::new(MAC_A);
+        let wire = FakeWire { regs: regs.clone() };
+        let mut dma = HeapDma::default();
+        let mut nic = nic_with(&regs, &mut dma, config(8));
+        assert!(wire.inject(&frame(0, 1518))); // MTU + header + VLAN tag: fine
+        assert!(wire.inject(&frame(1, 1519)));
+        assert!(wire.inject(&frame(2, 1522)));
+        assert!(wire.inject(&[]));
+        assert!(wire.inject(&frame(3, 64)));
+        assert_eq!(nic.recv_with(|f| f.len()), Some(1518));
+        assert_eq!(nic.recv_with(|f| f.to_vec()), Some(frame(3, 64)));
+        assert_eq!(nic.recv_with(|f| f.len()), None);
+        let counters = nic.counters();
+        assert_eq!((counters.rx_oversize, counters.rx_errors, counters.rx_frames), (2, 1, 2));
+    }
+
+    #[test]
+    fn jumbo_mtu_sets_lpe_and_a_9014_byte_frame_round_trips() {
+        let regs = FakeRegs::new(MAC_A);
+        let wire = FakeWire { regs: regs.clone() };
+        let mut dma = HeapDma::default();
+        let mut nic = nic_with(&regs, &mut dma, config(8));
+        let jumbo = frame(42, 9014);
+        assert!(!wire.inject(&jumbo), "hardware drops long frames without LPE");
+        assert_eq!(nic.counters().rx_oversize, 1, "ROC folded in");
+
+        nic.set_mtu(9000).unwrap();
+        assert_eq!(nic.mtu(), 9000);
+        assert_ne!(regs.get(reg::RCTL) & reg::RCTL_LPE, 0);
+        assert!(nic.send_raw(&jumbo));
+        let sent = wire.take_sent();
+        assert_eq!(sent, vec![jumbo.clone()]);
+        assert!(wire.inject(&sent[0]));
+        assert_eq!(nic.recv_with(|f| f.to_vec()), Some(jumbo));
+
+        nic.set_mtu(1500).unwrap();
+        assert_eq!(regs.get(reg::RCTL) & reg::RCTL_LPE, 0);
+        assert_ne!(regs.get(reg::RCTL) & reg::RCTL_EN, 0);
+    }
+
+    #[test]
+    fn jumbo_mtu_in_config_enables_lpe_at_init() {
+        let regs = FakeRegs::new(MAC_A);
+        let mut dma = HeapDma::default();
+        let nic = nic_with(&regs, &mut dma, Config { mtu: 9000, ..config(8) });
+        assert_ne!(regs.get(reg::RCTL) & reg::RCTL_LPE, 0);
+        assert_eq!(nic.capabilities().max_transmission_unit, 9014);
+    }
+
+    #[test]
+    fn set_mtu_rejects_values_outside_576_to_9000() {
+        let regs = FakeRegs::new(MAC_A);
+        let mut dma = HeapDma::default();
+        let mut nic = nic_with(&regs, &mut dma, config(8));
+        assert!(matches!(nic.set_mtu(100), Err(E1000Error::BadConfig(_))));
+        assert!(matches!(nic.set_mtu(9001), Err(E1000Error::BadConfig(_))));
+        assert!(matches!(nic.set_mtu(575), Err(E1000Error::BadConfig(_))));
+        assert_eq!(nic.mtu(), 1500);
+        assert_eq!(nic.set_mtu(576), Ok(()));
+        assert_eq!(nic.set_mtu(9000), Ok(()));
+    }
+
+    #[test]
+    fn hardware_counters_accumulate_across_clear_on_read() {
+        let regs = FakeRegs::new(MAC_A);
+        let mut dma = HeapDma::default();
+        let mut nic = nic_with(&regs, &mut dma, config(8));
+        regs.set(reg::MPC, 3);
+        regs.set(reg::RNBC, 4);
+        regs.set(reg::ROC, 5);
+        regs.set(reg::CRCERRS, 6);
+        let first = nic.counters();
+        assert_eq!((first.rx_dropped, first.rx_oversize, first.rx_errors), (7, 5, 6));
+        regs.set(reg::MPC, 1);
+        let second = nic.counters();
+        assert_eq!((second.rx_dropped, second.rx_oversize, second.rx_errors), (8, 5, 6));
+        assert_eq!(regs.get(reg::MPC), 0);
+    }
+
+    #[test]
+    fn ack_interrupts_returns_and_clears_icr() {
+        let regs = FakeRegs::new(MAC_A);
+        let mut dma = HeapDma::default();
+        let mut nic = nic_with(&regs, &mut dma, config(8));
+        regs.set(reg::ICR, ICR_RXT0 | ICR_LSC);
+        assert_eq!(nic.ack_interrupts(), ICR_RXT0 | ICR_LSC);
+        assert_eq!(nic.ack_interrupts(), 0);
+    }
+
+    #[test]
+    fn link_up_follows_status_register() {
+        let regs = FakeRegs::new(MAC_A);
+        let mut dma = HeapDma::default();
+        let nic = nic_with(&regs, &mut dma, config(8));
+        assert!(nic.link_up());
+        regs.set(reg::STATUS, 0);
+        assert!(!nic.link_up());
+    }
+
+    #[test]
+    fn smoltcp_capabilities_report_ethernet_mtu_and_burst() {
+        let regs = FakeRegs::new(MAC_A);
+        let mut dma = HeapDma::default();
+        let nic = nic_with(&regs, &mut dma, Config::default());
+        let caps = nic.capabilities();
+        assert_eq!(caps.medium, Medium::Ethernet);
+        assert_eq!(caps.max_transmission_unit, 1514);
+        assert_eq!(caps.max_burst_size, Some(128));
+    }
+
+    #[test]
+    fn smoltcp_tokens_move_frames_and_skip_bad_descriptors() {
+        let regs = FakeRegs::new(MAC_A);
+        let wire = FakeWire { regs: regs.clone() };
+        let mut dma = HeapDma::default();
+        let mut nic = nic_with(&regs, &mut dma, config(8));
+        let now = Instant::from_millis(0);
+        assert!(nic.receive(now).is_none());
+        assert!(wire.inject_raw(&frame(0, 64), RXD_DD | RXD_EOP, 0x01));
+        assert!(wire.inject(&frame(1, 64)));
+        let (rx, tx) = nic.receive(now).expect("frame");
+        let got = phy::RxToken::consume(rx, |f| {
+            // Reply from inside the receive closure, as smoltcp does.
+            phy::TxToken::consume(tx, f.len(), |buf| buf.copy_from_slice(f));
+            f.to_vec()
+        });
+        assert_eq!(got, frame(1, 64));
+        assert_eq!(wire.take_sent(), vec![frame(1, 64)]);
+        assert!(nic.receive(now).is_none());
+        // Both descriptors went back to hardware.
+        assert_eq!(regs.get(reg::RDT), 1);
+        // Fill the TX ring through transmit tokens.
+        for seq in 0..7 {
+            let tx = nic.transmit(now).expect("room");
+            phy::TxToken::consume(tx, 60, |buf| buf.copy_from_slice(&frame(seq, 60)));
+        }
+        assert!(nic.transmit(now).is_none());
+        let counters = nic.counters();
+        assert_eq!((counters.tx_frames, counters.tx_ring_full, counters.rx_errors), (8, 1, 1));
+        assert_eq!(wire.take_sent().len(), 7);
+        assert!(nic.transmit(now).is_some());
+    }
+
+    /// Moves every frame A sent into B's receive ring (dropping it, like a
+    /// real wire, if B has no buffer).
+    fn pump(from: &FakeWire, to: &FakeWire) -> usize {
+        let frames = from.take_sent();
+        for f in &frames {
+            to.inject(f);
+        }
+        frames.len()
+    }
+
+    fn interface(nic: &mut E1000<FakeRegs>, ip: [u8; 4]) -> Interface {
+        let mac = EthernetAddress(nic.mac());
+        let mut iface = Interface::new(IfaceConfig::new(mac.into()), nic, Instant::from_millis(0));
+        iface.update_ip_addrs(|addrs| {
+            addrs.push(IpCidr::new(IpAddress::v4(ip[0], ip[1], ip[2], ip[3]), 24)).unwrap();
+        });
+        iface
+    }
+
+    fn tcp_socket() -> tcp::Socket<'static> {
+        tcp::Socket::new(tcp::SocketBuffer::new(vec![0; 64 * 1024]), tcp::SocketBuffer::new(vec![0; 64 * 1024]))
+    }
+
+    #[test]
+    fn smoltcp_tcp_transfers_one_mebibyte_between_two_nics() {
+        const TOTAL: usize = 1 << 20;
+        let payload: Vec<u8> = (0..TOTAL).map(|i| (i % 251) as u8).collect();
+
+        let (regs_a, regs_b) = (FakeRegs::new(MAC_A), FakeRegs::new(MAC_B));
+        let (wire_a, wire_b) = (FakeWire { regs: regs_a.clone() }, FakeWire { regs: regs_b.clone() });
+        let (mut dma_a, mut dma_b) = (HeapDma::default(), HeapDma::default());
+        let mut nic_a = nic_with(&regs_a, &mut dma_a, Config::default());
+        let mut nic_b = nic_with(&regs_b, &mut dma_b, Config::default());
+        let mut iface_a = interface(&mut nic_a, [10, 0, 0, 1]);
+        let mut iface_b = interface(&mut nic_b, [10, 0, 0, 2]);
+
+        let mut sockets_a = SocketSet::new(vec![]);
+        let mut sockets_b = SocketSet::new(vec![]);
+        let client = sockets_a.add(tcp_socket());
+        let server = sockets_b.add(tcp_socket());
+        sockets_b.get_mut::<tcp::Socket>(server).listen(5000).unwrap();
+        sockets_a
+            .get_mut::<tcp::Socket>(client)
+            .connect(iface_a.context(), (IpAddress::v4(10, 0, 0, 2), 5000), 49152)
+            .unwrap();
+
+        let mut now = Instant::from_millis(0);
+        let (mut sent, mut received) = (0usize, Vec::with_capacity(TOTAL));
+        let mut iterations = 0;
+        while received.len() < TOTAL {
+            iterations += 1;
+            assert!(iterations < 100_000, "stalled at {} bytes", received.len());
+            iface_a.poll(now, &mut nic_a, &mut sockets_a);
+            iface_b.poll(now, &mut nic_b, &mut sockets_b);
+
+            let socket = sockets_a.get_mut::<tcp::Socket>(client);
+            if socket.can_send() && sent < TOTAL {
+                sent += socket.send_slice(&payload[sent..]).unwrap();
+            }
+            let socket = sockets_b.get_mut::<tcp::Socket>(server);
+            if socket.can_recv() {
+                socket
+                    .recv(|data| {
+                        received.extend_from_slice(data);
+                        (data.len(), ())
+                    })
+                    .unwrap();
+            }
+
+            let moved = pump(&wire_a, &wire_b) + pump(&wire_b, &wire_a);
+            if moved == 0 {
+                now += smoltcp::time::Duration::from_millis(1);
+            }
+        }
+        assert!(received == payload, "payload corrupted");
+        let (ca, cb) = (nic_a.counters(), nic_b.counters());
+        assert!(ca.tx_bytes >= TOTAL as u64 && cb.rx_bytes >= TOTAL as u64);
+        assert_eq!(ca.rx_errors + cb.rx_errors + ca.rx_oversize + cb.rx_oversize, 0);
+    }
+}

@@ -1,0 +1,475 @@
+//! The host's network: finds the e1000 on PCI, runs smoltcp over it, and
+//! executes the `net` and `ping` commands, including the TCP benchmark
+//! (payload verified on the receiver) and the raw-frame blast.
+//!
+//! smoltcp gets its time from the TSC clock (`poll(timestamp)`); the main
+//! loop calls [`Net::poll`] every turn and sleeps only when it reports no
+//! work. Synchronous commands (`ping`, `net bench send`, `net blast`) run
+//! their own poll loop with a deadline.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+
+use drivers::e1000::{Config as NicConfig, DEVICE_82540EM, E1000, VENDOR_INTEL};
+use drivers::pci::{self, Bar};
+use hypervisor::json::Obj;
+use hypervisor::netcmd::{NetCommand, Pattern};
+use hypervisor::shell::Reply;
+use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::socket::{icmp, tcp};
+use smoltcp::time::Instant;
+use smoltcp::wire::{EthernetAddress, HardwareAddress, Icmpv4Packet, Icmpv4Repr, IpAddress, IpCidr, Ipv4Address};
+
+use crate::arch::nic::{KernelDma, Mmio};
+use crate::arch::{clock, memory, pci::PortConfig, timer};
+
+/// EtherType of `net blast` frames (IEEE 802 local experimental).
+pub const BLAST_ETHERTYPE: u16 = 0x88B5;
+const BENCH_RX_BUFFER: usize = 1 << 20;
+const BENCH_TX_BUFFER: usize = 256 << 10;
+const ICMP_IDENT: u16 = 0x4856;
+/// Half-open bench connections are dropped after this long, so a SYN flood
+/// cannot pin the listener.
+const HALF_OPEN_US: u64 = 300_000;
+
+fn now() -> Instant {
+    Instant::from_micros(i64::try_from(clock::uptime_us()).unwrap_or(i64::MAX))
+}
+
+struct Listener {
+    handle: SocketHandle,
+    port: u16,
+    bytes: u64,
+    ok: bool,
+    start_us: u64,
+    last_us: u64,
+    opened_us: u64,
+}
+
+#[derive(Clone, Copy)]
+struct BenchResult {
+    bytes: u64,
+    ok: bool,
+    elapsed_us: u64,
+}
+
+/// The host's network stack.
+pub struct Net {
+    nic: E1000<Mmio>,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    cidr: Option<(Ipv4Address, u8)>,
+    icmp: SocketHandle,
+    listener: Option<Listener>,
+    /// Finished bench connections still sending their FIN, with the time
+    /// after which they are dropped anyway.
+    closing: Vec<(SocketHandle, u64)>,
+    last: Option<BenchResult>,
+    pattern: Pattern,
+    irq: u8,
+}
+
+fn mac_str(m: [u8; 6]) -> String {
+    format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+}
+
+fn mbps(bytes: u64, us: u64) -> String {
+    let mb_per_s_x100 = (bytes * 100).checked_div(us).unwrap_or(0);
+    format!("{}.{:02}", mb_per_s_x100 / 100, mb_per_s_x100 % 100)
+}
+
+impl Net {
+    /// Finds and starts the first e1000; `None` when there is none.
+    pub fn probe() -> Option<Net> {
+        let mut cfg = PortConfig;
+        let dev =
+            pci::scan(&mut cfg).into_iter().find(|d| d.vendor_id == VENDOR_INTEL && d.device_id == DEVICE_82540EM)?;
+        let Bar::Memory { base, size, .. } = dev.bars[0] else {
+            log::warn!("e1000 at {:02x}:{:02x}.{} has no memory BAR 0", dev.bus, dev.device, dev.function);
+            return None;
+        };
+        pci::enable(&mut cfg, &dev, true, false, true);
+        let virt = memory::map_mmio(base, size)?;
+        // SAFETY: `virt` maps BAR 0 of this e1000 uncached, just above; no
+        // other code knows the mapping.
+        let regs = unsafe { Mmio::new(virt) };
+        let mut nic =
+            match E1000::new(regs, &mut KernelDma, NicConfig { rx_descriptors: 256, tx_descriptors: 256, mtu: 1500 }) {
+                Ok(n) => n,
+                Err(e) => {
+                    log::error!("e1000 did not start: {e:?}");
+                    return None;
+                }
+            };
+        let mac = nic.mac();
+        let config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
+        let iface = Interface::new(config, &mut nic, now());
+        let mut sockets = SocketSet::new(Vec::new());
+        let icmp_rx = icmp::PacketBuffer::new(vec![icmp::PacketMetadata::EMPTY; 16], vec![0; 16 * 1024]);
+        let icmp_tx = icmp::PacketBuffer::new(vec![icmp::PacketMetadata::EMPTY; 16], vec![0; 16 * 1024]);
+        let mut icmp_socket = icmp::Socket::new(icmp_rx, icmp_tx);
+        let _ = icmp_socket.bind(icmp::Endpoint::Ident(ICMP_IDENT));
+        let icmp = sockets.add(icmp_socket);
+        nic.divert(Some(BLAST_ETHERTYPE));
+        timer::unmask_irq(dev.interrupt_line);
+        log::info!(
+            "e1000 {:02x}:{:02x}.{} MAC {} IRQ {} link {}",
+            dev.bus,
+            dev.device,
+            dev.function,
+            mac_str(mac),
+            dev.interrupt_line,
+            if nic.link_up() { "up" } else { "down" }
+        );
+        Some(Net {
+            nic,
+            iface,
+            sockets,
+            cidr: None,
+            icmp,
+            listener: None,
+            closing: Vec::new(),
+            last: None,
+            pattern: Pattern::new(64 * 1024),
+            irq: dev.interrupt_line,
+        })
+    }
+
+    /// Moves packets and serves the bench listener. Returns true when there
+    /// was work, so the caller does not sleep.
+    pub fn poll(&mut self) -> bool {
+        self.nic.ack_interrupts();
+        timer::rearm_irq(self.irq);
+        let result = self.iface.poll(now(), &mut self.nic, &mut self.sockets);
+        let served = self.serve_listener();
+        let soon = self.iface.poll_delay(now(), &self.sockets).is_some_and(|d| d.total_micros() == 0);
+        result == PollResult::SocketStateChanged || served || soon
+    }
+
+    fn serve_listener(&mut self) -> bool {
+        let Some(l) = self.listener.as_mut() else { return false };
+        let t = clock::uptime_us();
+        let socket = self.sockets.get_mut::<tcp::Socket>(l.handle);
+        let mut worked = false;
+        match socket.state() {
+            tcp::State::SynReceived if t - l.opened_us > HALF_OPEN_US => {
+                socket.abort();
+            }
+            tcp::State::SynReceived => {}
+            tcp::State::Listen => l.opened_us = t,
+            _ => {}
+        }
+        while socket.can_recv() {
+            let pattern = &self.pattern;
+            let (bytes, ok) = (&mut l.bytes, &mut l.ok);
+            let got = socket.recv(|data| {
+                let n = data.len();
+                *ok &= pattern.check(*bytes, data);
+                *bytes += n as u64;
+                (n, n)
+            });
+            match got {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    if l.start_us == 0 {
+                        l.start_us = t;
+                    }
+                    l.last_us = clock::uptime_us();
+                    worked = true;
+                }
+            }
+        }
+        let finished = matches!(socket.state(), tcp::State::CloseWait | tcp::State::Closed | tcp::State::TimeWait)
+            && l.start_us != 0
+            && !socket.can_recv();
+        if finished {
+            socket.close();
+            self.last =
+                Some(BenchResult { bytes: l.bytes, ok: l.ok, elapsed_us: l.last_us.saturating_sub(l.start_us) });
+            log::info!("bench: received {} bytes, payload {}", l.bytes, if l.ok { "intact" } else { "CORRUPT" });
+            let port = l.port;
+            self.relisten(port);
+            return true;
+        }
+        if !socket.is_open() {
+            // Aborted half-open connection or reset: listen again.
+            let port = l.port;
+            self.relisten(port);
+        }
+        worked
+    }
+
+    fn relisten(&mut self, port: u16) {
+        if let Some(old) = self.listener.take() {
+            // A socket still listening must go at once, or it would accept
+            // the next connection and never be read; a finished connection
+            // keeps its socket until its FIN is out.
+            let s = self.sockets.get_mut::<tcp::Socket>(old.handle);
+            if matches!(s.state(), tcp::State::Listen | tcp::State::SynReceived | tcp::State::Closed) {
+                s.abort();
+                self.sockets.remove(old.handle);
+            } else {
+                s.close();
+                self.closing.push((old.handle, clock::uptime_us() + 2_000_000));
+            }
+        }
+        let t = clock::uptime_us();
+        let sockets = &mut self.sockets;
+        self.closing.retain(|&(handle, until)| {
+            let s = sockets.get_mut::<tcp::Socket>(handle);
+            let done = !s.is_open() || s.state() == tcp::State::TimeWait || t > until;
+            if done {
+                s.abort();
+                sockets.remove(handle);
+            }
+            !done
+        });
+        let mut socket =
+            tcp::Socket::new(tcp::SocketBuffer::new(vec![0; BENCH_RX_BUFFER]), tcp::SocketBuffer::new(vec![0; 4096]));
+        if socket.listen(port).is_ok() {
+            let handle = self.sockets.add(socket);
+            let t = clock::uptime_us();
+            self.listener = Some(Listener { handle, port, bytes: 0, ok: true, start_us: 0, last_us: 0, opened_us: t });
+        }
+    }
+
+    /// Executes a network command.
+    pub fn command(&mut self, cmd: NetCommand) -> Result<Reply, String> {
+        match cmd {
+            NetCommand::Status => Ok(Reply::data(self.status())),
+            NetCommand::Ip(a, prefix) => {
+                let addr = Ipv4Address::new(a[0], a[1], a[2], a[3]);
+                self.iface.update_ip_addrs(|addrs| {
+                    addrs.clear();
+                    let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(addr), prefix));
+                });
+                self.cidr = Some((addr, prefix));
+                Ok(Reply::data(Obj::new().with("ip", format!("{addr}/{prefix}"))))
+            }
+            NetCommand::Mtu(mtu) => {
+                self.nic.set_mtu(mtu).map_err(|e| format!("MTU {mtu}: {e:?}"))?;
+                Ok(Reply::data(Obj::new().with("mtu", mtu)))
+            }
+            NetCommand::Ping(ip, count) => self.ping(Ipv4Address::new(ip[0], ip[1], ip[2], ip[3]), count),
+            NetCommand::BenchListen(port) => {
+                self.relisten(port);
+                if self.listener.is_none() {
+                    return Err(format!("cannot listen on port {port}"));
+                }
+                Ok(Reply::data(Obj::new().with("listening", port)))
+            }
+            NetCommand::BenchSend(ip, mib, port) => {
+                self.bench_send(Ipv4Address::new(ip[0], ip[1], ip[2], ip[3]), u64::from(mib) << 20, port)
+            }
+            NetCommand::BenchResult => match self.last {
+                None => Err(String::from("no transfer received yet")),
+                Some(r) => Ok(Reply::data(
+                    Obj::new()
+                        .with("bytes", r.bytes)
+                        .with("intact", r.ok)
+                        .with("elapsed_us", r.elapsed_us)
+                        .with("mb_per_s", mbps(r.bytes, r.elapsed_us)),
+                )),
+            },
+            NetCommand::Blast(mac, mib) => self.blast(mac, u64::from(mib) << 20),
+            NetCommand::BlastResult => {
+                let d = self.nic.take_diverted();
+                Ok(Reply::data(
+                    Obj::new()
+                        .with("frames", d.frames)
+                        .with("bytes", d.bytes)
+                        .with("elapsed_us", d.last_us.saturating_sub(d.first_us))
+                        .with("mb_per_s", mbps(d.bytes, d.last_us.saturating_sub(d.first_us))),
+                ))
+            }
+        }
+    }
+
+    fn status(&mut self) -> Obj {
+        let c = self.nic.counters();
+        Obj::new()
+            .with("mac", mac_str(self.nic.mac()))
+            .with("ip", self.cidr.map(|(a, p)| format!("{a}/{p}")))
+            .with("link", self.nic.link_up())
+            .with("mtu", self.nic.mtu())
+            .with("irq", self.irq)
+            .with(
+                "counters",
+                Obj::new()
+                    .with("rx_frames", c.rx_frames)
+                    .with("rx_bytes", c.rx_bytes)
+                    .with("tx_frames", c.tx_frames)
+                    .with("tx_bytes", c.tx_bytes)
+                    .with("rx_dropped", c.rx_dropped)
+                    .with("rx_errors", c.rx_errors)
+                    .with("rx_oversize", c.rx_oversize)
+                    .with("tx_ring_full", c.tx_ring_full),
+            )
+    }
+
+    fn need_ip(&self) -> Result<(), String> {
+        if self.cidr.is_none() {
+            return Err(String::from("no IP address yet; set one with 'net ip <a.b.c.d>/<prefix>'"));
+        }
+        Ok(())
+    }
+
+    fn ping(&mut self, target: Ipv4Address, count: u32) -> Result<Reply, String> {
+        self.need_ip()?;
+        let caps = ChecksumCapabilities::default();
+        let mut rtts: Vec<u64> = Vec::new();
+        for seq in 0..count {
+            let seq_no = u16::try_from(seq).unwrap_or(0);
+            let payload = [0x5Au8; 32];
+            let repr = Icmpv4Repr::EchoRequest { ident: ICMP_IDENT, seq_no, data: &payload };
+            let sent_at = clock::uptime_us();
+            {
+                let socket = self.sockets.get_mut::<icmp::Socket>(self.icmp);
+                let buf = socket.send(repr.buffer_len(), IpAddress::Ipv4(target)).map_err(|e| format!("ping: {e}"))?;
+                repr.emit(&mut Icmpv4Packet::new_unchecked(buf), &caps);
+            }
+            // The first packet to a new neighbour waits for ARP (smoltcp
+            // retries after 1 s), so give each reply 2 s.
+            let deadline = sent_at + 2_000_000;
+            while clock::uptime_us() < deadline {
+                self.poll();
+                let socket = self.sockets.get_mut::<icmp::Socket>(self.icmp);
+                let mut got = false;
+                while let Ok((data, _from)) = socket.recv() {
+                    let Ok(packet) = Icmpv4Packet::new_checked(data) else { continue };
+                    if let Ok(Icmpv4Repr::EchoReply { ident, seq_no: s, .. }) = Icmpv4Repr::parse(&packet, &caps) {
+                        if ident == ICMP_IDENT && s == seq_no {
+                            got = true;
+                        }
+                    }
+                }
+                if got {
+                    rtts.push(clock::uptime_us() - sent_at);
+                    break;
+                }
+                core::hint::spin_loop();
+            }
+        }
+        let received = rtts.len();
+        let human = format!(
+            "{received}/{count} replies from {target}; rtt us: {}",
+            rtts.iter().map(|r| format!("{r}")).collect::<Vec<_>>().join(" ")
+        );
+        if received == 0 {
+            return Err(format!("no reply from {target} ({count} sent)"));
+        }
+        Ok(Reply {
+            data: Obj::new()
+                .with("target", format!("{target}"))
+                .with("sent", count)
+                .with("received", received)
+                .with("rtt_us", rtts.clone())
+                .with("min_us", rtts.iter().copied().min().unwrap_or(0))
+                .with("max_us", rtts.iter().copied().max().unwrap_or(0)),
+            human: Some(human),
+        })
+    }
+
+    fn bench_send(&mut self, ip: Ipv4Address, total: u64, port: u16) -> Result<Reply, String> {
+        self.need_ip()?;
+        let start = clock::uptime_us();
+        // 20 s to connect and start, then at least 2 MB/s.
+        let deadline = start + 20_000_000 + total / 2;
+        let local_port = 49152 + u16::try_from(start % 16000).unwrap_or(0);
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; 64 * 1024]),
+            tcp::SocketBuffer::new(vec![0; BENCH_TX_BUFFER]),
+        );
+        socket.set_nagle_enabled(false);
+        socket
+            .connect(self.iface.context(), (IpAddress::Ipv4(ip), port), local_port)
+            .map_err(|e| format!("connect: {e}"))?;
+        let handle = self.sockets.add(socket);
+        let mut sent = 0u64;
+        let mut established_at = 0u64;
+        let mut retries = 0;
+        let outcome = loop {
+            self.poll();
+            let t = clock::uptime_us();
+            if t > deadline {
+                break Err(format!("timed out after {} of {total} bytes", sent));
+            }
+            let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+            match socket.state() {
+                tcp::State::Closed if established_at == 0 => {
+                    // Refused (the listener is busy or not there yet): retry for 5 s.
+                    retries += 1;
+                    if t - start > 5_000_000 {
+                        break Err(format!("connection to {ip}:{port} refused"));
+                    }
+                    let lp = local_port.wrapping_add(retries);
+                    if socket.connect(self.iface.context(), (IpAddress::Ipv4(ip), port), lp).is_err() {
+                        break Err(String::from("connect failed"));
+                    }
+                    continue;
+                }
+                // Our FIN acknowledged means every byte was: done, whether
+                // or not the receiver has sent its own FIN yet.
+                tcp::State::FinWait2 | tcp::State::Closed | tcp::State::TimeWait if sent == total => break Ok(()),
+                tcp::State::Closed => break Err(format!("connection reset after {sent} bytes")),
+                tcp::State::Established if established_at == 0 => established_at = t,
+                _ => {}
+            }
+            while sent < total && socket.can_send() {
+                let n = usize::try_from(total - sent).unwrap_or(usize::MAX).min(self.pattern.max_chunk());
+                let chunk = self.pattern.slice(sent, n);
+                match socket.send_slice(chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => sent += k as u64,
+                }
+            }
+            if sent == total && socket.send_queue() == 0 && socket.state() == tcp::State::Established {
+                socket.close();
+            }
+        };
+        let done = clock::uptime_us();
+        let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+        socket.abort();
+        self.poll();
+        self.sockets.remove(handle);
+        outcome?;
+        let elapsed = done - established_at.max(start);
+        Ok(Reply::data(
+            Obj::new().with("bytes", total).with("elapsed_us", elapsed).with("mb_per_s", mbps(total, elapsed)),
+        ))
+    }
+
+    fn blast(&mut self, dst: [u8; 6], total: u64) -> Result<Reply, String> {
+        let mtu = self.nic.mtu();
+        let mut frame = vec![0u8; mtu + 14];
+        frame[..6].copy_from_slice(&dst);
+        frame[6..12].copy_from_slice(&self.nic.mac());
+        frame[12..14].copy_from_slice(&BLAST_ETHERTYPE.to_be_bytes());
+        let per_frame = mtu as u64;
+        let frames = total.div_ceil(per_frame);
+        let start = clock::uptime_us();
+        let deadline = start + 60_000_000;
+        let mut sent = 0u64;
+        while sent < frames {
+            frame[14..22].copy_from_slice(&sent.to_le_bytes());
+            while !self.nic.send_raw(&frame) {
+                if clock::uptime_us() > deadline {
+                    return Err(format!("transmit ring stuck after {sent} frames"));
+                }
+                core::hint::spin_loop();
+            }
+            sent += 1;
+        }
+        let elapsed = clock::uptime_us() - start;
+        Ok(Reply::data(
+            Obj::new()
+                .with("frames", frames)
+                .with("bytes", frames * per_frame)
+                .with("elapsed_us", elapsed)
+                .with("mb_per_s", mbps(frames * per_frame, elapsed)),
+        ))
+    }
+}

@@ -1,0 +1,262 @@
+//! Parsing of the network console commands (`net ...`, `ping`) and the
+//! benchmark payload both ends agree on. The kernel's `net` module executes
+//! the commands; everything here is tested on the host.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+/// Default TCP port of `net bench`.
+pub const BENCH_PORT: u16 = 5201;
+/// MTU limits (Ethernet payload bytes).
+pub const MIN_MTU: usize = 576;
+/// See [`MIN_MTU`]; 9000 gives the 9014-byte frames of the reference design.
+pub const MAX_MTU: usize = 9000;
+/// Most pings one command sends.
+pub const MAX_PING: u32 = 100;
+/// Largest bench or blast transfer, MiB.
+pub const MAX_MIB: u32 = 4096;
+
+/// A parsed network command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetCommand {
+    /// `net status`
+    Status,
+    /// `net ip <a.b.c.d>/<prefix>`
+    Ip([u8; 4], u8),
+    /// `net mtu <bytes>`
+    Mtu(usize),
+    /// `ping <ip> [count]`
+    Ping([u8; 4], u32),
+    /// `net bench listen [port]`
+    BenchListen(u16),
+    /// `net bench send <ip> <MiB> [port]`
+    BenchSend([u8; 4], u32, u16),
+    /// `net bench result`
+    BenchResult,
+    /// `net blast <mac> <MiB>`: raw frames, no TCP.
+    Blast([u8; 6], u32),
+    /// `net blast result`
+    BlastResult,
+}
+
+/// Usage lines for `help`.
+pub const USAGE: &[(&str, &str)] = &[
+    ("net status", "MAC, IP, link, MTU and counters"),
+    ("net ip <a.b.c.d>/<prefix>", "set the host's address"),
+    ("net mtu <576-9000>", "set the MTU (jumbo frames above 1500)"),
+    ("ping <ip> [count]", "ICMP echo with round-trip times"),
+    ("net bench listen [port]", "accept bulk TCP and verify the payload"),
+    ("net bench send <ip> <MiB> [port]", "send bulk TCP; prints MB/s"),
+    ("net bench result", "the last transfer received"),
+    ("net blast <mac> <MiB>", "send raw frames (no TCP) for link throughput"),
+    ("net blast result", "raw frames received"),
+];
+
+/// Parses a dotted IPv4 address.
+pub fn parse_ipv4(s: &str) -> Result<[u8; 4], String> {
+    let bad = || format!("bad IPv4 address '{s}'");
+    let parts: Vec<&str> = s.split('.').collect();
+    if parts.len() != 4 {
+        return Err(bad());
+    }
+    let mut out = [0u8; 4];
+    for (o, p) in out.iter_mut().zip(parts) {
+        if p.is_empty() || p.len() > 3 || !p.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        *o = p.parse().map_err(|_| bad())?;
+    }
+    Ok(out)
+}
+
+/// Parses a MAC address `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("bad MAC address '{s}'");
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut out = [0u8; 6];
+    for (o, p) in out.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *o = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    Ok(out)
+}
+
+fn port(s: Option<&&str>) -> Result<u16, String> {
+    match s {
+        None => Ok(BENCH_PORT),
+        Some(p) => match p.parse::<u16>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!("bad port '{p}': 1-65535")),
+        },
+    }
+}
+
+fn mib(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if (1..=MAX_MIB).contains(&n) => Ok(n),
+        _ => Err(format!("bad size '{s}': 1-{MAX_MIB} MiB")),
+    }
+}
+
+/// Parses the words after `net`.
+pub fn parse_net(args: &[&str]) -> Result<NetCommand, String> {
+    let usage = || String::from("usage: net status|ip|mtu|bench|blast ...");
+    match args {
+        ["status"] => Ok(NetCommand::Status),
+        ["ip", cidr] => {
+            let (addr, prefix) = cidr.split_once('/').ok_or_else(|| format!("bad address '{cidr}': a.b.c.d/prefix"))?;
+            let prefix = match prefix.parse::<u8>() {
+                Ok(p) if (1..=32).contains(&p) => p,
+                _ => return Err(format!("bad prefix '{prefix}': 1-32")),
+            };
+            Ok(NetCommand::Ip(parse_ipv4(addr)?, prefix))
+        }
+        ["mtu", n] => match n.parse::<usize>() {
+            Ok(m) if (MIN_MTU..=MAX_MTU).contains(&m) => Ok(NetCommand::Mtu(m)),
+            _ => Err(format!("bad MTU '{n}': {MIN_MTU}-{MAX_MTU}")),
+        },
+        ["bench", "listen", rest @ ..] if rest.len() <= 1 => Ok(NetCommand::BenchListen(port(rest.first())?)),
+        ["bench", "send", ip, size, rest @ ..] if rest.len() <= 1 => {
+            Ok(NetCommand::BenchSend(parse_ipv4(ip)?, mib(size)?, port(rest.first())?))
+        }
+        ["bench", "result"] => Ok(NetCommand::BenchResult),
+        ["bench", ..] => Err(String::from("usage: net bench listen [port] | send <ip> <MiB> [port] | result")),
+        ["blast", "result"] => Ok(NetCommand::BlastResult),
+        ["blast", mac, size] => Ok(NetCommand::Blast(parse_mac(mac)?, mib(size)?)),
+        ["blast", ..] => Err(String::from("usage: net blast <mac> <MiB> | result")),
+        _ => Err(usage()),
+    }
+}
+
+/// Parses the words after `ping`.
+pub fn parse_ping(args: &[&str]) -> Result<NetCommand, String> {
+    match args {
+        [ip] => Ok(NetCommand::Ping(parse_ipv4(ip)?, 4)),
+        [ip, n] => match n.parse::<u32>() {
+            Ok(c) if (1..=MAX_PING).contains(&c) => Ok(NetCommand::Ping(parse_ipv4(ip)?, c)),
+            _ => Err(format!("bad count '{n}': 1-{MAX_PING}")),
+        },
+        _ => Err(String::from("usage: ping <ip> [count]")),
+    }
+}
+
+/// Period of the benchmark payload pattern (a prime, so it never lines up
+/// with segment sizes).
+pub const PATTERN_PERIOD: usize = 251;
+
+/// Byte `offset` of the benchmark payload.
+pub fn pattern_byte(offset: u64) -> u8 {
+    let r = u8::try_from(offset % PATTERN_PERIOD as u64).unwrap_or(0);
+    r.wrapping_mul(7).wrapping_add(3)
+}
+
+/// A precomputed run of the pattern so that checking and filling are slice
+/// operations: `table[o % PERIOD..][..n]` is the payload at offset `o`.
+pub struct Pattern {
+    table: Vec<u8>,
+}
+
+impl Pattern {
+    /// A table covering chunks of up to `max_chunk` bytes.
+    pub fn new(max_chunk: usize) -> Self {
+        Pattern { table: (0..(max_chunk + PATTERN_PERIOD) as u64).map(pattern_byte).collect() }
+    }
+
+    /// The expected payload bytes at `offset`, `len` long (`len` at most the
+    /// table's chunk size).
+    pub fn slice(&self, offset: u64, len: usize) -> &[u8] {
+        let start = usize::try_from(offset % PATTERN_PERIOD as u64).unwrap_or(0);
+        let end = (start + len).min(self.table.len());
+        &self.table[start..end]
+    }
+
+    /// Largest chunk this table serves.
+    pub fn max_chunk(&self) -> usize {
+        self.table.len() - PATTERN_PERIOD
+    }
+
+    /// Whether `data` is the payload at `offset` (checked in table-sized
+    /// pieces).
+    pub fn check(&self, offset: u64, data: &[u8]) -> bool {
+        let mut at = 0;
+        while at < data.len() {
+            let n = (data.len() - at).min(self.max_chunk());
+            if data[at..at + n] != *self.slice(offset + at as u64, n) {
+                return false;
+            }
+            at += n;
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Result<NetCommand, String> {
+        let words: Vec<&str> = s.split_whitespace().collect();
+        match words.split_first() {
+            Some((&"ping", rest)) => parse_ping(rest),
+            Some((&"net", rest)) => parse_net(rest),
+            _ => Err(String::from("?")),
+        }
+    }
+
+    #[test]
+    fn parses_every_command() {
+        assert_eq!(p("net status"), Ok(NetCommand::Status));
+        assert_eq!(p("net ip 10.77.0.11/24"), Ok(NetCommand::Ip([10, 77, 0, 11], 24)));
+        assert_eq!(p("net mtu 9000"), Ok(NetCommand::Mtu(9000)));
+        assert_eq!(p("ping 10.77.0.1"), Ok(NetCommand::Ping([10, 77, 0, 1], 4)));
+        assert_eq!(p("ping 10.77.0.1 10"), Ok(NetCommand::Ping([10, 77, 0, 1], 10)));
+        assert_eq!(p("net bench listen"), Ok(NetCommand::BenchListen(BENCH_PORT)));
+        assert_eq!(p("net bench listen 7000"), Ok(NetCommand::BenchListen(7000)));
+        assert_eq!(p("net bench send 10.0.0.2 64"), Ok(NetCommand::BenchSend([10, 0, 0, 2], 64, BENCH_PORT)));
+        assert_eq!(p("net bench result"), Ok(NetCommand::BenchResult));
+        assert_eq!(p("net blast 52:54:00:77:00:02 8"), Ok(NetCommand::Blast([0x52, 0x54, 0, 0x77, 0, 2], 8)));
+        assert_eq!(p("net blast result"), Ok(NetCommand::BlastResult));
+    }
+
+    #[test]
+    fn refuses_bad_input_with_reasons() {
+        let err = |s: &str| p(s).unwrap_err();
+        assert!(err("net ip 10.0.0.1").contains("a.b.c.d/prefix"));
+        assert!(err("net ip 10.0.0.256/24").contains("bad IPv4"));
+        assert!(err("net ip 10.0.0/24").contains("bad IPv4"));
+        assert!(err("net ip 10.0.0.1/33").contains("bad prefix"));
+        assert!(err("net ip +1.0.0.1/8").contains("bad IPv4"));
+        assert!(err("net mtu 100").contains("576-9000"));
+        assert!(err("net mtu 9001").contains("576-9000"));
+        assert!(err("ping 1.2.3.4 0").contains("bad count"));
+        assert!(err("ping 1.2.3.4 1000").contains("bad count"));
+        assert!(err("ping").contains("usage: ping"));
+        assert!(err("net bench send 1.2.3.4 0").contains("bad size"));
+        assert!(err("net bench send 1.2.3.4 8 0").contains("bad port"));
+        assert!(err("net bench listen 70000").contains("bad port"));
+        assert!(err("net bench fly").contains("usage: net bench"));
+        assert!(err("net blast 52:54:00:77:00 8").contains("bad MAC"));
+        assert!(err("net blast zz:54:00:77:00:01 8").contains("bad MAC"));
+        assert!(err("net frob").contains("usage: net"));
+    }
+
+    #[test]
+    fn pattern_slices_match_bytewise_pattern() {
+        let pat = Pattern::new(1000);
+        for offset in [0u64, 1, 250, 251, 10_000, u64::from(u32::MAX) + 7] {
+            let expect: Vec<u8> = (0..700).map(|i| pattern_byte(offset + i)).collect();
+            assert_eq!(pat.slice(offset, 700), &expect[..]);
+            assert!(pat.check(offset, &expect));
+        }
+        let mut long: Vec<u8> = (0..5000).map(|i| pattern_byte(33 + i)).collect();
+        assert!(pat.check(33, &long));
+        long[4321] ^= 1;
+        assert!(!pat.check(33, &long));
+    }
+}

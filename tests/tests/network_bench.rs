@@ -1,0 +1,63 @@
+//! Benchmark, printed in one run on the same lab link: TCP goodput between
+//! two hosts, the raw frame throughput of the same link (the driver blasting
+//! frames with no TCP; counted by the receiving driver between its first and
+//! last frame), and their ratio, at MTU 1500 and 9000. Run with
+//! `--nocapture`; it asserts only that both measurements happened.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tests::lab::{self, Lab};
+use tests::{boot_json, qemu, Console, Firmware, HostConfig, REPLY};
+
+const LONG: Duration = Duration::from_secs(180);
+
+fn ok(c: &mut Console, cmd: &str, t: Duration) -> Value {
+    let v = c.json(cmd, t).unwrap_or_else(|e| panic!("{cmd}: {e:#}"));
+    assert_eq!(v["ok"], true, "{cmd}: {v}");
+    v
+}
+
+fn rate(v: &Value) -> f64 {
+    v["mb_per_s"].as_str().unwrap().parse().unwrap()
+}
+
+#[test]
+fn tcp_goodput_against_raw_frame_throughput() {
+    assert!(lab::available(), "the lab needs root for network namespaces");
+    let mut lab = Lab::new().unwrap();
+    let base = HostConfig { mem_mib: 256, ..qemu(Firmware::Bios) };
+    let mut a = boot_json(&lab.host(&base).unwrap()).unwrap();
+    let mut b = boot_json(&lab.host(&base).unwrap()).unwrap();
+    ok(a.console(), "net ip 10.77.0.11/24", REPLY);
+    ok(b.console(), "net ip 10.77.0.12/24", REPLY);
+    // Teach the bridge both MACs before blasting unknown-unicast frames.
+    ok(a.console(), "ping 10.77.0.12 2", REPLY);
+    for mtu in [1500, 9000] {
+        if mtu == 9000 {
+            lab.set_mtu(9000).unwrap();
+            ok(a.console(), "net mtu 9000", REPLY);
+            ok(b.console(), "net mtu 9000", REPLY);
+        }
+        let mib = 32;
+        ok(b.console(), "net bench listen", REPLY);
+        ok(a.console(), &format!("net bench send 10.77.0.12 {mib}"), LONG);
+        std::thread::sleep(Duration::from_millis(500));
+        let tcp = ok(b.console(), "net bench result", REPLY);
+        assert_eq!(tcp["intact"], true);
+        let before = ok(b.console(), "net blast result", REPLY);
+        let sent = ok(a.console(), &format!("net blast 52:54:00:77:00:02 {mib}"), LONG);
+        std::thread::sleep(Duration::from_millis(500));
+        let raw = ok(b.console(), "net blast result", REPLY);
+        let frames = raw["frames"].as_u64().unwrap() - before["frames"].as_u64().unwrap();
+        assert!(frames > 0, "no raw frame arrived");
+        let (tcp_rate, raw_rate) = (rate(&tcp), rate(&raw));
+        println!(
+            "network_bench MTU {mtu}: TCP goodput {tcp_rate:.1} MB/s; raw frames sent {:.1} MB/s, received {raw_rate:.1} MB/s ({frames} of {} frames); ratio TCP/raw {:.2}",
+            rate(&sent),
+            sent["frames"],
+            tcp_rate / raw_rate
+        );
+        ok(b.console(), "net blast result", REPLY);
+    }
+}
