@@ -122,7 +122,12 @@ fn run(format: Format) {
 
     println!("{format:?}: 1 GiB guest, {PAGES} 4 KiB leaves, {tables} table frames, median of {RUNS} runs");
     let line = |name: &str, ms: f64| {
-        println!("  {name:<28} {ms:>8.3} ms/GiB  {:>6.2}x leaf scan", ms / leaf_scan);
+        println!(
+            "  {name:<28} {:>9.1} us/GiB  {:>6.2}x leaf scan  {:>8.1}x bitmap scan",
+            ms * 1000.0,
+            ms / leaf_scan,
+            ms / bitmap_scan
+        );
     };
     line("baseline: leaf-sized scan", leaf_scan);
     line("baseline: bitmap-sized scan", bitmap_scan);
