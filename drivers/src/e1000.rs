@@ -277,6 +277,25 @@ impl<D> Ring<D> {
     }
 }
 
+/// Allocates a ring of `count` descriptors and one BUFFER_SIZE buffer per
+/// descriptor; `set_addr` writes a buffer's device address into its
+/// descriptor.
+fn alloc_ring<D>(
+    dma: &mut impl Dma,
+    count: usize,
+    set_addr: impl Fn(*mut D, u64),
+) -> Result<(Ring<D>, Vec<Buffer>), E1000Error> {
+    let ring = alloc(dma, count * core::mem::size_of::<D>())?;
+    let descs = Ring { base: ring.virt.cast::<D>(), phys: ring.phys, count };
+    let mut buffers = Vec::with_capacity(count);
+    for index in 0..count {
+        let buf = alloc(dma, BUFFER_SIZE)?;
+        set_addr(descs.slot(index), buf.phys);
+        buffers.push(buf);
+    }
+    Ok((descs, buffers))
+}
+
 /// Receive side: descriptor ring, buffers, cursor and software counters.
 struct RxRing {
     descs: Ring<RxDesc>,
@@ -639,16 +658,10 @@ impl<R: Registers> E1000<R> {
     }
 
     fn alloc_rx(dma: &mut impl Dma, count: usize, mtu: usize) -> Result<RxRing, E1000Error> {
-        let ring = alloc(dma, count * core::mem::size_of::<RxDesc>())?;
-        let descs = Ring { base: ring.virt.cast::<RxDesc>(), phys: ring.phys, count };
-        let mut buffers = Vec::with_capacity(count);
-        for index in 0..count {
-            let buf = alloc(dma, BUFFER_SIZE)?;
-            let desc = descs.slot(index);
+        let (descs, buffers) = alloc_ring(dma, count, |desc: *mut RxDesc, phys| {
             // SAFETY: the ring memory is ours and not yet visible to hardware.
-            unsafe { addr_of_mut!((*desc).addr).write_volatile(buf.phys) };
-            buffers.push(buf);
-        }
+            unsafe { addr_of_mut!((*desc).addr).write_volatile(phys) }
+        })?;
         Ok(RxRing {
             descs,
             buffers,
@@ -667,16 +680,10 @@ impl<R: Registers> E1000<R> {
     }
 
     fn alloc_tx(dma: &mut impl Dma, count: usize) -> Result<TxRing, E1000Error> {
-        let ring = alloc(dma, count * core::mem::size_of::<TxDesc>())?;
-        let descs = Ring { base: ring.virt.cast::<TxDesc>(), phys: ring.phys, count };
-        let mut buffers = Vec::with_capacity(count);
-        for index in 0..count {
-            let buf = alloc(dma, BUFFER_SIZE)?;
-            let desc = descs.slot(index);
+        let (descs, buffers) = alloc_ring(dma, count, |desc: *mut TxDesc, phys| {
             // SAFETY: the ring memory is ours and not yet visible to hardware.
-            unsafe { addr_of_mut!((*desc).addr).write_volatile(buf.phys) };
-            buffers.push(buf);
-        }
+            unsafe { addr_of_mut!((*desc).addr).write_volatile(phys) }
+        })?;
         Ok(TxRing { descs, buffers, tail: 0, clean: 0, scratch: Vec::new(), frames: 0, bytes: 0, ring_full: 0 })
     }
 

@@ -65,6 +65,22 @@ fn check(cf: u8, zf: u8, what: &'static str) -> Result<(), VmxError> {
     }
 }
 
+/// Runs a VMX instruction that takes the physical address of a region as
+/// a memory operand (VMXON, VMCLEAR, VMPTRLD) and checks its flags.
+macro_rules! region_insn {
+    ($insn:literal, $pa:expr, $what:literal) => {{
+        let pa: &u64 = $pa;
+        let (cf, zf): (u8, u8);
+        // SAFETY: every caller passes a 4 KiB-aligned region it owns, carrying
+        // the VMCS revision id (see the call sites); the instruction only
+        // changes VMX state, which this module tracks.
+        unsafe {
+            asm!(concat!($insn, " [{p}]"), "setc {cf}", "setz {zf}", p = in(reg) pa, cf = out(reg_byte) cf, zf = out(reg_byte) zf)
+        };
+        check(cf, zf, $what)
+    }};
+}
+
 fn vmread(field: u32) -> u64 {
     let value: u64;
     // SAFETY: VMREAD of a field of the current VMCS only reads it; callers
@@ -119,13 +135,8 @@ pub fn enable() -> Result<(), VmxError> {
     let region = memory::alloc_zeroed(1).ok_or(VmxError::OutOfMemory)?;
     // SAFETY: the region is a fresh frame; its first word takes the revision.
     unsafe { memory::phys_to_virt(region).cast::<u32>().write(revision()) };
-    let (cf, zf): (u8, u8);
-    // SAFETY: VMXON with a 4 KiB-aligned region carrying the revision id,
-    // CR0/CR4 fixed bits satisfied and FEATURE_CONTROL enabled above.
-    unsafe {
-        asm!("vmxon [{p}]", "setc {cf}", "setz {zf}", p = in(reg) &region, cf = out(reg_byte) cf, zf = out(reg_byte) zf)
-    };
-    check(cf, zf, "VMXON failed")
+    // CR0/CR4 fixed bits are satisfied and FEATURE_CONTROL enabled above.
+    region_insn!("vmxon", &region, "VMXON failed")
 }
 
 fn controls(desired: u32, plain: u32, true_msr: u32, name: &'static str, required: u32) -> Result<u32, VmxError> {
@@ -259,12 +270,7 @@ impl VmxVcpu {
             proc2: 0,
             pml_supported: cpu.pml,
         };
-        let (cf, zf): (u8, u8);
-        // SAFETY: VMCLEAR of our own, freshly initialized VMCS region.
-        unsafe {
-            asm!("vmclear [{p}]", "setc {cf}", "setz {zf}", p = in(reg) &vmcs_pa, cf = out(reg_byte) cf, zf = out(reg_byte) zf)
-        };
-        check(cf, zf, "VMCLEAR failed")?;
+        region_insn!("vmclear", &vmcs_pa, "VMCLEAR failed")?;
         vcpu.make_current()?;
         vcpu.setup(cpu, vpid, rip, rsp, cr3)?;
         Ok(vcpu)
@@ -274,12 +280,7 @@ impl VmxVcpu {
         if CURRENT_VMCS.load(Ordering::Relaxed) == self.vmcs_pa {
             return Ok(());
         }
-        let (cf, zf): (u8, u8);
-        // SAFETY: VMPTRLD of a VMCS region this vCPU owns and cleared.
-        unsafe {
-            asm!("vmptrld [{p}]", "setc {cf}", "setz {zf}", p = in(reg) &self.vmcs_pa, cf = out(reg_byte) cf, zf = out(reg_byte) zf)
-        };
-        check(cf, zf, "VMPTRLD failed")?;
+        region_insn!("vmptrld", &self.vmcs_pa, "VMPTRLD failed")?;
         CURRENT_VMCS.store(self.vmcs_pa, Ordering::Relaxed);
         Ok(())
     }
@@ -446,13 +447,9 @@ impl VmxVcpu {
 
     /// Frees the VMCS and the PML page.
     pub fn destroy(self) {
-        let (cf, zf): (u8, u8);
-        // SAFETY: VMCLEAR of our own VMCS makes it inactive before the frame
-        // goes back to the allocator.
-        unsafe {
-            asm!("vmclear [{p}]", "setc {cf}", "setz {zf}", p = in(reg) &self.vmcs_pa, cf = out(reg_byte) cf, zf = out(reg_byte) zf)
-        };
-        let _ = (cf, zf);
+        // VMCLEAR makes our VMCS inactive before its frame goes back to the
+        // allocator; a failure leaves nothing to undo.
+        let _ = region_insn!("vmclear", &self.vmcs_pa, "VMCLEAR failed");
         let _ = CURRENT_VMCS.compare_exchange(self.vmcs_pa, 0, Ordering::Relaxed, Ordering::Relaxed);
         memory::free_frames(self.vmcs_pa, 1);
         memory::free_frames(self.pml_pa, 1);
