@@ -1,4 +1,143 @@
-//! The live-migration wire protocol and the source/destination state
-//! machines, without I/O. Built in the migration issue (#7).
+//! The live-migration protocol: wire format and the source/destination
+//! state machines, without I/O. Built in the migration issue (#7).
+//!
+//! Source host A streams a running VM to destination host B over one
+//! reliable byte stream (TCP), after the Hyper-V live-migration design:
+//! setup, iterative pre-copy of memory, stop-and-copy, and a two-phase
+//! switchover. Both sides are sans-IO: bytes and events go in, bytes and
+//! actions come out, and time is a parameter (`now_us`), never read.
+//!
+//! Modules:
+//! - [`wire`]: frame header, record types, incremental [`FrameDecoder`], [`WireError`].
+//! - [`record`]: the records and their payload encodings.
+//! - [`delta`]: XOR-and-zero-run page deltas.
+//! - [`crc`]: CRC32C (table-driven, slicing-by-8).
+//! - [`converge`]: the pure convergence decision.
+//! - [`source`], [`dest`]: the two state machines.
+//!
+//! # Wire format
+//!
+//! Every record is one frame: a 16-byte little-endian header and a payload.
+//!
+//! ```text
+//! 0        4        6        8            12           16
+//! +--------+--------+--------+------------+------------+-----------------+
+//! | magic  |version | type   | length     | crc32c     | payload ...     |
+//! | "HIVM" |  u16=1 |  u16   | u32 <= lim | of payload | (length bytes)  |
+//! +--------+--------+--------+------------+------------+-----------------+
+//! ```
+//!
+//! Types (`lim` = payload limit, checked before any payload is buffered;
+//! all limits are below `MAX_PAYLOAD` = 1 MiB + 64 KiB):
+//!
+//! ```text
+//!  0 (invalid)   never valid          7 DeviceState  <= 65536 A→B
+//!  1 Hello       <= 71       A→B      8 Verify       8       A→B
+//!  2 Accept      0           B→A      9 Ready        0       B→A
+//!  3 Reject      <= 258      B→A     10 Commit       0       A→B
+//!  4 PageBatch   <= 1050886  A→B     11 Resumed      0       B→A
+//!  5 RoundEnd    36          A→B     12 Cancel       <= 258  both
+//!  6 VcpuState   <= 4096     A→B     13 Error        <= 258  both
+//! ```
+//!
+//! Unknown types are errors: every record is mandatory to understand.
+//! Payload layouts are in [`record`], the delta encoding in [`delta`].
+//!
+//! # Sequence
+//!
+//! ```text
+//!   kernel A          Source (A)                  Destination (B)        kernel B
+//!      |  new(Hello)      |                              |                   |
+//!      |                  |--------- Hello ------------->| check vendor,     |
+//!      |                  |                              | features, memory  |
+//!      |                  |                              |--- CreateVm ----->|
+//!      |                  |<-------- Accept -------------|  (or Reject)      |
+//!      |   round 0: every page (zero pages as a flag)    |                   |
+//!      |                  |------ PageBatch × n -------->| write_page        |
+//!      |<- HarvestDirty --|                              |                   |
+//!      |-- on_dirty ----->|------ RoundEnd ------------->| check page count  |
+//!      |   rounds 1..k: pages dirtied meanwhile (delta against the last send)
+//!      |   … until decide() says StopAndCopy (maybe after SetThrottle) …
+//!      |<--- PauseVm -----|                              |                   |
+//!      |-- on_vm_paused ->|  (vCPU and device state)     |                   |
+//!      |<- HarvestDirty --|                              |                   |
+//!      |-- on_dirty ----->|------ PageBatch × m -------->|                   |
+//!      |                  |------ RoundEnd ------------->|                   |
+//!      |                  |------ Verify (optional) ---->| compare digest    |
+//!      |                  |------ VcpuState × vcpus ---->|--- SetVcpuState ->|
+//!      |                  |------ DeviceState ---------->|--- SetDeviceState>|
+//!      |                  |<-------- Ready --------------|                   |
+//!      |                  |--------- Commit ------------>|  point of no return
+//!      |                  |                              |--- ResumeVm ----->|
+//!      |                  |<-------- Resumed ------------|--- Finished ----->|
+//!      |<- Finished ------|  (A frees the VM)            |                   |
+//! ```
+//!
+//! # Destination (receiver) states
+//!
+//! ```text
+//!             Hello ok                     DeviceState (all vCPUs in,
+//!  AwaitHello ────────> Receiving ───────> digest matched) ──> AwaitCommit
+//!     │  Hello bad        │ PageBatch, RoundEnd,                   │ Commit
+//!     v                   │ Verify, VcpuState                      v
+//!  Rejected               │ (loop)                              Resumed
+//!                         │                                    (abort ignored)
+//!  any state before Resumed: bad frame, unexpected record, peer Cancel/Error,
+//!  on_abort ──> Failed (DestroyVm if CreateVm was handed out; Error sent
+//!  to the peer when this side detected the problem)
+//! ```
+//!
+//! # Safety rules (never two running copies)
+//!
+//! - Before Commit leaves the source, any failure (operator cancel, link
+//!   cut, peer Reject/Error, timeout, checksum or record error, policy
+//!   Abort) ends in `Failed { vm_running: true }`: the source asks for
+//!   `SetThrottle(0)` and `ResumeVm` if it had throttled or paused, and the
+//!   destination destroys its skeleton.
+//! - Commit is handed out by `Source::poll`; from then on the source never
+//!   asks for `ResumeVm`. If Resumed does not arrive (timeout, link cut,
+//!   anything else), the source reports `InDoubt`: its copy stays paused and
+//!   must not be destroyed or resumed without an operator.
+//! - The destination resumes only on Commit, and after that ignores aborts.
+
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
+#![cfg_attr(test, allow(clippy::cast_possible_truncation))]
+
+extern crate alloc;
+
+pub mod converge;
+pub mod crc;
+pub mod delta;
+pub mod dest;
+pub mod record;
+pub mod source;
+pub mod wire;
+
+#[cfg(test)]
+mod e2e;
+#[cfg(test)]
+pub(crate) mod testmem;
+
+pub use converge::{decide, Decision, Policy};
+pub use dest::{DestAction, DestState, Destination};
+pub use record::{Hello, Page, PageBatch, PageData, Record, RoundEnd, VmConfig};
+pub use source::{Report, Source, SourceAction, SourceConfig, Stage, Status};
+pub use wire::{Frame, FrameDecoder, RecordType, WireError, MAX_PAYLOAD, PROTOCOL_VERSION};
+
+/// Guest page size; the only one the protocol supports.
+pub const PAGE_SIZE: usize = 4096;
+
+/// Guest memory as the state machines see it. The kernel implements it over
+/// the VM's real memory; tests over a `Vec<u8>`.
+pub trait GuestMemory {
+    /// Number of 4 KiB pages.
+    fn pages(&self) -> u64;
+    /// Copies page `gfn` (`< pages()`) into `out`.
+    fn read_page(&self, gfn: u64, out: &mut [u8; PAGE_SIZE]);
+    /// Overwrites page `gfn` (`< pages()`).
+    fn write_page(&mut self, gfn: u64, data: &[u8; PAGE_SIZE]);
+    /// A stable hash of all pages; both hosts must use the same function.
+    fn digest(&self) -> u64;
+}

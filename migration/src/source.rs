@@ -1,0 +1,853 @@
+//! The source side (host A): sends Hello, pre-copies memory in rounds,
+//! pauses the VM, sends the rest and the vCPU and device state, then runs
+//! the two-phase switchover.
+//!
+//! ```text
+//!  Setup ──Accept──> Sending ──round sent──> Harvest ──on_dirty──┬─> Sending (next round,
+//!    │                  ^                                        │    maybe SetThrottle)
+//!    │ Reject           └────────────────────────────────────────┘
+//!    v                         StopAndCopy: PauseVm ──> Pausing ──on_vm_paused──> FinalHarvest
+//!  Failed <── any error before Commit           ──on_dirty──> FinalSending ──> AwaitReady
+//!             (Cancel/Error sent, SetThrottle(0), ResumeVm if paused)
+//!  AwaitReady ──Ready──> Commit ──poll hands out Commit──> AwaitResumed ──Resumed──> Done
+//!                                     after Commit, any failure ──> InDoubt
+//! ```
+//!
+//! Bandwidth is the bytes of a round's page batches over the time from the
+//! poll that handed out its first batch to the poll that asked for the
+//! harvest (the caller is trusted to transmit Send actions promptly). The
+//! dirty rate is the harvested page count over the time since the previous
+//! harvest. With a bandwidth cap, page batches are paced: after a batch of
+//! `n` bytes, the next one is held back `n / cap` seconds.
+//!
+//! Deltas need the version the destination holds. The source keeps a copy
+//! of pages it re-sends after round 0 (the writable working set), up to
+//! `delta_cache_pages`; a cached page is sent as a delta when that is
+//! shorter than half a page.
+
+use alloc::boxed::Box;
+use alloc::collections::{BTreeMap, VecDeque};
+use alloc::format;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+
+use crate::converge::{self, Decision, Inputs, Policy};
+use crate::record::{clip_reason, Hello, PageBatchWriter, PageKind, Record, RoundEnd, MAX_BATCH_PAGES};
+use crate::record::{MAX_DEVICE_STATE, MAX_VCPU_STATE};
+use crate::wire::FrameDecoder;
+use crate::{GuestMemory, PAGE_SIZE, PROTOCOL_VERSION};
+
+/// Without progress (a frame received, an action handed out, a caller
+/// event) for this long, the migration fails (or is in doubt after Commit).
+pub const PROGRESS_TIMEOUT_US: u64 = 30_000_000;
+/// Largest guest the source accepts to migrate (4 TiB; the dirty bitmap is
+/// one bit per page, 128 MiB at that size).
+pub const MAX_GUEST_BYTES: u64 = 4 << 40;
+
+/// Source tuning.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceConfig {
+    /// Longest acceptable pause of the VM.
+    pub downtime_budget_us: u64,
+    /// Optional pacing of page batches.
+    pub bandwidth_cap_bytes_per_s: Option<u64>,
+    /// Most pre-copy rounds before stop-and-copy (or Abort).
+    pub max_rounds: u32,
+    /// What to do when pre-copy does not converge.
+    pub policy: Policy,
+    /// Send a memory digest for the destination to check.
+    pub verify: bool,
+    /// Pages kept for delta encoding (0 disables deltas). Extension to the
+    /// brief's field list.
+    pub delta_cache_pages: usize,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig {
+            downtime_budget_us: 300_000,
+            bandwidth_cap_bytes_per_s: None,
+            max_rounds: 30,
+            policy: Policy::Throttle,
+            verify: true,
+            delta_cache_pages: 4096, // 16 MiB
+        }
+    }
+}
+
+/// What the caller must do next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceAction {
+    /// Transmit these bytes to the destination, in order.
+    Send(Vec<u8>),
+    /// Pause every vCPU, then call [`Source::on_vm_paused`].
+    PauseVm,
+    /// Let the VM run again (the migration failed before Commit).
+    ResumeVm,
+    /// Take this percentage of CPU time away from the guest (0 = none).
+    SetThrottle(u8),
+    /// Collect and clear the dirty log, then call [`Source::on_dirty`].
+    HarvestDirty,
+    /// The destination runs the VM: free it here.
+    Finished(Report),
+    /// The migration failed before Commit; the VM runs here (resumed and
+    /// unthrottled by the preceding actions).
+    Failed {
+        /// What went wrong.
+        reason: String,
+        /// Always true: failures after Commit are `InDoubt`.
+        vm_running: bool,
+    },
+    /// Commit was sent but Resumed never came: the VM may run on the
+    /// destination. Keep this copy paused; do not free or resume it.
+    InDoubt,
+}
+
+/// Statistics of a finished migration.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Report {
+    /// First poll to Resumed.
+    pub total_us: u64,
+    /// VM paused (on_vm_paused) to Resumed.
+    pub downtime_us: u64,
+    /// First poll to Accept.
+    pub setup_us: u64,
+    /// Pages sent per round, the final stop-and-copy round last.
+    pub rounds: Vec<u64>,
+    /// All bytes the source handed out in Send actions.
+    pub bytes_on_wire: u64,
+    /// Pages sent as a zero flag.
+    pub zero_pages: u64,
+    /// Pages sent as a delta.
+    pub delta_pages: u64,
+    /// Pages sent whole.
+    pub full_pages: u64,
+    /// The destination checked the memory digest.
+    pub verified: bool,
+}
+
+/// Coarse progress, for operators.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Hello sent, waiting for Accept.
+    Setup,
+    /// Iterative pre-copy.
+    PreCopy,
+    /// Pausing and sending the rest.
+    StopAndCopy,
+    /// Waiting for Ready / Resumed.
+    Switchover,
+    /// VM runs on the destination.
+    Done,
+    /// Failed before Commit; VM runs here.
+    Failed,
+    /// Resumed lost after Commit.
+    InDoubt,
+}
+
+/// Snapshot of the source's progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Status {
+    /// Stage.
+    pub stage: Stage,
+    /// Current round.
+    pub round: u32,
+    /// Pages sent over all rounds.
+    pub pages_sent: u64,
+    /// Pages still to send in this round (or dirty after the last harvest).
+    pub pages_remaining: u64,
+    /// Last measured dirty rate.
+    pub dirty_rate_pages_per_s: u64,
+    /// Last measured bandwidth.
+    pub bandwidth_bytes_per_s: u64,
+    /// Pause needed to send `pages_remaining` at that bandwidth.
+    pub expected_downtime_us: u64,
+    /// Current throttle, percent.
+    pub throttle: u8,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Setup,
+    Sending,
+    Harvest,
+    Pausing,
+    FinalHarvest,
+    FinalSending,
+    AwaitReady,
+    Commit,
+    AwaitResumed,
+    Done,
+    Failed,
+    InDoubt,
+}
+
+/// One bit per guest page.
+struct Bits {
+    words: Vec<u64>,
+    len: u64,
+}
+
+impl Bits {
+    fn new(len: u64) -> Self {
+        let words = usize::try_from(len.div_ceil(64)).unwrap_or(0);
+        Bits { words: vec![0; words], len }
+    }
+    fn set(&mut self, i: u64) {
+        if i < self.len {
+            if let Some(w) = self.words.get_mut(usize::try_from(i / 64).unwrap_or(usize::MAX)) {
+                *w |= 1 << (i % 64);
+            }
+        }
+    }
+    fn fill(&mut self, on: bool) {
+        self.words.fill(if on { u64::MAX } else { 0 });
+        if let (true, Some(last), r @ 1..) = (on, self.words.last_mut(), self.len % 64) {
+            *last = (1 << r) - 1;
+        }
+    }
+    fn count(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+    /// First set bit at or after `from`.
+    fn next_from(&self, from: u64) -> Option<u64> {
+        let first = usize::try_from(from / 64).ok()?;
+        let mut mask = u64::MAX << (from % 64);
+        for (i, w) in self.words.iter().enumerate().skip(first) {
+            let hit = w & mask;
+            if hit != 0 {
+                return Some(i as u64 * 64 + u64::from(hit.trailing_zeros()));
+            }
+            mask = u64::MAX;
+        }
+        None
+    }
+}
+
+fn rate(amount: u64, us: u64) -> u64 {
+    if us == 0 {
+        return u64::MAX;
+    }
+    u64::try_from(u128::from(amount) * 1_000_000 / u128::from(us)).unwrap_or(u64::MAX)
+}
+
+/// The source state machine. See the module docs.
+pub struct Source {
+    config: SourceConfig,
+    hello: Hello,
+    pages: u64,
+    pub(crate) phase: Phase,
+    out: VecDeque<SourceAction>,
+    decoder: FrameDecoder,
+    to_send: Bits,
+    cursor: u64,
+    round_total: u64,
+    cache: BTreeMap<u64, Box<[u8; PAGE_SIZE]>>,
+    scratch: Box<[u8; PAGE_SIZE]>,
+    vcpu_states: Vec<Vec<u8>>,
+    device_state: Vec<u8>,
+    // Time.
+    start_us: Option<u64>,
+    last_progress_us: Option<u64>,
+    paused_at_us: u64,
+    next_send_us: u64,
+    round_start_us: Option<u64>,
+    last_harvest_us: u64,
+    // This round.
+    round: u32,
+    round_pages: u64,
+    round_bytes: u64,
+    // Measurements and side effects handed out.
+    pages_sent: u64,
+    remaining: u64,
+    bandwidth: u64,
+    dirty_rate: u64,
+    hot_rounds: u32,
+    throttle: u8,
+    pause_requested: bool,
+    report: Report,
+}
+
+impl Source {
+    /// A source for the VM described by `hello`, with Hello queued. An
+    /// unusable Hello (name too long, size not whole pages, beyond
+    /// [`MAX_GUEST_BYTES`]) yields `Failed` on the first poll.
+    pub fn new(config: SourceConfig, hello: Hello) -> Self {
+        let vm = &hello.vm;
+        let usable = vm.page_size as usize == PAGE_SIZE
+            && vm.mem_bytes > 0
+            && vm.mem_bytes.is_multiple_of(PAGE_SIZE as u64)
+            && vm.mem_bytes <= MAX_GUEST_BYTES
+            && hello.protocol_version == PROTOCOL_VERSION;
+        let pages = if usable { vm.pages() } else { 0 };
+        let mut s = Source {
+            config,
+            pages,
+            phase: Phase::Setup,
+            out: VecDeque::new(),
+            decoder: FrameDecoder::new(),
+            to_send: Bits::new(pages),
+            cursor: 0,
+            round_total: 0,
+            cache: BTreeMap::new(),
+            scratch: Box::new([0; PAGE_SIZE]),
+            vcpu_states: Vec::new(),
+            device_state: Vec::new(),
+            start_us: None,
+            last_progress_us: None,
+            paused_at_us: 0,
+            next_send_us: 0,
+            round_start_us: None,
+            last_harvest_us: 0,
+            round: 0,
+            round_pages: 0,
+            round_bytes: 0,
+            pages_sent: 0,
+            remaining: pages,
+            bandwidth: 0,
+            dirty_rate: 0,
+            hot_rounds: 0,
+            throttle: 0,
+            pause_requested: false,
+            report: Report::default(),
+            hello,
+        };
+        match Record::Hello(s.hello.clone()).encode() {
+            Ok(_) if !usable => s.fail("unusable VM configuration in Hello", None),
+            Ok(frame) => s.out.push_back(SourceAction::Send(frame)),
+            Err(e) => s.fail(&format!("cannot encode Hello: {e}"), None),
+        }
+        s
+    }
+
+    fn committed(&self) -> bool {
+        matches!(self.phase, Phase::AwaitResumed)
+    }
+
+    fn terminal(&self) -> bool {
+        matches!(self.phase, Phase::Done | Phase::Failed | Phase::InDoubt)
+    }
+
+    fn send(&mut self, rec: &Record) {
+        match rec.encode() {
+            Ok(frame) => self.out.push_back(SourceAction::Send(frame)),
+            Err(e) => self.fail(&format!("cannot encode {:?}: {e}", rec.kind()), Some(false)),
+        }
+    }
+
+    /// Ends the migration before Commit (`InDoubt` after it). `notify`:
+    /// `Some(true)` sends Cancel, `Some(false)` sends Error, `None` nothing.
+    fn fail(&mut self, reason: &str, notify: Option<bool>) {
+        if self.terminal() {
+            return;
+        }
+        if self.committed() {
+            return self.in_doubt();
+        }
+        self.out.clear();
+        let reason_text = clip_reason(reason);
+        let rec = match notify {
+            Some(true) => Some(Record::Cancel { reason: reason_text }),
+            Some(false) => Some(Record::Error { reason: reason_text }),
+            None => None,
+        };
+        if let Some(Ok(frame)) = rec.map(|r| r.encode()) {
+            self.out.push_back(SourceAction::Send(frame));
+        }
+        if self.throttle > 0 {
+            self.out.push_back(SourceAction::SetThrottle(0));
+        }
+        if self.pause_requested {
+            self.out.push_back(SourceAction::ResumeVm);
+        }
+        self.out.push_back(SourceAction::Failed { reason: String::from(reason), vm_running: true });
+        self.phase = Phase::Failed;
+        self.cache.clear();
+    }
+
+    fn in_doubt(&mut self) {
+        self.out.clear();
+        self.out.push_back(SourceAction::InDoubt);
+        self.phase = Phase::InDoubt;
+        self.cache.clear();
+    }
+
+    fn progress(&mut self, now_us: u64) {
+        self.last_progress_us = Some(now_us);
+    }
+
+    /// Bytes from the destination.
+    pub fn on_bytes(&mut self, bytes: &[u8], now_us: u64) {
+        if self.terminal() {
+            return;
+        }
+        if let Err(e) = self.decoder.push(bytes) {
+            return self.fail(&format!("bad frame from destination: {e}"), Some(false));
+        }
+        while let Some(frame) = self.decoder.next_frame() {
+            if self.terminal() {
+                return;
+            }
+            self.progress(now_us);
+            match Record::decode(&frame) {
+                Ok(rec) => self.on_record(rec, now_us),
+                Err(e) => self.fail(&format!("bad {:?} from destination: {e}", frame.kind), Some(false)),
+            }
+        }
+    }
+
+    fn on_record(&mut self, rec: Record, now_us: u64) {
+        match (self.phase, rec) {
+            (_, Record::Reject { reason }) => self.fail(&format!("destination rejected: {reason}"), None),
+            (_, Record::Cancel { reason }) => self.fail(&format!("destination cancelled: {reason}"), None),
+            (_, Record::Error { reason }) => self.fail(&format!("destination error: {reason}"), None),
+            (Phase::Setup, Record::Accept) => {
+                self.report.setup_us = now_us.saturating_sub(self.start_us.unwrap_or(now_us));
+                self.last_harvest_us = now_us;
+                self.to_send.fill(true);
+                self.start_round(Phase::Sending);
+            }
+            (Phase::AwaitReady, Record::Ready) => self.phase = Phase::Commit,
+            (Phase::AwaitResumed, Record::Resumed) => {
+                let start = self.start_us.unwrap_or(now_us);
+                self.report.total_us = now_us.saturating_sub(start);
+                self.report.downtime_us = now_us.saturating_sub(self.paused_at_us);
+                self.report.verified = self.config.verify;
+                self.out.push_back(SourceAction::Finished(core::mem::take(&mut self.report)));
+                self.phase = Phase::Done;
+                self.cache.clear();
+            }
+            (phase, rec) => self.fail(&format!("unexpected {:?} in phase {phase:?}", rec.kind()), Some(false)),
+        }
+    }
+
+    fn start_round(&mut self, phase: Phase) {
+        self.cursor = 0;
+        self.round_total = self.to_send.count();
+        self.remaining = self.round_total;
+        self.round_pages = 0;
+        self.round_bytes = 0;
+        self.round_start_us = None;
+        self.phase = phase;
+    }
+
+    /// The dirty log the caller harvested (answers `HarvestDirty`). Gfns
+    /// beyond the guest are ignored.
+    pub fn on_dirty(&mut self, gfns: &[u64], now_us: u64) {
+        match self.phase {
+            Phase::Harvest => {
+                self.to_send.fill(false);
+            }
+            Phase::FinalHarvest => {}
+            _ => return,
+        }
+        self.progress(now_us);
+        gfns.iter().for_each(|&g| self.to_send.set(g));
+        if self.phase == Phase::FinalHarvest {
+            self.round += 1;
+            return self.start_round(Phase::FinalSending);
+        }
+        let dirty = self.to_send.count();
+        let round_us = now_us.saturating_sub(self.round_start_us.unwrap_or(now_us));
+        if self.round_bytes > 0 {
+            self.bandwidth = rate(self.round_bytes, round_us);
+        }
+        self.dirty_rate = rate(dirty, now_us.saturating_sub(self.last_harvest_us));
+        self.last_harvest_us = now_us;
+        self.remaining = dirty;
+        let hot = converge::is_hot(self.dirty_rate.saturating_mul(PAGE_SIZE as u64), self.bandwidth);
+        self.hot_rounds = if hot { self.hot_rounds + 1 } else { 0 };
+        self.report.rounds.push(self.round_pages);
+        let end = RoundEnd {
+            round: self.round,
+            pages_sent: self.round_pages,
+            bytes_sent: self.round_bytes,
+            dirty_pages_remaining: dirty,
+            duration_us: round_us,
+        };
+        self.send(&Record::RoundEnd(end));
+        let decision = converge::decide(&Inputs {
+            policy: self.config.policy,
+            round: self.round,
+            max_rounds: self.config.max_rounds,
+            remaining_pages: dirty,
+            bandwidth_bytes_per_s: self.bandwidth,
+            downtime_budget_us: self.config.downtime_budget_us,
+            throttle: self.throttle,
+            hot_rounds: self.hot_rounds,
+        });
+        match decision {
+            Decision::Continue | Decision::Throttle(_) => {
+                if let Decision::Throttle(p) = decision {
+                    self.throttle = p;
+                    self.out.push_back(SourceAction::SetThrottle(p));
+                }
+                self.round += 1;
+                self.start_round(Phase::Sending);
+            }
+            Decision::StopAndCopy => {
+                self.out.push_back(SourceAction::PauseVm);
+                self.phase = Phase::Pausing;
+            }
+            Decision::Abort => {
+                let why = format!("guest does not converge after round {} (policy Abort)", self.round);
+                self.fail(&why, Some(true));
+            }
+        }
+    }
+
+    /// The VM is paused (answers `PauseVm`), with the state of each vCPU in
+    /// order (at most 4096 bytes each, one per vCPU of the Hello) and the
+    /// device state (at most 64 KiB).
+    pub fn on_vm_paused(&mut self, now_us: u64, vcpu_states: &[Vec<u8>], device_state: &[u8]) {
+        if self.phase != Phase::Pausing {
+            return;
+        }
+        self.progress(now_us);
+        self.paused_at_us = now_us;
+        if vcpu_states.len() != self.hello.vm.vcpus as usize {
+            let why = format!("{} vCPU states for {} vCPUs", vcpu_states.len(), self.hello.vm.vcpus);
+            return self.fail(&why, Some(true));
+        }
+        if let Some(s) = vcpu_states.iter().find(|s| s.len() > MAX_VCPU_STATE as usize) {
+            return self.fail(&format!("vCPU state of {} bytes", s.len()), Some(true));
+        }
+        if device_state.len() > MAX_DEVICE_STATE as usize {
+            return self.fail(&format!("device state of {} bytes", device_state.len()), Some(true));
+        }
+        self.vcpu_states = vcpu_states.to_vec();
+        self.device_state = device_state.to_vec();
+        self.out.push_back(SourceAction::HarvestDirty);
+        self.phase = Phase::FinalHarvest;
+    }
+
+    /// Checks the progress timeout.
+    pub fn on_tick(&mut self, now_us: u64) {
+        if self.terminal() {
+            return;
+        }
+        let since = *self.last_progress_us.get_or_insert(now_us);
+        if now_us.saturating_sub(since) >= PROGRESS_TIMEOUT_US {
+            let why = format!("no progress for {} s in phase {:?}", PROGRESS_TIMEOUT_US / 1_000_000, self.phase);
+            self.fail(&why, Some(true));
+        }
+    }
+
+    /// The link is cut or the operator cancels.
+    pub fn on_abort(&mut self, reason: &str) {
+        self.fail(&format!("aborted: {reason}"), Some(true));
+    }
+
+    /// The next action, if any. Page data is read through `mem`.
+    pub fn poll(&mut self, mem: &dyn GuestMemory, now_us: u64) -> Option<SourceAction> {
+        self.start_us.get_or_insert(now_us);
+        self.last_progress_us.get_or_insert(now_us);
+        if self.out.is_empty() {
+            match self.phase {
+                Phase::Sending | Phase::FinalSending => self.next_batch(mem, now_us),
+                Phase::Commit => {
+                    // Handed out just below: from here on, never ResumeVm.
+                    self.send(&Record::Commit);
+                    if !self.terminal() {
+                        self.phase = Phase::AwaitResumed;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let action = self.out.pop_front()?;
+        self.progress(now_us);
+        match &action {
+            SourceAction::Send(b) => self.report.bytes_on_wire += b.len() as u64,
+            SourceAction::PauseVm => self.pause_requested = true,
+            _ => {}
+        }
+        Some(action)
+    }
+
+    /// Queues the next page batch, or the end of the round.
+    fn next_batch(&mut self, mem: &dyn GuestMemory, now_us: u64) {
+        if mem.pages() < self.pages {
+            let why = format!("guest memory has {} pages, Hello announced {}", mem.pages(), self.pages);
+            return self.fail(&why, Some(true));
+        }
+        if self.config.bandwidth_cap_bytes_per_s.is_some() && now_us < self.next_send_us {
+            return;
+        }
+        let want = usize::try_from(self.remaining).unwrap_or(MAX_BATCH_PAGES);
+        let mut w = PageBatchWriter::new(self.round, want);
+        let mut n = 0;
+        while n < MAX_BATCH_PAGES {
+            let Some(gfn) = self.to_send.next_from(self.cursor) else { break };
+            self.cursor = gfn + 1;
+            n += 1;
+            mem.read_page(gfn, &mut self.scratch);
+            let kind = match w.push_page(gfn, &self.scratch, self.cache.get(&gfn).map(|b| &**b)) {
+                Ok(k) => k,
+                Err(e) => return self.fail(&format!("cannot encode page {gfn}: {e}"), Some(false)),
+            };
+            match kind {
+                PageKind::Zero => {
+                    self.report.zero_pages += 1;
+                    self.cache.remove(&gfn);
+                }
+                PageKind::Delta | PageKind::Full => {
+                    if kind == PageKind::Delta {
+                        self.report.delta_pages += 1;
+                    } else {
+                        self.report.full_pages += 1;
+                    }
+                    if let Some(c) = self.cache.get_mut(&gfn) {
+                        **c = *self.scratch;
+                    } else if self.round > 0 && self.cache.len() < self.config.delta_cache_pages {
+                        self.cache.insert(gfn, self.scratch.clone());
+                    }
+                }
+            }
+        }
+        if n == 0 {
+            return self.end_round(mem, now_us);
+        }
+        let frame = match w.finish() {
+            Ok(f) => f,
+            Err(e) => return self.fail(&format!("cannot encode page batch: {e}"), Some(false)),
+        };
+        self.round_start_us.get_or_insert(now_us);
+        self.round_pages += n as u64;
+        self.pages_sent += n as u64;
+        self.remaining = self.remaining.saturating_sub(n as u64);
+        self.round_bytes += frame.len() as u64;
+        if let Some(cap) = self.config.bandwidth_cap_bytes_per_s {
+            let hold = u128::from(frame.len() as u64) * 1_000_000 / u128::from(cap.max(1));
+            self.next_send_us = now_us.saturating_add(u64::try_from(hold).unwrap_or(u64::MAX));
+        }
+        self.out.push_back(SourceAction::Send(frame));
+    }
+
+    fn end_round(&mut self, mem: &dyn GuestMemory, now_us: u64) {
+        if self.phase == Phase::Sending {
+            self.out.push_back(SourceAction::HarvestDirty);
+            self.phase = Phase::Harvest;
+            return;
+        }
+        // Final round sent: RoundEnd, Verify, the vCPUs, the devices.
+        self.report.rounds.push(self.round_pages);
+        let end = RoundEnd {
+            round: self.round,
+            pages_sent: self.round_pages,
+            bytes_sent: self.round_bytes,
+            dirty_pages_remaining: 0,
+            duration_us: now_us.saturating_sub(self.round_start_us.unwrap_or(now_us)),
+        };
+        self.send(&Record::RoundEnd(end));
+        if self.config.verify {
+            self.send(&Record::Verify { digest: mem.digest() });
+        }
+        for s in core::mem::take(&mut self.vcpu_states) {
+            self.send(&Record::VcpuState(s));
+        }
+        let dev = core::mem::take(&mut self.device_state);
+        self.send(&Record::DeviceState(dev));
+        if !self.terminal() {
+            self.phase = Phase::AwaitReady;
+        }
+    }
+
+    /// Progress snapshot.
+    pub fn status(&self) -> Status {
+        let stage = match self.phase {
+            Phase::Setup => Stage::Setup,
+            Phase::Sending | Phase::Harvest => Stage::PreCopy,
+            Phase::Pausing | Phase::FinalHarvest | Phase::FinalSending => Stage::StopAndCopy,
+            Phase::AwaitReady | Phase::Commit | Phase::AwaitResumed => Stage::Switchover,
+            Phase::Done => Stage::Done,
+            Phase::Failed => Stage::Failed,
+            Phase::InDoubt => Stage::InDoubt,
+        };
+        Status {
+            stage,
+            round: self.round,
+            pages_sent: self.pages_sent,
+            pages_remaining: self.remaining,
+            dirty_rate_pages_per_s: self.dirty_rate,
+            bandwidth_bytes_per_s: self.bandwidth,
+            expected_downtime_us: converge::transfer_time_us(self.remaining, self.bandwidth),
+            throttle: self.throttle,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{Page, PageData, VmConfig};
+    use crate::testmem::VecMemory;
+
+    fn hello(pages: u64) -> Hello {
+        Hello {
+            protocol_version: 1,
+            cpu_vendor: *b"GenuineIntel",
+            features: 0,
+            vm: VmConfig { name: "vm".into(), mem_bytes: pages * 4096, vcpus: 1, page_size: 4096 },
+        }
+    }
+
+    fn records(bytes: &[u8]) -> Vec<Record> {
+        let mut d = FrameDecoder::new();
+        d.push(bytes).unwrap();
+        std::iter::from_fn(|| d.next_frame()).map(|f| Record::decode(&f).unwrap()).collect()
+    }
+
+    fn drain(s: &mut Source, mem: &VecMemory, now: u64) -> Vec<SourceAction> {
+        std::iter::from_fn(|| s.poll(mem, now)).take(10_000).collect()
+    }
+
+    fn sent(actions: &[SourceAction]) -> Vec<Record> {
+        actions.iter().flat_map(|a| if let SourceAction::Send(b) = a { records(b) } else { vec![] }).collect()
+    }
+
+    /// A source past Accept, its memory, and the actions up to the first harvest.
+    fn accepted(pages: u64) -> (Source, VecMemory, Vec<SourceAction>) {
+        let mut mem = VecMemory::new(pages);
+        mem.page_mut(1).fill(9);
+        let mut s = Source::new(SourceConfig::default(), hello(pages));
+        let a = drain(&mut s, &mem, 0);
+        assert!(matches!(&sent(&a)[..], [Record::Hello(h)] if *h == hello(pages)));
+        s.on_bytes(&Record::Accept.encode().unwrap(), 10);
+        let a = drain(&mut s, &mem, 20);
+        (s, mem, a)
+    }
+
+    fn failed(a: &[SourceAction]) -> &str {
+        match a.last() {
+            Some(SourceAction::Failed { reason, vm_running: true }) => reason,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn round_zero_sends_every_page_then_asks_for_the_harvest() {
+        let (s, _, a) = accepted(300);
+        assert_eq!(a.last(), Some(&SourceAction::HarvestDirty));
+        let recs = sent(&a);
+        assert_eq!(recs.len(), 2, "300 pages = a full batch of 256 and one of 44");
+        let Record::PageBatch(b) = &recs[0] else { panic!() };
+        assert_eq!(b.pages.len(), 256);
+        assert_eq!(b.pages[0], Page { gfn: 0, data: PageData::Zero });
+        assert_eq!(b.pages[1].data, PageData::Full(Box::new([9; 4096])));
+        assert_eq!(s.status().stage, Stage::PreCopy);
+        assert_eq!(s.status().pages_sent, 300);
+    }
+
+    #[test]
+    fn harvest_answer_ends_the_round_and_drives_the_decision() {
+        let (mut s, mem, _) = accepted(4);
+        // Gfns beyond the guest are ignored; the rest fits the budget.
+        s.on_dirty(&[1, 2, 99], 1_000);
+        let a = drain(&mut s, &mem, 1_000);
+        let [Record::RoundEnd(end)] = &sent(&a)[..] else { panic!("{a:?}") };
+        assert_eq!((end.round, end.pages_sent, end.dirty_pages_remaining, end.duration_us), (0, 4, 2, 980));
+        assert_eq!(a.last(), Some(&SourceAction::PauseVm));
+        s.on_vm_paused(1_100, &[vec![1; 10]], &[2; 20]);
+        assert_eq!(drain(&mut s, &mem, 1_100), vec![SourceAction::HarvestDirty]);
+        s.on_dirty(&[3], 1_200);
+        let recs = sent(&drain(&mut s, &mem, 1_200));
+        let Record::PageBatch(b) = &recs[0] else { panic!("{recs:?}") };
+        assert_eq!(b.pages.iter().map(|p| p.gfn).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(recs[2], Record::Verify { digest: mem.digest() });
+        assert_eq!(recs[3..], [Record::VcpuState(vec![1; 10]), Record::DeviceState(vec![2; 20])]);
+        assert_eq!(s.status().stage, Stage::Switchover);
+    }
+
+    #[test]
+    fn garbage_from_destination_fails_the_source() {
+        let (mut s, mem, _) = accepted(4);
+        s.on_bytes(b"\0\0\0\0garbage garbage", 30);
+        let a = drain(&mut s, &mem, 30);
+        assert!(matches!(&sent(&a)[..], [Record::Error { reason }] if reason.contains("bad magic")));
+        assert!(failed(&a).contains("bad frame"));
+        assert!(!a.contains(&SourceAction::ResumeVm), "never paused");
+    }
+
+    #[test]
+    fn silent_destination_times_out_with_the_vm_running() {
+        let mut mem = VecMemory::new(4);
+        mem.page_mut(0).fill(1);
+        let mut s = Source::new(SourceConfig::default(), hello(4));
+        drain(&mut s, &mem, 5);
+        s.on_tick(5 + PROGRESS_TIMEOUT_US - 1);
+        assert!(s.poll(&mem, 5 + PROGRESS_TIMEOUT_US - 1).is_none());
+        s.on_tick(5 + PROGRESS_TIMEOUT_US);
+        let a = drain(&mut s, &mem, 5 + PROGRESS_TIMEOUT_US);
+        assert!(matches!(&sent(&a)[..], [Record::Cancel { .. }]));
+        assert!(failed(&a).contains("no progress"));
+    }
+
+    #[test]
+    fn timeout_while_paused_resumes_the_vm() {
+        let (mut s, mem, _) = accepted(4);
+        s.on_dirty(&[], 100);
+        drain(&mut s, &mem, 100); // RoundEnd, PauseVm
+        s.on_tick(100 + PROGRESS_TIMEOUT_US);
+        let a = drain(&mut s, &mem, 100 + PROGRESS_TIMEOUT_US);
+        assert_eq!(a[a.len() - 2], SourceAction::ResumeVm);
+        failed(&a);
+    }
+
+    #[test]
+    fn wrong_number_of_vcpu_states_fails_and_resumes() {
+        let (mut s, mem, _) = accepted(4);
+        s.on_dirty(&[], 100);
+        drain(&mut s, &mem, 100);
+        s.on_vm_paused(200, &[vec![], vec![]], &[]);
+        let a = drain(&mut s, &mem, 200);
+        assert!(failed(&a).contains("2 vCPU states for 1 vCPUs"));
+        assert!(a.contains(&SourceAction::ResumeVm));
+    }
+
+    #[test]
+    fn unusable_hello_fails_on_the_first_poll() {
+        let mem = VecMemory::new(1);
+        let mut h = hello(1);
+        h.vm.mem_bytes = 4095;
+        let a = drain(&mut Source::new(SourceConfig::default(), h), &mem, 0);
+        assert!(failed(&a).contains("unusable"));
+        let mut h = hello(1);
+        h.vm.name = "x".repeat(40);
+        let a = drain(&mut Source::new(SourceConfig::default(), h), &mem, 0);
+        assert!(failed(&a).contains("Hello"));
+    }
+
+    #[test]
+    fn memory_smaller_than_announced_fails() {
+        let mut s = Source::new(SourceConfig::default(), hello(8));
+        let mem = VecMemory::new(4);
+        drain(&mut s, &mem, 0);
+        s.on_bytes(&Record::Accept.encode().unwrap(), 1);
+        assert!(failed(&drain(&mut s, &mem, 1)).contains("4 pages"));
+    }
+
+    #[test]
+    fn unexpected_record_is_a_protocol_error() {
+        let (mut s, mem, _) = accepted(4);
+        s.on_bytes(&Record::Resumed.encode().unwrap(), 30);
+        let a = drain(&mut s, &mem, 30);
+        assert!(matches!(&sent(&a)[..], [Record::Error { .. }]));
+        assert!(failed(&a).contains("unexpected Resumed"));
+    }
+
+    #[test]
+    fn bits_find_the_next_set_page() {
+        let mut b = Bits::new(130);
+        b.fill(true);
+        assert_eq!(b.count(), 130);
+        b.fill(false);
+        for i in [0, 63, 64, 129, 130] {
+            b.set(i);
+        }
+        assert_eq!(b.count(), 4);
+        let found: Vec<u64> = std::iter::successors(b.next_from(0), |&i| b.next_from(i + 1)).collect();
+        assert_eq!(found, vec![0, 63, 64, 129]);
+    }
+}
