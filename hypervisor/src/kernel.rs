@@ -7,12 +7,14 @@ use core::sync::atomic::Ordering;
 use hypervisor::acpi;
 use hypervisor::bootinfo::BootInfo;
 use hypervisor::line::LineEditor;
+use hypervisor::migcmd::MigrateCommand;
 use hypervisor::netcmd::NetCommand;
 use hypervisor::shell::{Action, Fault, Host, MemInfo, Mode, Reply, Shell};
 use hypervisor::vmcmd::VmCommand;
 use vmx::cpu::CpuReport;
 
 use crate::arch::{clock, cpu, gdt, idt, memory, power, serial, svm, timer};
+use crate::migrate::Migrator;
 use crate::net::Net;
 use crate::vm::Manager;
 
@@ -23,6 +25,7 @@ struct Machine {
     route: &'static str,
     vms: Manager,
     net: Option<Net>,
+    migrator: Migrator,
 }
 
 impl Host for Machine {
@@ -47,6 +50,9 @@ impl Host for Machine {
     }
     fn vm(&mut self, cmd: VmCommand) -> Result<Reply, String> {
         self.vms.command(cmd)
+    }
+    fn migrate(&mut self, cmd: MigrateCommand) -> Result<Reply, String> {
+        self.migrator.command(cmd, self.net.as_mut(), &mut self.vms)
     }
     fn net(&mut self, cmd: NetCommand) -> Result<Reply, String> {
         match self.net.as_mut() {
@@ -105,7 +111,8 @@ pub fn start(boot: BootInfo, reserved: &[(u64, u64)]) -> ! {
     if net.is_none() {
         log::info!("no e1000 found: networking off");
     }
-    let mut machine = Machine { cpu, processors, route: boot.route.as_str(), vms, net };
+    let migrator = Migrator::new(cpu.vendor);
+    let mut machine = Machine { cpu, processors, route: boot.route.as_str(), vms, net, migrator };
     serial::write_str("hypervisor ready\r\n");
     console_loop(&mut machine)
 }
@@ -142,9 +149,15 @@ fn console_loop(machine: &mut Machine) -> ! {
     serial::write_str(shell.prompt());
     loop {
         let Some(byte) = serial::try_read() else {
-            let busy = machine.net.as_mut().is_some_and(Net::poll);
+            let mut busy = machine.net.as_mut().is_some_and(Net::poll);
+            if let Some(net) = machine.net.as_mut() {
+                busy |= machine.migrator.poll(net, &mut machine.vms);
+            }
             if machine.vms.any_running() {
                 machine.vms.run_slice();
+                if let Some(net) = machine.net.as_mut() {
+                    net.poll();
+                }
             } else if !busy {
                 x86_64::instructions::interrupts::enable_and_hlt();
                 x86_64::instructions::interrupts::disable();

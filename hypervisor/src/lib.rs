@@ -13,6 +13,7 @@ pub mod frames;
 pub mod guest;
 pub mod json;
 pub mod line;
+pub mod migcmd;
 pub mod netcmd;
 pub mod shell;
 pub mod vmcmd;

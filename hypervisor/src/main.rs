@@ -20,6 +20,8 @@ mod arch;
 #[cfg(target_os = "none")]
 mod kernel;
 #[cfg(target_os = "none")]
+mod migrate;
+#[cfg(target_os = "none")]
 mod net;
 #[cfg(target_os = "none")]
 mod vm;

@@ -17,8 +17,10 @@ use drivers::pci::{self, Bar};
 use hypervisor::json::Obj;
 use hypervisor::netcmd::{NetCommand, Pattern};
 use hypervisor::shell::Reply;
+pub use smoltcp::iface::SocketHandle as TcpHandle;
 use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::ChecksumCapabilities;
+pub use smoltcp::socket::tcp::State as TcpState;
 use smoltcp::socket::{icmp, tcp};
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, Icmpv4Packet, Icmpv4Repr, IpAddress, IpCidr, Ipv4Address};
@@ -234,6 +236,66 @@ impl Net {
             let t = clock::uptime_us();
             self.listener = Some(Listener { handle, port, bytes: 0, ok: true, start_us: 0, last_us: 0, opened_us: t });
         }
+    }
+
+    /// Whether an address is set (TCP needs one).
+    pub fn has_ip(&self) -> bool {
+        self.cidr.is_some()
+    }
+
+    /// Opens a TCP connection (for migration) with `rx` and `tx` bytes of
+    /// socket buffer.
+    pub fn tcp_connect(&mut self, ip: [u8; 4], port: u16, rx: usize, tx: usize) -> Result<SocketHandle, String> {
+        self.need_ip()?;
+        let mut socket = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; rx]), tcp::SocketBuffer::new(vec![0; tx]));
+        socket.set_nagle_enabled(false);
+        let local = 40000 + u16::try_from(clock::uptime_us() % 9000).unwrap_or(0);
+        let addr = IpAddress::Ipv4(Ipv4Address::new(ip[0], ip[1], ip[2], ip[3]));
+        socket.connect(self.iface.context(), (addr, port), local).map_err(|e| format!("connect: {e}"))?;
+        Ok(self.sockets.add(socket))
+    }
+
+    /// A TCP socket listening on `port` (for incoming migrations).
+    pub fn tcp_listen(&mut self, port: u16, rx: usize, tx: usize) -> Result<SocketHandle, String> {
+        let mut socket = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; rx]), tcp::SocketBuffer::new(vec![0; tx]));
+        socket.set_nagle_enabled(false);
+        socket.listen(port).map_err(|e| format!("listen on {port}: {e}"))?;
+        Ok(self.sockets.add(socket))
+    }
+
+    /// The socket's TCP state.
+    pub fn tcp_state(&self, h: SocketHandle) -> tcp::State {
+        self.sockets.get::<tcp::Socket>(h).state()
+    }
+
+    /// Queues as much of `data` as fits; returns how much.
+    pub fn tcp_send(&mut self, h: SocketHandle, data: &[u8]) -> usize {
+        self.sockets.get_mut::<tcp::Socket>(h).send_slice(data).unwrap_or(0)
+    }
+
+    /// Appends everything received so far to `out`.
+    pub fn tcp_recv(&mut self, h: SocketHandle, out: &mut Vec<u8>) {
+        let socket = self.sockets.get_mut::<tcp::Socket>(h);
+        while socket.can_recv() {
+            match socket.recv(|d| {
+                out.extend_from_slice(d);
+                (d.len(), d.len())
+            }) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Closes (FIN) the socket; `tcp_remove` frees it later.
+    pub fn tcp_close(&mut self, h: SocketHandle) {
+        self.sockets.get_mut::<tcp::Socket>(h).close();
+    }
+
+    /// Resets the connection and frees the socket.
+    pub fn tcp_remove(&mut self, h: SocketHandle) {
+        self.sockets.get_mut::<tcp::Socket>(h).abort();
+        self.sockets.remove(h);
     }
 
     /// Executes a network command.

@@ -16,6 +16,7 @@ use vmx::cpu::CpuReport;
 
 use crate::json::{human_value, Obj, Value};
 use crate::line::{Event, MAX_LINE};
+use crate::migcmd::{self, MigrateCommand};
 use crate::netcmd::{self, NetCommand};
 use crate::vmcmd::{self, VmCommand};
 
@@ -50,6 +51,8 @@ pub trait Host {
     fn vm(&mut self, cmd: VmCommand) -> Result<Reply, String>;
     /// Runs a network command.
     fn net(&mut self, cmd: NetCommand) -> Result<Reply, String>;
+    /// Runs a `migrate` command.
+    fn migrate(&mut self, cmd: MigrateCommand) -> Result<Reply, String>;
 }
 
 /// Something the kernel must do after printing the reply.
@@ -192,6 +195,7 @@ impl Shell {
             "vm" => vmcmd::parse(args).and_then(|cmd| host.vm(cmd)),
             "net" => netcmd::parse_net(args).and_then(|cmd| host.net(cmd)),
             "ping" => netcmd::parse_ping(args).and_then(|cmd| host.net(cmd)),
+            "migrate" => migcmd::parse(args).and_then(|cmd| host.migrate(cmd)),
             "fault" => fault(args).map(|(f, reply)| {
                 action = Some(Action::Fault(f));
                 reply
@@ -270,13 +274,14 @@ fn no_args(cmd: &str, args: &[&str]) -> Result<(), String> {
 
 fn help() -> Reply {
     let mut text = String::from("commands:\n");
-    for (usage, about) in COMMANDS.iter().chain(vmcmd::USAGE).chain(netcmd::USAGE) {
+    for (usage, about) in COMMANDS.iter().chain(vmcmd::USAGE).chain(netcmd::USAGE).chain(migcmd::USAGE) {
         let _ = writeln!(text, "  {usage:<40} {about}");
     }
     let list: Vec<Value> = COMMANDS
         .iter()
         .chain(vmcmd::USAGE)
         .chain(netcmd::USAGE)
+        .chain(migcmd::USAGE)
         .map(|(usage, about)| Obj::new().with("usage", *usage).with("about", *about).into())
         .collect();
     Reply { data: Obj::new().with("commands", Value::Arr(list)), human: Some(text) }
@@ -402,6 +407,9 @@ mod tests {
         fn net(&mut self, cmd: NetCommand) -> Result<Reply, String> {
             Err(format!("no NIC for {cmd:?}"))
         }
+        fn migrate(&mut self, cmd: MigrateCommand) -> Result<Reply, String> {
+            Err(format!("no migration for {cmd:?}"))
+        }
         fn vm(&mut self, cmd: VmCommand) -> Result<Reply, String> {
             match cmd {
                 VmCommand::List => Ok(Reply::data(Obj::new().with("vms", Vec::<u8>::new()))),
@@ -499,7 +507,7 @@ mod tests {
         assert_eq!(sh.execute("fault bp", &mut host()).action, Some(Action::Fault(Fault::Breakpoint)));
         let bad = sh.execute("fault xx", &mut host());
         assert_eq!((bad.action, bad.text.as_str()), (None, "error: usage: fault bp|ud|pf\r\n"));
-        assert!(!sh.execute("help", &mut host()).text.contains("fault"));
+        assert!(!sh.execute("help", &mut host()).text.contains("fault bp"));
     }
 
     #[test]

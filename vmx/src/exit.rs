@@ -153,6 +153,13 @@ pub trait Vcpu {
     fn state(&self) -> VcpuState;
     /// The general-purpose registers, to emulate an instruction.
     fn regs_mut(&mut self) -> &mut GuestRegs;
+    /// Loads RIP, RSP, RFLAGS and the GPRs (an incoming migration).
+    fn set_state(&mut self, state: &VcpuState);
+    /// The guest's TSC now (host TSC plus the vCPU's offset).
+    fn guest_tsc(&self, host_tsc: u64) -> u64;
+    /// Sets the TSC offset so that the guest's TSC reads `guest_tsc` when
+    /// the host's reads `host_tsc` (continuity across a migration).
+    fn set_guest_tsc(&mut self, guest_tsc: u64, host_tsc: u64);
     /// Asks for a guest TLB flush before the next entry (after clearing
     /// second-level D or W bits).
     fn flush_tlb(&mut self);

@@ -42,6 +42,7 @@ pub enum Field64 {
     IoBitmapB = 0x2002,
     MsrBitmap = 0x2004,
     PmlAddress = 0x200E,
+    TscOffset = 0x2010,
     EptPointer = 0x201A,
     GuestPhysicalAddress = 0x2400,
     VmcsLinkPointer = 0x2800,
@@ -179,6 +180,8 @@ pub mod ctl {
     pub const PIN_EXTERNAL_INTERRUPT: u32 = 1 << 0;
     /// Pin-based: NMI exiting.
     pub const PIN_NMI: u32 = 1 << 3;
+    /// Primary: use TSC offsetting.
+    pub const PROC_TSC_OFFSET: u32 = 1 << 3;
     /// Primary: HLT exiting.
     pub const PROC_HLT: u32 = 1 << 7;
     /// Primary: CR3-load exiting.

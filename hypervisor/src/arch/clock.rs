@@ -14,7 +14,8 @@ const WINDOW_TICKS: u16 = 23_864;
 static TSC_HZ: AtomicU64 = AtomicU64::new(0);
 static TSC_AT_BOOT: AtomicU64 = AtomicU64::new(0);
 
-fn rdtsc() -> u64 {
+/// The host TSC.
+pub fn rdtsc() -> u64 {
     // SAFETY: RDTSC only reads the time-stamp counter (CR4.TSD is clear in
     // ring 0 anyway).
     unsafe { core::arch::x86_64::_rdtsc() }

@@ -70,6 +70,24 @@ impl GuestMemory {
         Some(unsafe { &mut *p.cast::<[u64; 512]>() })
     }
 
+    /// The 4 KiB page at `gfn` as bytes.
+    pub fn page_bytes(&self, gfn: u64) -> Option<&[u8; 4096]> {
+        let p = self.ptr(gfn.checked_mul(4096)?)?;
+        // SAFETY: as in `page_mut`; shared, and the guest is not running
+        // while the host reads (one CPU).
+        Some(unsafe { &*p.cast::<[u8; 4096]>() })
+    }
+
+    /// The 4 KiB page at `gfn` as bytes, for writing.
+    pub fn page_bytes_mut(&mut self, gfn: u64) -> Option<&mut [u8; 4096]> {
+        self.page_mut(gfn).map(|p| {
+            let p: *mut [u64; 512] = p;
+            // SAFETY: same memory as the `[u64; 512]` view, which `&mut self`
+            // keeps unique; u8 has no alignment or validity requirements.
+            unsafe { &mut *p.cast::<[u8; 4096]>() }
+        })
+    }
+
     /// Copies `bytes` into guest memory at `gpa` (within one chunk).
     pub fn write_bytes(&mut self, gpa: u64, bytes: &[u8]) -> bool {
         let Some(p) = self.ptr(gpa & !7) else { return false };

@@ -22,8 +22,16 @@ pub const PHYS_OFFSET: u64 = 0xffff_8000_0000_0000;
 pub const MULTIBOOT_MAPPED: u64 = 64 << 30;
 /// Kernel heap: virtual base and size.
 pub const HEAP_START: u64 = 0xffff_9000_0000_0000;
-/// 16 MiB is plenty for the console and, later, VM bookkeeping.
-pub const HEAP_SIZE: usize = 16 << 20;
+/// Smallest kernel heap: the console, VM bookkeeping and the NIC's sockets.
+pub const MIN_HEAP: u64 = 16 << 20;
+/// Largest kernel heap.
+pub const MAX_HEAP: u64 = 128 << 20;
+
+/// The heap takes a quarter of usable RAM within [MIN_HEAP, MAX_HEAP]: a
+/// migration keeps socket buffers and a page cache for deltas on it.
+pub fn heap_size_for(total: u64) -> u64 {
+    (total / 4).clamp(MIN_HEAP, MAX_HEAP) & !0xFFF
+}
 
 #[global_allocator]
 static HEAP: LockedHeap = LockedHeap::empty();
@@ -93,12 +101,12 @@ pub fn init(info: &BootInfo, reserved: &[(u64, u64)]) -> Result<(), MemoryError>
     }
     TOTAL_BYTES.store(usable().map(|(s, e)| e - s).sum(), Ordering::Relaxed);
 
-    map_heap(&mut frames)?;
+    map_heap(&mut frames, heap_size_for(TOTAL_BYTES.load(Ordering::Relaxed)))?;
     *FRAMES.lock() = Some(frames);
     Ok(())
 }
 
-fn map_heap(frames: &mut FrameBitmap<'static>) -> Result<(), MemoryError> {
+fn map_heap(frames: &mut FrameBitmap<'static>, size: u64) -> Result<(), MemoryError> {
     let (l4_frame, _) = Cr3::read();
     let l4_ptr = phys_to_virt(l4_frame.start_address().as_u64()).cast::<PageTable>();
     // SAFETY: CR3 points at the active level-4 table, which the physical map
@@ -107,7 +115,7 @@ fn map_heap(frames: &mut FrameBitmap<'static>) -> Result<(), MemoryError> {
     let mut mapper = unsafe { OffsetPageTable::new(&mut *l4_ptr, VirtAddr::new(PHYS_OFFSET)) };
     let mut alloc = BitmapAllocator(frames);
     let first = Page::<Size4KiB>::containing_address(VirtAddr::new(HEAP_START));
-    let last = Page::<Size4KiB>::containing_address(VirtAddr::new(HEAP_START + HEAP_SIZE as u64 - 1));
+    let last = Page::<Size4KiB>::containing_address(VirtAddr::new(HEAP_START + size - 1));
     for page in Page::range_inclusive(first, last) {
         let frame = alloc.allocate_frame().ok_or(MemoryError::OutOfFrames)?;
         let flags = PageTableFlags::PRESENT | PageTableFlags::WRITABLE;
@@ -117,7 +125,7 @@ fn map_heap(frames: &mut FrameBitmap<'static>) -> Result<(), MemoryError> {
     }
     // SAFETY: the range was just mapped writable and is given to the
     // allocator alone.
-    unsafe { HEAP.lock().init(HEAP_START as *mut u8, HEAP_SIZE) };
+    unsafe { HEAP.lock().init(HEAP_START as *mut u8, usize::try_from(size).unwrap_or(0)) };
     Ok(())
 }
 

@@ -214,6 +214,22 @@ impl Vcpu for SvmVcpu {
         &mut self.regs
     }
 
+    fn set_state(&mut self, state: &VcpuState) {
+        let v = self.vmcb();
+        v.save.rip = state.rip;
+        v.save.rsp = state.rsp;
+        v.save.rflags = state.rflags;
+        self.regs = state.regs;
+    }
+
+    fn guest_tsc(&self, host_tsc: u64) -> u64 {
+        host_tsc.wrapping_add(self.vmcb().control.tsc_offset)
+    }
+
+    fn set_guest_tsc(&mut self, guest_tsc: u64, host_tsc: u64) {
+        self.vmcb().control.tsc_offset = guest_tsc.wrapping_sub(host_tsc);
+    }
+
     fn flush_tlb(&mut self) {
         self.vmcb().control.tlb_control = tlb_control::FLUSH_ALL;
     }

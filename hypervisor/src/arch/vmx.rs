@@ -294,7 +294,7 @@ impl VmxVcpu {
             ctl::PIN_EXTERNAL_INTERRUPT,
         )?;
         let proc = controls(
-            ctl::PROC_HLT | ctl::PROC_UNCOND_IO | ctl::PROC_SECONDARY,
+            ctl::PROC_HLT | ctl::PROC_UNCOND_IO | ctl::PROC_SECONDARY | ctl::PROC_TSC_OFFSET,
             msr::PROCBASED,
             msr::TRUE_PROCBASED,
             "processor-based",
@@ -330,6 +330,7 @@ impl VmxVcpu {
         write32(Field32::EntryInterruptionInfo, 0);
         write64(Field64::EptPointer, self.eptp);
         write64(Field64::PmlAddress, self.pml_pa);
+        write64(Field64::TscOffset, 0);
         write16(Field16::GuestPmlIndex, 511);
         if cpu.vpid {
             write16(Field16::Vpid, vpid.max(1));
@@ -514,6 +515,26 @@ impl Vcpu for VmxVcpu {
 
     fn regs_mut(&mut self) -> &mut GuestRegs {
         &mut self.regs
+    }
+
+    fn set_state(&mut self, state: &VcpuState) {
+        if self.make_current().is_ok() {
+            write_n(FieldN::GuestRip, state.rip);
+            write_n(FieldN::GuestRsp, state.rsp);
+            write_n(FieldN::GuestRflags, state.rflags);
+        }
+        self.regs = state.regs;
+    }
+
+    fn guest_tsc(&self, host_tsc: u64) -> u64 {
+        let _ = self.make_current();
+        host_tsc.wrapping_add(vmread(Field64::TscOffset as u32))
+    }
+
+    fn set_guest_tsc(&mut self, guest_tsc: u64, host_tsc: u64) {
+        if self.make_current().is_ok() {
+            write64(Field64::TscOffset, guest_tsc.wrapping_sub(host_tsc));
+        }
     }
 
     fn flush_tlb(&mut self) {

@@ -41,6 +41,8 @@ pub enum VmState {
     Paused,
     /// Stopped for good, with the reason.
     Stopped(String),
+    /// A skeleton receiving an incoming migration; not runnable yet.
+    Incoming,
 }
 
 impl VmState {
@@ -50,6 +52,7 @@ impl VmState {
             VmState::Running => "running",
             VmState::Paused => "paused",
             VmState::Stopped(_) => "stopped",
+            VmState::Incoming => "incoming",
         }
     }
 }
@@ -90,6 +93,24 @@ impl Vcpu for AnyVcpu {
         match self {
             AnyVcpu::Svm(v) => v.flush_tlb(),
             AnyVcpu::Vmx(v) => v.flush_tlb(),
+        }
+    }
+    fn set_state(&mut self, state: &vmx::VcpuState) {
+        match self {
+            AnyVcpu::Svm(v) => v.set_state(state),
+            AnyVcpu::Vmx(v) => v.set_state(state),
+        }
+    }
+    fn guest_tsc(&self, host_tsc: u64) -> u64 {
+        match self {
+            AnyVcpu::Svm(v) => v.guest_tsc(host_tsc),
+            AnyVcpu::Vmx(v) => v.guest_tsc(host_tsc),
+        }
+    }
+    fn set_guest_tsc(&mut self, guest_tsc: u64, host_tsc: u64) {
+        match self {
+            AnyVcpu::Svm(v) => v.set_guest_tsc(guest_tsc, host_tsc),
+            AnyVcpu::Vmx(v) => v.set_guest_tsc(guest_tsc, host_tsc),
         }
     }
 }
@@ -141,6 +162,14 @@ struct Vm {
     /// Pages the PML log reported since the last harvest (PML-full exits
     /// drain into it).
     pml_log: DirtyBitmap,
+    /// Being migrated out: lifecycle commands are refused until the
+    /// migration ends.
+    migrating: bool,
+    /// Percent of time slices taken away (migration auto-converge).
+    throttle: u8,
+    slices: u64,
+    /// Commit was sent but the destination never confirmed: kept paused.
+    in_doubt: bool,
 }
 
 /// All VMs of this host.
@@ -182,10 +211,140 @@ impl Manager {
             let i = (self.next + step) % n;
             if self.vms[i].state == VmState::Running {
                 self.next = i + 1;
-                self.vms[i].run_until(|_| false, u64::MAX);
+                let vm = &mut self.vms[i];
+                vm.slices += 1;
+                // A throttled VM sits out `throttle` slices in every 100.
+                if vm.slices % 100 >= u64::from(vm.throttle) {
+                    vm.run_until(|_| false, u64::MAX);
+                }
                 return;
             }
         }
+    }
+
+    /// Marks a running VM as migrating out, arms dirty tracking (a fresh
+    /// baseline), and returns its memory size.
+    pub fn begin_migration(&mut self, name: &str) -> Result<u64, String> {
+        let default = self.default_dirty;
+        let vm = self.find(name)?;
+        if vm.migrating {
+            return Err(format!("VM '{name}' is already being migrated"));
+        }
+        if !matches!(vm.state, VmState::Running | VmState::Paused) {
+            return Err(format!("VM '{name}' is {}; only a started VM can migrate", vm.state.name()));
+        }
+        let mode = if vm.dirty_mode == DirtyMode::Off { default } else { vm.dirty_mode };
+        vm.dirty(DirtyMode::Off)?;
+        vm.dirty(mode)?;
+        vm.migrating = true;
+        Ok(vm.layout.mem_bytes)
+    }
+
+    /// Harvests the pages dirtied since the last harvest, as GFNs.
+    pub fn harvest_gfns(&mut self, name: &str) -> Result<Vec<u64>, String> {
+        let vm = self.find(name)?;
+        let mut bitmap = DirtyBitmap::new(vm.layout.mem_bytes / 4096);
+        let fa = KernelFrames;
+        let (_, flush) = match vm.dirty_mode {
+            DirtyMode::Wp => vm.slat.wp_harvest(&fa, &mut bitmap),
+            DirtyMode::Pml => {
+                vm.vcpu.drain_pml(&mut vm.pml_log);
+                let mut rearm = DirtyBitmap::new(bitmap.pages());
+                let r = vm.slat.harvest_dirty(&fa, &mut rearm);
+                core::mem::swap(&mut bitmap, &mut vm.pml_log);
+                vm.pml_log.clear_all();
+                r
+            }
+            _ => vm.slat.harvest_dirty(&fa, &mut bitmap),
+        };
+        vm.flush(flush);
+        Ok(bitmap.iter().map(|g| g.0).collect())
+    }
+
+    /// Pauses a migrating VM and returns its encoded vCPU state.
+    pub fn pause_for_switchover(&mut self, name: &str) -> Result<Vec<u8>, String> {
+        let vm = self.find(name)?;
+        if vm.state == VmState::Running {
+            vm.state = VmState::Paused;
+        }
+        let tsc = vm.vcpu.guest_tsc(clock::rdtsc());
+        Ok(hypervisor::migcmd::encode_vcpu(&vm.vcpu.state(), tsc))
+    }
+
+    /// Ends a migration on the source: `finished` frees the VM; otherwise
+    /// it runs again (unless `in_doubt`, which keeps it paused).
+    pub fn end_migration(&mut self, name: &str, finished: bool, in_doubt: bool, resume: bool) {
+        if finished {
+            if let Some(i) = self.vms.iter().position(|vm| vm.name == name) {
+                self.vms.remove(i).destroy();
+            }
+            return;
+        }
+        if let Ok(vm) = self.find(name) {
+            vm.migrating = false;
+            vm.throttle = 0;
+            vm.in_doubt = in_doubt;
+            if in_doubt {
+                vm.state = VmState::Paused;
+            } else if resume && vm.state == VmState::Paused {
+                vm.state = VmState::Running;
+            }
+        }
+    }
+
+    /// Sets a migrating VM's throttle (percent of slices skipped).
+    pub fn set_throttle(&mut self, name: &str, percent: u8) {
+        if let Ok(vm) = self.find(name) {
+            vm.throttle = percent.min(95);
+        }
+    }
+
+    /// Resumes a VM that was paused for the switchover (a failed migration).
+    pub fn resume_after_failure(&mut self, name: &str) {
+        if let Ok(vm) = self.find(name) {
+            if vm.state == VmState::Paused && !vm.in_doubt {
+                vm.state = VmState::Running;
+            }
+            vm.throttle = 0;
+        }
+    }
+
+    /// Loads an incoming VM's vCPU state (and makes its TSC continue).
+    pub fn load_vcpu(&mut self, name: &str, bytes: &[u8]) -> Result<(), String> {
+        let (state, guest_tsc) = hypervisor::migcmd::decode_vcpu(bytes)?;
+        let vm = self.find(name)?;
+        vm.vcpu.set_state(&state);
+        vm.vcpu.set_guest_tsc(guest_tsc, clock::rdtsc());
+        Ok(())
+    }
+
+    /// Starts an incoming VM after the switchover; reads its workload from
+    /// the guest's own config page.
+    pub fn start_incoming(&mut self, name: &str) -> Result<(), String> {
+        let vm = self.find(name)?;
+        let code = vm.status(cfg::WORKLOAD);
+        vm.workload = match code {
+            1 => Workload::Sweep,
+            2 => Workload::Random,
+            3 => Workload::Hot(vm.status(cfg::HOT_PAGES)),
+            _ => Workload::Idle,
+        };
+        vm.rate = vm.status(cfg::RATE);
+        vm.state = VmState::Running;
+        Ok(())
+    }
+
+    /// Destroys an incoming skeleton (failed migration).
+    pub fn destroy_incoming(&mut self, name: &str) {
+        if let Some(i) = self.vms.iter().position(|vm| vm.name == name && vm.state == VmState::Incoming) {
+            self.vms.remove(i).destroy();
+        }
+    }
+
+    /// Runs `f` over a VM's memory.
+    pub fn with_memory<T>(&mut self, name: &str, f: impl FnOnce(&mut GuestMemory) -> T) -> Result<T, String> {
+        let vm = self.find(name)?;
+        Ok(f(&mut vm.mem))
     }
 
     fn find(&mut self, name: &str) -> Result<&mut Vm, String> {
@@ -202,6 +361,9 @@ impl Manager {
             VmCommand::Stop(n) => self.find(&n)?.transition("stop"),
             VmCommand::Destroy(n) => {
                 let i = self.vms.iter().position(|vm| vm.name == n).ok_or_else(|| format!("no VM named '{n}'"))?;
+                if self.vms[i].migrating || self.vms[i].state == VmState::Incoming {
+                    return Err(format!("VM '{n}' is being migrated; 'migrate cancel' first"));
+                }
                 let vm = self.vms.remove(i);
                 vm.destroy();
                 Ok(Reply::data(Obj::new().with("destroyed", n)))
@@ -254,6 +416,30 @@ impl Manager {
     }
 
     fn create(&mut self, name: String, mem_mib: u64, workload: Workload, rate: u64) -> Result<Reply, String> {
+        self.build(name, mem_mib, workload, rate, true)
+    }
+
+    /// Creates the skeleton of a VM arriving by migration: memory, tables
+    /// and a vCPU, no guest program; state `incoming`.
+    pub fn create_incoming(&mut self, name: &str, mem_bytes: u64) -> Result<(), String> {
+        if !mem_bytes.is_multiple_of(2 << 20) {
+            return Err(format!("incoming VM memory {mem_bytes} is not a multiple of 2 MiB"));
+        }
+        self.build(String::from(name), mem_bytes >> 20, Workload::Idle, 0, false)?;
+        if let Some(vm) = self.vms.last_mut() {
+            vm.state = VmState::Incoming;
+        }
+        Ok(())
+    }
+
+    fn build(
+        &mut self,
+        name: String,
+        mem_mib: u64,
+        workload: Workload,
+        rate: u64,
+        load: bool,
+    ) -> Result<Reply, String> {
         if self.backend == Backend::None {
             return Err(String::from(
                 "this processor has no usable virtualization (VT-x with EPT or AMD-V with NPT is needed)",
@@ -261,6 +447,9 @@ impl Manager {
         }
         if self.vms.iter().any(|vm| vm.name == name) {
             return Err(format!("a VM named '{name}' already exists"));
+        }
+        if !(guest::MIN_MEM_MIB..=guest::MAX_MEM_MIB).contains(&mem_mib) {
+            return Err(format!("mem={mem_mib}: from {} to {} MiB", guest::MIN_MEM_MIB, guest::MAX_MEM_MIB));
         }
         let layout = Layout::new(mem_mib);
         if let Workload::Hot(n) = workload {
@@ -296,9 +485,11 @@ impl Manager {
                 }
             }
         }
-        if let Err(e) = load_guest(&mut mem, layout, workload, rate, self.created) {
-            slat.destroy(&mut fa);
-            return Err(e);
+        if load {
+            if let Err(e) = load_guest(&mut mem, layout, workload, rate, self.created) {
+                slat.destroy(&mut fa);
+                return Err(e);
+            }
         }
         self.created += 1;
         let tag = 1 + u32::try_from(self.created % u64::from(self.tlb_tags - 1)).unwrap_or(0);
@@ -334,6 +525,10 @@ impl Manager {
             dirty_mode: DirtyMode::Off,
             gen_snapshot: None,
             pml_log: DirtyBitmap::new(bytes / 4096),
+            migrating: false,
+            throttle: 0,
+            slices: 0,
+            in_doubt: false,
         };
         let reply = Obj::new()
             .with("created", name)
@@ -390,11 +585,18 @@ fn load_guest(mem: &mut GuestMemory, layout: Layout, workload: Workload, rate: u
 }
 
 impl Vm {
+    /// Guest status word from the config page.
     fn status(&self, field: u64) -> u64 {
         self.mem.read_u64(guest::CONFIG_GPA + field)
     }
 
     fn transition(&mut self, action: &str) -> Result<Reply, String> {
+        if self.migrating {
+            return Err(format!("VM '{}' is being migrated; 'migrate cancel' first", self.name));
+        }
+        if self.state == VmState::Incoming {
+            return Err(format!("VM '{}' is still arriving by migration", self.name));
+        }
         let next = match (action, &self.state) {
             ("start", VmState::Created) => VmState::Running,
             ("pause", VmState::Running) => VmState::Paused,
@@ -535,6 +737,9 @@ impl Vm {
             .with("exits_total", self.exits.values().sum::<u64>())
             .with("dirty_mode", self.dirty_mode.as_str())
             .with("stop_reason", stop_reason)
+            .with("migrating", self.migrating)
+            .with("throttle", self.throttle)
+            .with("in_doubt", self.in_doubt)
     }
 
     fn gen_table(&self) -> Vec<u32> {

@@ -1,0 +1,250 @@
+//! Parsing of the `migrate` console commands, and the byte layout of a
+//! vCPU's state as it travels in the migration stream. The kernel's
+//! migration driver executes the commands; everything here is host-tested.
+
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+use vmx::{GuestRegs, VcpuState};
+
+use crate::netcmd::parse_ipv4;
+
+/// Default TCP port of the migration listener (on by default).
+pub const MIGRATION_PORT: u16 = 7070;
+
+/// What to do with a VM that dirties memory faster than the link carries it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyArg {
+    /// Slow its vCPUs down step by step (default).
+    Throttle,
+    /// Stop and copy anyway (longer downtime).
+    Force,
+    /// Give up; the VM keeps running here.
+    Abort,
+}
+
+/// A parsed `migrate` command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MigrateCommand {
+    /// `migrate <vm> <ip>[:port] [downtime=<ms>] [bandwidth=<Mbit/s>] [rounds=<n>] [policy=...] [verify]`
+    Start {
+        /// VM name.
+        vm: String,
+        /// Peer address.
+        ip: [u8; 4],
+        /// Peer port.
+        port: u16,
+        /// Downtime budget, ms.
+        downtime_ms: u64,
+        /// Bandwidth cap, Mbit/s (None: uncapped).
+        bandwidth_mbit: Option<u64>,
+        /// Round limit.
+        rounds: u32,
+        /// Non-convergence policy.
+        policy: PolicyArg,
+        /// Compare whole-memory digests at switchover.
+        verify: bool,
+    },
+    /// `migrate status`
+    Status,
+    /// `migrate cancel`
+    Cancel,
+    /// `migrate listen [port|off]`
+    Listen(Option<u16>),
+}
+
+/// Usage lines for `help`.
+pub const USAGE: &[(&str, &str)] = &[
+    (
+        "migrate <vm> <ip>[:port] [downtime=<ms>] [bandwidth=<Mbit/s>] [rounds=<n>] [policy=throttle|force|abort] [verify]",
+        "live-migrate a VM to a peer",
+    ),
+    ("migrate status", "progress of the running migration, or the last report"),
+    ("migrate cancel", "cancel before the switchover; the VM keeps running here"),
+    ("migrate listen [port|off]", "accept incoming migrations (on by default, port 7070)"),
+];
+
+fn num(key: &str, v: &str, range: core::ops::RangeInclusive<u64>) -> Result<u64, String> {
+    match v.parse::<u64>() {
+        Ok(n) if range.contains(&n) => Ok(n),
+        _ => Err(format!("{key}={v}: expected a whole number in {}..={}", range.start(), range.end())),
+    }
+}
+
+/// Parses the words after `migrate`.
+pub fn parse(args: &[&str]) -> Result<MigrateCommand, String> {
+    match args {
+        ["status"] => return Ok(MigrateCommand::Status),
+        ["cancel"] => return Ok(MigrateCommand::Cancel),
+        ["listen"] => return Ok(MigrateCommand::Listen(Some(MIGRATION_PORT))),
+        ["listen", "off"] => return Ok(MigrateCommand::Listen(None)),
+        ["listen", p] => {
+            let port = u16::try_from(num("port", p, 1..=65535)?).unwrap_or(MIGRATION_PORT);
+            return Ok(MigrateCommand::Listen(Some(port)));
+        }
+        [] | [_] => {
+            return Err(String::from("usage: migrate <vm> <ip>[:port] [options] | status | cancel | listen [port|off]"))
+        }
+        _ => {}
+    }
+    let (vm, target, options) = (args[0], args[1], &args[2..]);
+    if vm.is_empty() || vm.len() > crate::vmcmd::MAX_NAME {
+        return Err(format!("bad VM name '{vm}'"));
+    }
+    let (ip, port) = match target.split_once(':') {
+        Some((ip, p)) => (parse_ipv4(ip)?, u16::try_from(num("port", p, 1..=65535)?).unwrap_or(MIGRATION_PORT)),
+        None => (parse_ipv4(target)?, MIGRATION_PORT),
+    };
+    let mut cmd = MigrateCommand::Start {
+        vm: vm.to_string(),
+        ip,
+        port,
+        downtime_ms: 300,
+        bandwidth_mbit: None,
+        rounds: 30,
+        policy: PolicyArg::Throttle,
+        verify: false,
+    };
+    let MigrateCommand::Start { downtime_ms, bandwidth_mbit, rounds, policy, verify, .. } = &mut cmd else {
+        return Err(String::from("internal: not a start command"));
+    };
+    for opt in options {
+        match opt.split_once('=') {
+            None if *opt == "verify" => *verify = true,
+            Some(("downtime", v)) => *downtime_ms = num("downtime", v, 1..=60_000)?,
+            Some(("bandwidth", v)) => *bandwidth_mbit = Some(num("bandwidth", v, 1..=100_000)?),
+            Some(("rounds", v)) => *rounds = u32::try_from(num("rounds", v, 1..=1000)?).unwrap_or(30),
+            Some(("policy", "throttle")) => *policy = PolicyArg::Throttle,
+            Some(("policy", "force")) => *policy = PolicyArg::Force,
+            Some(("policy", "abort")) => *policy = PolicyArg::Abort,
+            Some(("policy", v)) => return Err(format!("policy={v}: throttle, force or abort")),
+            _ => return Err(format!("unknown option '{opt}': downtime=, bandwidth=, rounds=, policy=, verify")),
+        }
+    }
+    Ok(cmd)
+}
+
+/// Bytes of an encoded vCPU state: 15 GPRs, RIP, RSP, RFLAGS, guest TSC.
+pub const VCPU_STATE_LEN: usize = 19 * 8;
+
+/// Encodes a vCPU's state and its guest TSC for the migration stream.
+pub fn encode_vcpu(state: &VcpuState, guest_tsc: u64) -> Vec<u8> {
+    let r = &state.regs;
+    let words = [
+        r.rax,
+        r.rbx,
+        r.rcx,
+        r.rdx,
+        r.rsi,
+        r.rdi,
+        r.rbp,
+        r.r8,
+        r.r9,
+        r.r10,
+        r.r11,
+        r.r12,
+        r.r13,
+        r.r14,
+        r.r15,
+        state.rip,
+        state.rsp,
+        state.rflags,
+        guest_tsc,
+    ];
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// Decodes [`encode_vcpu`]'s bytes; refuses any other length.
+pub fn decode_vcpu(bytes: &[u8]) -> Result<(VcpuState, u64), String> {
+    if bytes.len() != VCPU_STATE_LEN {
+        return Err(format!("vCPU state of {} bytes, expected {VCPU_STATE_LEN}", bytes.len()));
+    }
+    let mut w = [0u64; 19];
+    for (word, chunk) in w.iter_mut().zip(bytes.as_chunks::<8>().0) {
+        *word = u64::from_le_bytes(*chunk);
+    }
+    let regs = GuestRegs {
+        rax: w[0],
+        rbx: w[1],
+        rcx: w[2],
+        rdx: w[3],
+        rsi: w[4],
+        rdi: w[5],
+        rbp: w[6],
+        r8: w[7],
+        r9: w[8],
+        r10: w[9],
+        r11: w[10],
+        r12: w[11],
+        r13: w[12],
+        r14: w[13],
+        r15: w[14],
+    };
+    Ok((VcpuState { regs, rip: w[15], rsp: w[16], rflags: w[17] }, w[18]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Result<MigrateCommand, String> {
+        parse(&s.split_whitespace().collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn parses_start_with_every_option() {
+        assert_eq!(
+            p("vm1 10.77.0.12:7000 downtime=100 bandwidth=500 rounds=5 policy=force verify"),
+            Ok(MigrateCommand::Start {
+                vm: "vm1".into(),
+                ip: [10, 77, 0, 12],
+                port: 7000,
+                downtime_ms: 100,
+                bandwidth_mbit: Some(500),
+                rounds: 5,
+                policy: PolicyArg::Force,
+                verify: true,
+            })
+        );
+        assert!(matches!(
+            p("vm1 10.77.0.12"),
+            Ok(MigrateCommand::Start {
+                port: MIGRATION_PORT,
+                downtime_ms: 300,
+                verify: false,
+                policy: PolicyArg::Throttle,
+                ..
+            })
+        ));
+        assert_eq!(p("status"), Ok(MigrateCommand::Status));
+        assert_eq!(p("cancel"), Ok(MigrateCommand::Cancel));
+        assert_eq!(p("listen"), Ok(MigrateCommand::Listen(Some(MIGRATION_PORT))));
+        assert_eq!(p("listen off"), Ok(MigrateCommand::Listen(None)));
+        assert_eq!(p("listen 9000"), Ok(MigrateCommand::Listen(Some(9000))));
+    }
+
+    #[test]
+    fn refuses_bad_options_with_reasons() {
+        let err = |s: &str| p(s).unwrap_err();
+        assert!(err("vm1").starts_with("usage: migrate"));
+        assert!(err("vm1 10.77.0.300").contains("bad IPv4"));
+        assert!(err("vm1 10.77.0.1:0").contains("port=0"));
+        assert!(err("vm1 10.77.0.1 downtime=0").contains("downtime=0"));
+        assert!(err("vm1 10.77.0.1 policy=hope").contains("throttle, force or abort"));
+        assert!(err("vm1 10.77.0.1 speed=9").contains("unknown option"));
+        assert!(err("vm1 10.77.0.1 rounds=x").contains("rounds=x"));
+        assert!(err("listen 0").contains("port=0"));
+    }
+
+    #[test]
+    fn vcpu_state_round_trips_and_rejects_other_lengths() {
+        let mut s = VcpuState { rip: 0x10040, rsp: 0x1fff8, rflags: 0x202, ..VcpuState::default() };
+        s.regs.rbx = 0x1000;
+        s.regs.r15 = 7;
+        let bytes = encode_vcpu(&s, 123_456);
+        assert_eq!(bytes.len(), VCPU_STATE_LEN);
+        assert_eq!(decode_vcpu(&bytes), Ok((s, 123_456)));
+        assert!(decode_vcpu(&bytes[1..]).is_err());
+    }
+}

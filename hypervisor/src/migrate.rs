@@ -1,0 +1,450 @@
+//! The migration driver: connects the sans-IO `migration::Source` and
+//! `migration::Destination` to a TCP socket of the host's network stack and
+//! to the VM manager. [`Migrator::poll`] runs every turn of the main loop,
+//! between VM time slices, so the VM keeps running during pre-copy.
+//!
+//! One migration out and one in at a time; a second request is refused.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use hypervisor::json::{Obj, Value};
+use hypervisor::migcmd::{MigrateCommand, PolicyArg, MIGRATION_PORT};
+use hypervisor::shell::Reply;
+use migration::converge::Policy;
+use migration::dest::{DestAction, Destination};
+use migration::record::{Hello, VmConfig};
+use migration::source::{Report, Source, SourceAction, SourceConfig};
+use migration::{GuestMemory as MigMemory, PAGE_SIZE, PROTOCOL_VERSION};
+
+use crate::arch::clock;
+use crate::arch::guest_memory::GuestMemory;
+use crate::net::{Net, TcpHandle, TcpState};
+use crate::vm::Manager;
+
+/// Socket buffers for the migration stream. The receiving side's buffer is
+/// four times the sending side's: the destination reads everything on every
+/// poll, so its window can never close, and smoltcp 0.12 (which has no
+/// persist timer) can never stall on a lost window update.
+const SEND_BUFFER: usize = 1024 * 1024;
+const RECEIVE_BUFFER: usize = 4 * SEND_BUFFER;
+const CONTROL_BUFFER: usize = 64 * 1024;
+/// An incoming migration that hears nothing for this long is dropped.
+const INCOMING_IDLE_US: u64 = 30_000_000;
+/// Stop pulling records from the source while this much is still unsent.
+const MAX_PENDING: usize = 1024 * 1024;
+
+/// A VM's memory as the migration crate sees it.
+struct Mem<'a>(&'a mut GuestMemory);
+
+impl MigMemory for Mem<'_> {
+    fn pages(&self) -> u64 {
+        self.0.chunks().len() as u64 * 512
+    }
+    fn read_page(&self, gfn: u64, out: &mut [u8; PAGE_SIZE]) {
+        match self.0.page_bytes(gfn) {
+            Some(p) => out.copy_from_slice(p),
+            None => out.fill(0),
+        }
+    }
+    fn write_page(&mut self, gfn: u64, data: &[u8; PAGE_SIZE]) {
+        if let Some(p) = self.0.page_bytes_mut(gfn) {
+            p.copy_from_slice(data);
+        }
+    }
+    fn digest(&self) -> u64 {
+        self.0.digest()
+    }
+}
+
+/// Memory for a destination that has no VM yet (never touched).
+struct NoMemory;
+
+impl MigMemory for NoMemory {
+    fn pages(&self) -> u64 {
+        0
+    }
+    fn read_page(&self, _gfn: u64, out: &mut [u8; PAGE_SIZE]) {
+        out.fill(0);
+    }
+    fn write_page(&mut self, _gfn: u64, _data: &[u8; PAGE_SIZE]) {}
+    fn digest(&self) -> u64 {
+        0
+    }
+}
+
+struct Outgoing {
+    vm: String,
+    peer: String,
+    source: Source,
+    socket: TcpHandle,
+    pending: Vec<u8>,
+    connected: bool,
+}
+
+struct Incoming {
+    dest: Destination,
+    socket: TcpHandle,
+    pending: Vec<u8>,
+    vm: Option<String>,
+    last_heard_us: u64,
+}
+
+/// Migration state of this host.
+pub struct Migrator {
+    vendor: [u8; 12],
+    listen_port: Option<u16>,
+    listener: Option<TcpHandle>,
+    out: Option<Outgoing>,
+    inc: Option<Incoming>,
+    /// The last finished or failed migration, for `migrate status`.
+    last: Option<Obj>,
+    /// Sockets closing after a migration ended.
+    closing: Vec<(TcpHandle, u64)>,
+}
+
+fn report_obj(vm: &str, peer: &str, r: &Report) -> Obj {
+    Obj::new()
+        .with("stage", "done")
+        .with("vm", vm)
+        .with("peer", peer)
+        .with("total_us", r.total_us)
+        .with("downtime_us", r.downtime_us)
+        .with("setup_us", r.setup_us)
+        .with("rounds", r.rounds.clone())
+        .with("bytes_on_wire", r.bytes_on_wire)
+        .with("zero_pages", r.zero_pages)
+        .with("delta_pages", r.delta_pages)
+        .with("full_pages", r.full_pages)
+        .with("verified", r.verified)
+}
+
+impl Migrator {
+    /// Migration for a host whose CPU vendor is `vendor`; listening on the
+    /// default port once the network is up.
+    pub fn new(vendor: [u8; 12]) -> Self {
+        Migrator {
+            vendor,
+            listen_port: Some(MIGRATION_PORT),
+            listener: None,
+            out: None,
+            inc: None,
+            last: None,
+            closing: Vec::new(),
+        }
+    }
+
+    /// Executes a `migrate` command.
+    pub fn command(&mut self, cmd: MigrateCommand, net: Option<&mut Net>, vms: &mut Manager) -> Result<Reply, String> {
+        match cmd {
+            MigrateCommand::Status => Ok(Reply::data(self.status(net.as_deref()))),
+            MigrateCommand::Cancel => match self.out.as_mut() {
+                Some(o) => {
+                    o.source.on_abort("cancelled by the operator");
+                    Ok(Reply::data(Obj::new().with("cancelling", o.vm.as_str())))
+                }
+                None => Err(String::from("no outgoing migration to cancel")),
+            },
+            MigrateCommand::Listen(port) => {
+                if let (Some(net), Some(h)) = (net, self.listener.take()) {
+                    net.tcp_remove(h);
+                }
+                self.listen_port = port;
+                Ok(Reply::data(Obj::new().with("listening", port)))
+            }
+            MigrateCommand::Start { vm, ip, port, downtime_ms, bandwidth_mbit, rounds, policy, verify } => {
+                let net = net.ok_or("no network card: migration needs an e1000")?;
+                if let Some(o) = &self.out {
+                    return Err(format!("a migration is already running ({} to {}); one at a time", o.vm, o.peer));
+                }
+                if !net.has_ip() {
+                    return Err(String::from("no IP address yet; set one with 'net ip'"));
+                }
+                let mem_bytes = vms.begin_migration(&vm)?;
+                let peer = format!("{}.{}.{}.{}:{port}", ip[0], ip[1], ip[2], ip[3]);
+                let socket = match net.tcp_connect(ip, port, CONTROL_BUFFER, SEND_BUFFER) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        vms.end_migration(&vm, false, false, true);
+                        return Err(e);
+                    }
+                };
+                let config = SourceConfig {
+                    downtime_budget_us: downtime_ms * 1000,
+                    bandwidth_cap_bytes_per_s: bandwidth_mbit.map(|m| m * 1_000_000 / 8),
+                    max_rounds: rounds,
+                    policy: match policy {
+                        PolicyArg::Throttle => Policy::Throttle,
+                        PolicyArg::Force => Policy::Force,
+                        PolicyArg::Abort => Policy::Abort,
+                    },
+                    verify,
+                    // 4 MiB of previously sent pages for deltas, on the heap.
+                    delta_cache_pages: 1024,
+                };
+                let hello = Hello {
+                    protocol_version: PROTOCOL_VERSION,
+                    cpu_vendor: self.vendor,
+                    features: 0,
+                    vm: VmConfig { name: vm.clone(), mem_bytes, vcpus: 1, page_size: 4096 },
+                };
+                log::info!("migrating VM '{vm}' to {peer}");
+                self.last = None;
+                self.out = Some(Outgoing {
+                    vm: vm.clone(),
+                    peer: peer.clone(),
+                    source: Source::new(config, hello),
+                    socket,
+                    pending: Vec::new(),
+                    connected: false,
+                });
+                Ok(Reply::data(Obj::new().with("migrating", vm).with("peer", peer)))
+            }
+        }
+    }
+
+    fn status(&self, net: Option<&Net>) -> Obj {
+        let mut o = match (&self.out, &self.last) {
+            (Some(out), _) => {
+                let s = out.source.status();
+                Obj::new()
+                    .with("stage", format!("{:?}", s.stage).to_lowercase())
+                    .with("vm", out.vm.as_str())
+                    .with("peer", out.peer.as_str())
+                    .with("round", s.round)
+                    .with("pages_sent", s.pages_sent)
+                    .with("pages_remaining", s.pages_remaining)
+                    .with("dirty_rate_pages_per_s", s.dirty_rate_pages_per_s)
+                    .with("bandwidth_bytes_per_s", s.bandwidth_bytes_per_s)
+                    .with("expected_downtime_us", s.expected_downtime_us)
+                    .with("throttle", s.throttle)
+                    .with("queued_bytes", out.pending.len())
+                    .with("socket", net.map(|n| format!("{:?}", n.tcp_state(out.socket))))
+            }
+            (None, Some(last)) => last.clone(),
+            (None, None) => Obj::new().with("stage", "idle"),
+        };
+        let incoming: Value = match &self.inc {
+            Some(i) => {
+                Obj::new().with("vm", i.vm.clone()).with("state", format!("{:?}", i.dest.state()).to_lowercase()).into()
+            }
+            None => Value::Null,
+        };
+        o = o.with("incoming", incoming).with("listening", self.listen_port);
+        o
+    }
+
+    /// Moves both directions forward. Returns true when there was work.
+    pub fn poll(&mut self, net: &mut Net, vms: &mut Manager) -> bool {
+        let now = clock::uptime_us();
+        self.closing.retain(|&(h, until)| {
+            let done = matches!(net.tcp_state(h), TcpState::Closed | TcpState::TimeWait) || now > until;
+            if done {
+                net.tcp_remove(h);
+            }
+            !done
+        });
+        let mut busy = self.poll_out(net, vms, now);
+        busy |= self.poll_in(net, vms, now);
+        busy
+    }
+
+    fn poll_out(&mut self, net: &mut Net, vms: &mut Manager, now: u64) -> bool {
+        let Some(o) = self.out.as_mut() else { return false };
+        let mut busy = false;
+        let state = net.tcp_state(o.socket);
+        if state == TcpState::Established {
+            o.connected = true;
+        }
+        let mut rx = Vec::new();
+        net.tcp_recv(o.socket, &mut rx);
+        if !rx.is_empty() {
+            o.source.on_bytes(&rx, now);
+            busy = true;
+        }
+        let lost = matches!(
+            state,
+            TcpState::Closed | TcpState::CloseWait | TcpState::TimeWait | TcpState::Closing | TcpState::LastAck
+        );
+        if lost && (o.connected || state == TcpState::Closed) {
+            o.source.on_abort(if o.connected { "connection to the destination lost" } else { "connection refused" });
+        }
+        if !o.pending.is_empty() && o.connected {
+            let n = net.tcp_send(o.socket, &o.pending);
+            o.pending.drain(..n);
+            busy |= n > 0;
+        }
+        o.source.on_tick(now);
+        let mut ended = None;
+        while o.pending.len() < MAX_PENDING {
+            let action = match vms.with_memory(&o.vm, |m| o.source.poll(&Mem(m), now)) {
+                Ok(a) => a,
+                Err(_) => {
+                    o.source.on_abort("the VM went away");
+                    o.source.poll(&NoMemory, now)
+                }
+            };
+            let Some(action) = action else { break };
+            busy = true;
+            match action {
+                SourceAction::Send(bytes) => o.pending.extend_from_slice(&bytes),
+                SourceAction::HarvestDirty => match vms.harvest_gfns(&o.vm) {
+                    Ok(gfns) => o.source.on_dirty(&gfns, now),
+                    Err(e) => o.source.on_abort(&e),
+                },
+                SourceAction::PauseVm => match vms.pause_for_switchover(&o.vm) {
+                    Ok(state) => o.source.on_vm_paused(now, &[state], &[]),
+                    Err(e) => o.source.on_abort(&e),
+                },
+                SourceAction::ResumeVm => vms.resume_after_failure(&o.vm),
+                SourceAction::SetThrottle(p) => vms.set_throttle(&o.vm, p),
+                SourceAction::Finished(report) => {
+                    log::info!("VM '{}' now runs on {}; downtime {} us", o.vm, o.peer, report.downtime_us);
+                    vms.end_migration(&o.vm, true, false, false);
+                    ended = Some(report_obj(&o.vm, &o.peer, &report));
+                    break;
+                }
+                SourceAction::Failed { reason, .. } => {
+                    log::warn!("migration of VM '{}' failed: {reason}; it keeps running here", o.vm);
+                    vms.end_migration(&o.vm, false, false, true);
+                    ended = Some(
+                        Obj::new()
+                            .with("stage", "failed")
+                            .with("vm", o.vm.as_str())
+                            .with("peer", o.peer.as_str())
+                            .with("error", reason)
+                            .with("vm_running_here", true),
+                    );
+                    break;
+                }
+                SourceAction::InDoubt => {
+                    log::error!(
+                        "VM '{}': commit sent but no confirmation from {}; kept paused (in doubt)",
+                        o.vm,
+                        o.peer
+                    );
+                    vms.end_migration(&o.vm, false, true, false);
+                    ended = Some(
+                        Obj::new()
+                            .with("stage", "in_doubt")
+                            .with("vm", o.vm.as_str())
+                            .with("peer", o.peer.as_str())
+                            .with("error", "the destination never confirmed it resumed the VM; kept paused here"),
+                    );
+                    break;
+                }
+            }
+        }
+        if !o.pending.is_empty() && o.connected {
+            let n = net.tcp_send(o.socket, &o.pending);
+            o.pending.drain(..n);
+        }
+        if let Some(obj) = ended {
+            let socket = o.socket;
+            net.tcp_close(socket);
+            self.closing.push((socket, now + 2_000_000));
+            self.out = None;
+            self.last = Some(obj);
+        }
+        busy
+    }
+
+    fn poll_in(&mut self, net: &mut Net, vms: &mut Manager, now: u64) -> bool {
+        if self.inc.is_none() {
+            match (self.listen_port, self.listener) {
+                (Some(port), None) => {
+                    self.listener = net.tcp_listen(port, RECEIVE_BUFFER, CONTROL_BUFFER).ok();
+                    return false;
+                }
+                (Some(_), Some(h)) if net.tcp_state(h) == TcpState::Established => {
+                    let free = crate::arch::memory::free_bytes().saturating_sub(16 << 20);
+                    self.inc = Some(Incoming {
+                        dest: Destination::new(self.vendor, 0, free),
+                        socket: h,
+                        pending: Vec::new(),
+                        vm: None,
+                        last_heard_us: now,
+                    });
+                    self.listener = None;
+                }
+                (Some(_), Some(h)) if net.tcp_state(h) == TcpState::Closed => {
+                    net.tcp_remove(h);
+                    self.listener = None;
+                    return false;
+                }
+                _ => return false,
+            }
+        }
+        let Some(i) = self.inc.as_mut() else { return false };
+        let mut busy = false;
+        let mut rx = Vec::new();
+        net.tcp_recv(i.socket, &mut rx);
+        if !rx.is_empty() {
+            busy = true;
+            i.last_heard_us = now;
+            match i.vm.clone() {
+                Some(name) => {
+                    let dest = &mut i.dest;
+                    if vms.with_memory(&name, |m| dest.on_bytes(&rx, &mut Mem(m))).is_err() {
+                        i.dest.on_abort("the incoming VM went away");
+                    }
+                }
+                None => i.dest.on_bytes(&rx, &mut NoMemory),
+            }
+        }
+        let state = net.tcp_state(i.socket);
+        if matches!(state, TcpState::Closed | TcpState::CloseWait) && rx.is_empty() {
+            i.dest.on_abort("connection to the source lost");
+        } else if now - i.last_heard_us > INCOMING_IDLE_US {
+            i.dest.on_abort("the source went silent");
+        }
+        let mut ended = false;
+        while let Some(action) = i.dest.poll() {
+            busy = true;
+            match action {
+                DestAction::Send(bytes) => i.pending.extend_from_slice(&bytes),
+                DestAction::CreateVm(cfg) => match vms.create_incoming(&cfg.name, cfg.mem_bytes) {
+                    Ok(()) => i.vm = Some(cfg.name),
+                    Err(e) => {
+                        log::warn!("incoming migration of '{}' refused: {e}", cfg.name);
+                        i.dest.on_abort(&e);
+                    }
+                },
+                DestAction::SetVcpuState(bytes) => {
+                    if let Some(name) = &i.vm {
+                        if let Err(e) = vms.load_vcpu(name, &bytes) {
+                            i.dest.on_abort(&e);
+                        }
+                    }
+                }
+                DestAction::SetDeviceState(_) => {} // the test guest has no devices
+                DestAction::ResumeVm => {
+                    if let Some(name) = &i.vm {
+                        let _ = vms.start_incoming(name);
+                        log::info!("VM '{name}' arrived and runs here");
+                    }
+                }
+                DestAction::DestroyVm { reason } => {
+                    if let Some(name) = i.vm.take() {
+                        log::warn!("incoming VM '{name}' dropped: {reason}");
+                        vms.destroy_incoming(&name);
+                    }
+                    ended = true;
+                }
+                DestAction::Finished => ended = true,
+            }
+        }
+        if !i.pending.is_empty() {
+            let n = net.tcp_send(i.socket, &i.pending);
+            i.pending.drain(..n);
+        }
+        if ended && i.pending.is_empty() {
+            let socket = i.socket;
+            net.tcp_close(socket);
+            self.closing.push((socket, now + 2_000_000));
+            self.inc = None;
+        }
+        busy
+    }
+}

@@ -1,0 +1,113 @@
+//! Live migration between two hypervisor hosts on the lab bridge: a VM
+//! running the self-checking guest moves from A to B while it writes,
+//! arrives intact (digest compared at switchover, then the guest's own full
+//! verify), keeps ticking on B and is gone from A. Failures before the
+//! switchover leave it running on A, and B keeps nothing.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tests::lab::{self, Lab};
+use tests::{boot_json, qemu, Console, Firmware, Host, HostConfig, REPLY};
+
+fn ok(c: &mut Console, cmd: &str) -> Value {
+    let v = c.json(cmd, REPLY).unwrap_or_else(|e| panic!("{cmd}: {e:#}"));
+    assert_eq!(v["ok"], true, "{cmd}: {v}");
+    v
+}
+
+fn ticks(c: &mut Console, vm: &str) -> u64 {
+    ok(c, &format!("vm info {vm}"))["ticks"].as_u64().unwrap()
+}
+
+fn pair(lab: &mut Lab) -> (Host, Host) {
+    let base = HostConfig { mem_mib: 512, ..qemu(Firmware::Bios) };
+    let mut a = boot_json(&lab.host(&base).unwrap()).expect("host a");
+    let mut b = boot_json(&lab.host(&base).unwrap()).expect("host b");
+    ok(a.console(), "net ip 10.77.0.11/24");
+    ok(b.console(), "net ip 10.77.0.12/24");
+    assert_eq!(ok(a.console(), "ping 10.77.0.12 1")["received"], 1);
+    (a, b)
+}
+
+/// Polls `migrate status` until the migration has ended.
+fn wait_end(c: &mut Console, limit: Duration) -> Value {
+    let start = Instant::now();
+    loop {
+        let s = ok(c, "migrate status");
+        if ["done", "failed", "in_doubt"].contains(&s["stage"].as_str().unwrap_or("")) {
+            return s;
+        }
+        assert!(start.elapsed() < limit, "migration still running after {limit:?}: {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_writing_vm_moves_to_the_peer_intact_and_keeps_running() {
+    assert!(lab::available(), "the lab needs root for network namespaces");
+    let mut lab = Lab::new().unwrap();
+    let (mut a, mut b) = pair(&mut lab);
+    ok(a.console(), "vm create m mem=64 workload=random rate=1000");
+    ok(a.console(), "vm start m");
+    std::thread::sleep(Duration::from_millis(1000));
+    let before = ticks(a.console(), "m");
+    ok(a.console(), "migrate m 10.77.0.12 verify");
+    let e = a.console().json("migrate m 10.77.0.12", REPLY).unwrap();
+    assert!(e["ok"] == false, "a second migration must be refused: {e}");
+    let report = wait_end(a.console(), Duration::from_secs(120));
+    println!("migration report: {report}");
+    assert_eq!(report["stage"], "done", "{report}");
+    assert_eq!(report["verified"], true, "{report}");
+    let rounds = report["rounds"].as_array().unwrap();
+    assert!(rounds.len() >= 2, "pre-copy and stop-and-copy rounds: {report}");
+    assert!(report["zero_pages"].as_u64().unwrap() > 0 && report["full_pages"].as_u64().unwrap() > 0);
+    assert!(report["downtime_us"].as_u64().unwrap() > 0);
+    // Gone from A, running on B, still ticking and intact.
+    let e = a.console().json("vm info m", REPLY).unwrap();
+    assert_eq!(e["error"], "no VM named 'm'");
+    let info = ok(b.console(), "vm info m");
+    assert_eq!(info["state"], "running", "{info}");
+    let t1 = info["ticks"].as_u64().unwrap();
+    assert!(t1 >= before, "guest time went backwards: {before} on A, {t1} on B");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(ticks(b.console(), "m") > t1, "the VM does not tick on B");
+    let v = ok(b.console(), "vm verify m");
+    assert_eq!(v["verified"], true, "{v}");
+    assert_eq!(v["check_errors"], 0, "{v}");
+    assert_eq!(ok(b.console(), "vm info m")["writes"].as_u64().map(|w| w > 0), Some(true));
+}
+
+#[test]
+fn failures_before_switchover_leave_the_vm_running_on_the_source() {
+    assert!(lab::available(), "the lab needs root for network namespaces");
+    let mut lab = Lab::new().unwrap();
+    let (mut a, mut b) = pair(&mut lab);
+    ok(a.console(), "vm create m mem=64 workload=sweep rate=2000");
+    ok(a.console(), "vm start m");
+    // Nobody listening: refused, VM untouched.
+    ok(b.console(), "migrate listen off");
+    ok(a.console(), "migrate m 10.77.0.12");
+    let s = wait_end(a.console(), Duration::from_secs(60));
+    assert_eq!(s["stage"], "failed", "{s}");
+    assert_eq!(s["vm_running_here"], true);
+    let info = ok(a.console(), "vm info m");
+    assert_eq!((info["state"].as_str(), info["migrating"].as_bool()), (Some("running"), Some(false)), "{info}");
+    // Cancelled during pre-copy (a slow link keeps it there): VM keeps
+    // running on A, B drops its skeleton.
+    ok(b.console(), "migrate listen");
+    std::thread::sleep(Duration::from_millis(300));
+    ok(a.console(), "migrate m 10.77.0.12 bandwidth=20");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(ok(b.console(), "vm info m")["state"], "incoming");
+    ok(a.console(), "migrate cancel");
+    let s = wait_end(a.console(), Duration::from_secs(60));
+    assert_eq!(s["stage"], "failed", "{s}");
+    let t = ticks(a.console(), "m");
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(ticks(a.console(), "m") > t, "VM stopped ticking on A after the cancel");
+    std::thread::sleep(Duration::from_millis(1500));
+    let e = b.console().json("vm info m", REPLY).unwrap();
+    assert_eq!(e["error"], "no VM named 'm'", "B kept a skeleton: {e}");
+    assert_eq!(ok(a.console(), "vm verify m")["verified"], true);
+}
