@@ -111,3 +111,46 @@ fn failures_before_switchover_leave_the_vm_running_on_the_source() {
     assert_eq!(e["error"], "no VM named 'm'", "B kept a skeleton: {e}");
     assert_eq!(ok(a.console(), "vm verify m")["verified"], true);
 }
+
+#[test]
+fn ping_pong_and_garbage_on_the_migration_port() {
+    assert!(lab::available(), "the lab needs root for network namespaces");
+    let mut lab = Lab::new().unwrap();
+    let (mut a, mut b) = pair(&mut lab);
+    // Garbage and a truncated stream from a host-side client: refused, and
+    // the destination keeps working.
+    let client = r#"
+import socket, struct, os, sys
+def send(data):
+    s = socket.create_connection(("10.77.0.12", 7070), timeout=5)
+    s.sendall(data)
+    try:
+        s.settimeout(3); s.recv(4096)
+    except Exception:
+        pass
+    s.close()
+send(os.urandom(4096))
+send(struct.pack("<IHHII", 0x4D564948, 1, 1, 71, 0) + b"\x01\x00" + b"trunc")
+send(struct.pack("<IHHII", 0x4D564948, 1, 4, 0x7FFFFFFF, 0))
+print("sent")
+"#;
+    let out = lab.exec(&["python3", "-c", client]).expect("garbage client");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("sent"), "{out:?}");
+    assert_eq!(ok(b.console(), "vm list")["vms"], serde_json::json!([]), "a skeleton was left behind");
+    assert_eq!(ok(b.console(), "version")["name"], "hypervisor");
+    // A to B and back to A.
+    ok(a.console(), "vm create p mem=32 workload=sweep rate=500");
+    ok(a.console(), "vm start p");
+    ok(a.console(), "migrate p 10.77.0.12 verify");
+    let r = wait_end(a.console(), Duration::from_secs(180));
+    assert_eq!((r["stage"].as_str(), r["verified"].as_bool()), (Some("done"), Some(true)), "{r}");
+    assert_eq!(ok(b.console(), "vm info p")["state"], "running");
+    ok(b.console(), "migrate p 10.77.0.11 verify");
+    let r = wait_end(b.console(), Duration::from_secs(180));
+    assert_eq!((r["stage"].as_str(), r["verified"].as_bool()), (Some("done"), Some(true)), "{r}");
+    let t = ticks(a.console(), "p");
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(ticks(a.console(), "p") > t, "the VM does not tick back on A");
+    assert_eq!(ok(a.console(), "vm verify p")["verified"], true);
+    assert_eq!(b.console().json("vm info p", REPLY).unwrap()["error"], "no VM named 'p'");
+}
