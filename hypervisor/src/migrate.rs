@@ -13,7 +13,7 @@ use hypervisor::json::{Obj, Value};
 use hypervisor::migcmd::{MigrateCommand, PolicyArg, MIGRATION_PORT};
 use hypervisor::shell::Reply;
 use migration::converge::Policy;
-use migration::dest::{DestAction, Destination};
+use migration::dest::{DestAction, DestState, Destination};
 use migration::record::{Hello, VmConfig};
 use migration::source::{Report, Source, SourceAction, SourceConfig};
 use migration::{GuestMemory as MigMemory, PAGE_SIZE, PROTOCOL_VERSION};
@@ -435,11 +435,14 @@ impl Migrator {
                 DestAction::Finished => ended = true,
             }
         }
+        // A refused or failed stream ends the connection even when no VM
+        // was created (garbage before Hello, a Reject).
+        ended |= matches!(i.dest.state(), DestState::Failed | DestState::Rejected);
         if !i.pending.is_empty() {
             let n = net.tcp_send(i.socket, &i.pending);
             i.pending.drain(..n);
         }
-        if ended && i.pending.is_empty() {
+        if ended && (i.pending.is_empty() || matches!(state, TcpState::Closed | TcpState::CloseWait)) {
             let socket = i.socket;
             net.tcp_close(socket);
             self.closing.push((socket, now + 2_000_000));

@@ -120,9 +120,15 @@ fn ping_pong_and_garbage_on_the_migration_port() {
     // Garbage and a truncated stream from a host-side client: refused, and
     // the destination keeps working.
     let client = r#"
-import socket, struct, os, sys
+import socket, struct, os, sys, time
 def send(data):
-    s = socket.create_connection(("10.77.0.12", 7070), timeout=5)
+    # The listener is re-armed after each connection ends: retry briefly.
+    for attempt in range(50):
+        try:
+            s = socket.create_connection(("10.77.0.12", 7070), timeout=5)
+            break
+        except ConnectionRefusedError:
+            time.sleep(0.1)
     s.sendall(data)
     try:
         s.settimeout(3); s.recv(4096)
