@@ -244,20 +244,8 @@ impl Manager {
     pub fn harvest_gfns(&mut self, name: &str) -> Result<Vec<u64>, String> {
         let vm = self.find(name)?;
         let mut bitmap = DirtyBitmap::new(vm.layout.mem_bytes / 4096);
-        let fa = KernelFrames;
-        let (_, flush) = match vm.dirty_mode {
-            DirtyMode::Wp => vm.slat.wp_harvest(&fa, &mut bitmap),
-            DirtyMode::Pml => {
-                vm.vcpu.drain_pml(&mut vm.pml_log);
-                let mut rearm = DirtyBitmap::new(bitmap.pages());
-                let r = vm.slat.harvest_dirty(&fa, &mut rearm);
-                core::mem::swap(&mut bitmap, &mut vm.pml_log);
-                vm.pml_log.clear_all();
-                r
-            }
-            _ => vm.slat.harvest_dirty(&fa, &mut bitmap),
-        };
-        vm.flush(flush);
+        let mode = vm.dirty_mode;
+        vm.harvest_into(mode, &mut bitmap)?;
         Ok(bitmap.iter().map(|g| g.0).collect())
     }
 
@@ -790,22 +778,7 @@ impl Vm {
                 .with("baseline", true)
                 .with("count", bitmap.count()));
         }
-        let (_, flush) = match mode {
-            DirtyMode::Dbit => self.slat.harvest_dirty(&fa, &mut bitmap),
-            DirtyMode::Wp => self.slat.wp_harvest(&fa, &mut bitmap),
-            DirtyMode::Pml => {
-                // The log alone is the answer; the D-bit pass only clears D
-                // so that the next write to each page is logged again.
-                self.vcpu.drain_pml(&mut self.pml_log);
-                let mut rearm = DirtyBitmap::new(bitmap.pages());
-                let r = self.slat.harvest_dirty(&fa, &mut rearm);
-                core::mem::swap(&mut bitmap, &mut self.pml_log);
-                self.pml_log.clear_all();
-                r
-            }
-            DirtyMode::Off => return Err(String::from("dirty tracking is off; say dbit or wp")),
-        };
-        self.flush(flush);
+        self.harvest_into(mode, &mut bitmap)?;
         let now = self.gen_table();
         let in_flight = self.status(st::IN_FLIGHT);
         let (mut written, mut missed, mut extra_data, mut flight) = (0u64, 0u64, 0u64, 0u64);
@@ -838,6 +811,29 @@ impl Vm {
             .with("extra_data", extra_data)
             .with("extra_other", extra_other)
             .with("in_flight", flight))
+    }
+
+    /// Moves the pages written since the last harvest into `bitmap` (which
+    /// must be empty) and re-arms tracking, with the TLB flush that needs.
+    fn harvest_into(&mut self, mode: DirtyMode, bitmap: &mut DirtyBitmap) -> Result<(), String> {
+        let fa = KernelFrames;
+        let (_, flush) = match mode {
+            DirtyMode::Dbit => self.slat.harvest_dirty(&fa, bitmap),
+            DirtyMode::Wp => self.slat.wp_harvest(&fa, bitmap),
+            DirtyMode::Pml => {
+                // The log alone is the answer; the D-bit pass only clears D
+                // so that the next write to each page is logged again.
+                self.vcpu.drain_pml(&mut self.pml_log);
+                let mut rearm = DirtyBitmap::new(bitmap.pages());
+                let r = self.slat.harvest_dirty(&fa, &mut rearm);
+                core::mem::swap(bitmap, &mut self.pml_log);
+                self.pml_log.clear_all();
+                r
+            }
+            DirtyMode::Off => return Err(String::from("dirty tracking is off; say dbit or wp")),
+        };
+        self.flush(flush);
+        Ok(())
     }
 
     /// Asks the guest to check every page; runs it (even if paused) until it
