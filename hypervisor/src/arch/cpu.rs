@@ -3,6 +3,9 @@
 use vmx::cpu::CpuReport;
 use x86_64::registers::model_specific::Msr;
 
+/// IA32_EFER.
+pub const MSR_EFER: u32 = 0xC000_0080;
+
 /// Executes CPUID.
 pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
     let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);

@@ -9,9 +9,9 @@ use vmx::svm::{decode_exit, intercept, intercept2, tlb_control, Vmcb, V_INTR_MAS
 use vmx::{GuestRegs, Vcpu, VcpuState, VmExit};
 use x86_64::registers::model_specific::Msr;
 
+use super::cpu::MSR_EFER;
 use super::memory;
 
-const MSR_EFER: u32 = 0xC000_0080;
 const MSR_VM_CR: u32 = 0xC001_0114;
 const MSR_VM_HSAVE_PA: u32 = 0xC001_0117;
 

@@ -17,9 +17,9 @@ use vmx::{GuestRegs, Vcpu, VcpuState, VmExit};
 use x86_64::registers::control::{Cr0, Cr3, Cr4};
 use x86_64::registers::model_specific::Msr;
 
+use super::cpu::MSR_EFER;
 use super::{gdt, memory};
 
-const MSR_EFER: u32 = 0xC000_0080;
 const MSR_FS_BASE: u32 = 0xC000_0100;
 const MSR_GS_BASE: u32 = 0xC000_0101;
 
