@@ -16,7 +16,7 @@ use vmx::cpu::CpuReport;
 use crate::arch::{clock, cpu, gdt, idt, memory, power, serial, svm, timer};
 use crate::migrate::Migrator;
 use crate::net::Net;
-use crate::vm::Manager;
+use crate::vm::{Manager, Slice};
 
 /// The machine as the shell sees it.
 struct Machine {
@@ -140,8 +140,15 @@ fn count_processors(boot: &BootInfo) -> u32 {
     }
 }
 
-/// The main loop: console input first, then one time slice of the next
-/// running VM; with nothing to do, sleep until an interrupt.
+/// The main loop: console input first, then the network, then one time
+/// slice of the next running VM; with nothing to do, sleep until an
+/// interrupt.
+///
+/// While a migration runs, the CPU is shared half and half: the network
+/// and the migration get up to one timer period of work, then a VM runs
+/// until the next tick (1 ms at [`timer::MIGRATION_HZ`]) without being cut
+/// short by the NIC. Otherwise a VM runs until any host interrupt, so a
+/// frame is served as soon as it arrives.
 fn console_loop(machine: &mut Machine) -> ! {
     let mut shell = Shell::new();
     let mut editor = LineEditor::new();
@@ -149,12 +156,11 @@ fn console_loop(machine: &mut Machine) -> ! {
     serial::write_str(shell.prompt());
     loop {
         let Some(byte) = serial::try_read() else {
-            let mut busy = machine.net.as_mut().is_some_and(Net::poll);
-            if let Some(net) = machine.net.as_mut() {
-                busy |= machine.migrator.poll(net, &mut machine.vms);
-            }
+            let migrating = machine.migrator.active();
+            timer::set_hz(if migrating { timer::MIGRATION_HZ } else { timer::HZ });
+            let busy = serve_network(machine, migrating);
             if machine.vms.any_running() {
-                machine.vms.run_slice();
+                machine.vms.run_slice(if migrating { Slice::UntilTick } else { Slice::UntilInterrupt });
                 if let Some(net) = machine.net.as_mut() {
                     net.poll();
                 }
@@ -182,6 +188,23 @@ fn console_loop(machine: &mut Machine) -> ! {
             None => {}
         }
         serial::write_str(shell.prompt());
+    }
+}
+
+/// Polls the network and moves migrations forward: once, or with `share`
+/// again and again until there is no work left, a timer period has passed,
+/// or a console byte waits. Returns whether there was work.
+fn serve_network(machine: &mut Machine, share: bool) -> bool {
+    let Some(net) = machine.net.as_mut() else { return false };
+    let until = clock::uptime_us() + 1_000_000 / timer::MIGRATION_HZ;
+    let mut worked = false;
+    loop {
+        let mut busy = net.poll();
+        busy |= machine.migrator.poll(net, &mut machine.vms);
+        worked |= busy;
+        if !busy || !share || clock::uptime_us() >= until || serial::has_input() {
+            return worked;
+        }
     }
 }
 

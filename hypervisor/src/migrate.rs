@@ -135,6 +135,11 @@ impl Migrator {
         }
     }
 
+    /// Whether a migration, out or in, is under way.
+    pub fn active(&self) -> bool {
+        self.out.is_some() || self.inc.is_some()
+    }
+
     /// Executes a `migrate` command.
     pub fn command(&mut self, cmd: MigrateCommand, net: Option<&mut Net>, vms: &mut Manager) -> Result<Reply, String> {
         match cmd {

@@ -45,7 +45,14 @@ pub fn drain() {
     }
 }
 
-/// Reads one byte if the UART has one (LSR bit 0, "data ready").
+/// Whether a received byte waits in COM1 (LSR bit 0, "data ready").
+pub fn has_input() -> bool {
+    let mut lsr: Port<u8> = Port::new(COM1 + 5);
+    // SAFETY: reading the line status register has no side effect.
+    unsafe { lsr.read() & 1 != 0 }
+}
+
+/// Reads one byte if the UART has one.
 pub fn try_read() -> Option<u8> {
     let mut lsr: Port<u8> = Port::new(COM1 + 5);
     let mut data: Port<u8> = Port::new(COM1);

@@ -1,5 +1,6 @@
 //! The host's periodic timer: 8259 PICs remapped to vectors 0x20-0x2F, PIT
-//! channel 0 at 100 Hz on IRQ 0, and COM1's receive interrupt on IRQ 4 (it
+//! channel 0 at 100 Hz on IRQ 0 (1000 Hz while a migration shares the CPU
+//! with the VMs, see [`set_hz`]), and COM1's receive interrupt on IRQ 4 (it
 //! only wakes the console loop from `hlt`; bytes are read by polling).
 //!
 //! While a guest runs, the same interrupts make it exit (SVM INTR intercept,
@@ -12,11 +13,15 @@ use x86_64::structures::idt::InterruptStackFrame;
 
 /// First vector of the master PIC.
 pub const PIC_BASE: u8 = 0x20;
-/// Timer frequency.
+/// Timer frequency when no migration is running.
 pub const HZ: u64 = 100;
+/// Timer frequency while a migration runs: VM slices of 1 ms, so the
+/// migration gets the CPU back often enough to keep the link busy.
+pub const MIGRATION_HZ: u64 = 1000;
 const PIT_HZ: u64 = 1_193_182;
 
 static TICKS: AtomicU64 = AtomicU64::new(0);
+static CURRENT_HZ: AtomicU64 = AtomicU64::new(0);
 
 fn outb(port: u16, value: u8) {
     // SAFETY: only called with the PIC (0x20/0x21/0xA0/0xA1) and PIT
@@ -39,11 +44,25 @@ pub fn init() {
     outb(0xA1, 0x01);
     outb(0x21, !((1 << 0) | (1 << 4))); // IRQ 0 (timer) and 4 (COM1)
     outb(0xA1, 0xFF);
-    let divisor = u16::try_from(PIT_HZ / HZ).unwrap_or(u16::MAX);
+    set_hz(HZ);
+}
+
+/// Reprograms PIT channel 0 to `hz` interrupts per second (no-op when it
+/// already runs at that rate).
+pub fn set_hz(hz: u64) {
+    if CURRENT_HZ.swap(hz, Ordering::Relaxed) == hz {
+        return;
+    }
+    let divisor = u16::try_from(PIT_HZ / hz.max(19)).unwrap_or(u16::MAX);
     let [lo, hi] = divisor.to_le_bytes();
     outb(0x43, 0b0011_0100); // channel 0, lobyte/hibyte, mode 2 (rate generator)
     outb(0x40, lo);
     outb(0x40, hi);
+}
+
+/// Timer interrupts so far.
+pub fn ticks() -> u64 {
+    TICKS.load(Ordering::Relaxed)
 }
 
 /// Lets a pending host interrupt (the one that made a guest exit) be

@@ -30,6 +30,17 @@ const VERIFY_TIMEOUT_US: u64 = 60_000_000;
 /// Page numbers listed in a `vm dirty` reply.
 const DIRTY_LIST: usize = 16;
 
+/// What ends a VM's time slice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slice {
+    /// The first host interrupt: a frame from the NIC is served at once.
+    UntilInterrupt,
+    /// The next timer tick; other host interrupts are serviced and the
+    /// guest goes on. A migration, which pumps the network between ticks,
+    /// uses it so that every acknowledgement does not cost a VM exit.
+    UntilTick,
+}
+
 /// Where a VM is in its life.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmState {
@@ -203,9 +214,8 @@ impl Manager {
         self.vms.iter().any(|vm| vm.state == VmState::Running)
     }
 
-    /// Runs the next running VM (round robin) until the host timer
-    /// interrupts it.
-    pub fn run_slice(&mut self) {
+    /// Runs the next running VM (round robin) for one time slice.
+    pub fn run_slice(&mut self, slice: Slice) {
         let n = self.vms.len();
         for step in 0..n {
             let i = (self.next + step) % n;
@@ -215,7 +225,7 @@ impl Manager {
                 vm.slices += 1;
                 // A throttled VM sits out `throttle` slices in every 100.
                 if vm.slices % 100 >= u64::from(vm.throttle) {
-                    vm.run_until(|_| false, u64::MAX);
+                    vm.run_until(|_| false, u64::MAX, slice);
                 }
                 return;
             }
@@ -607,9 +617,16 @@ impl Vm {
         self.state = VmState::Stopped(why);
     }
 
-    /// Runs the vCPU until a host interrupt, `done` says so, the VM stops,
-    /// or `deadline_us` passes. Returns whether `done` was reached.
-    fn run_until(&mut self, mut done: impl FnMut(&Vm) -> bool, deadline_us: u64) -> bool {
+    /// Runs the vCPU until `done` says so, the VM stops, or `deadline_us`
+    /// passes; with no deadline, also until the end of the `slice`. Returns
+    /// whether `done` was reached.
+    fn run_until(&mut self, mut done: impl FnMut(&Vm) -> bool, deadline_us: u64, slice: Slice) -> bool {
+        if slice == Slice::UntilTick {
+            // A tick that came while the host worked would end the slice
+            // at once: take it now.
+            timer::service_pending();
+        }
+        let first_tick = timer::ticks();
         loop {
             if done(self) {
                 return true;
@@ -622,7 +639,11 @@ impl Vm {
             match exit {
                 VmExit::ExternalInterrupt => {
                     timer::service_pending();
-                    if deadline_us == u64::MAX {
+                    let slice_over = match slice {
+                        Slice::UntilInterrupt => true,
+                        Slice::UntilTick => timer::ticks() != first_tick,
+                    };
+                    if deadline_us == u64::MAX && slice_over {
                         return done(self);
                     }
                 }
@@ -845,7 +866,7 @@ impl Vm {
         let req = self.status(cfg::VERIFY_REQ) + 1;
         self.mem.write_u64(guest::CONFIG_GPA + cfg::VERIFY_REQ, req);
         let deadline = clock::uptime_us() + VERIFY_TIMEOUT_US;
-        let done = self.run_until(|vm| vm.status(st::VERIFY_DONE) == req, deadline);
+        let done = self.run_until(|vm| vm.status(st::VERIFY_DONE) == req, deadline, Slice::UntilInterrupt);
         if let VmState::Stopped(why) = &self.state {
             return Err(format!("VM '{}' stopped during verify: {why}", self.name));
         }
