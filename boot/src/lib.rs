@@ -502,7 +502,13 @@ impl Console {
                 Ok(_) if byte[0] == b'\n' => break,
                 Ok(_) if byte[0] == b'\r' => {}
                 Ok(_) => buf.push(byte[0]),
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                // A signal (another test's emulator exiting) interrupts
+                // the read; the line is still coming.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted
+                    ) => {}
                 Err(e) => return Err(e.into()),
             }
         }

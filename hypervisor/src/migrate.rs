@@ -34,6 +34,12 @@ const CONTROL_BUFFER: usize = 64 * 1024;
 const INCOMING_IDLE_US: u64 = 30_000_000;
 /// Stop pulling records from the source while this much is still unsent.
 const MAX_PENDING: usize = 1024 * 1024;
+/// A migration connection probes an idle peer this often...
+const KEEP_ALIVE_MS: u64 = 1_000;
+/// ...and is aborted when the peer has sent nothing for this long (a cut
+/// link, a dead host). Longer than the slowest step either side takes
+/// without polling the network (creating a large incoming VM).
+const LINK_TIMEOUT_MS: u64 = 8_000;
 
 /// A VM's memory as the migration crate sees it.
 struct Mem<'a>(&'a mut GuestMemory);
@@ -105,6 +111,10 @@ pub struct Migrator {
 }
 
 fn report_obj(vm: &str, peer: &str, r: &Report) -> Obj {
+    // The least any pre-copy must send: every non-zero page once, and once
+    // more for each time it was dirtied after being sent (every full or
+    // delta page we sent), as raw 4 KiB pages.
+    let lower_bound = (r.full_pages + r.delta_pages) * PAGE_SIZE as u64;
     Obj::new()
         .with("stage", "done")
         .with("vm", vm)
@@ -114,9 +124,13 @@ fn report_obj(vm: &str, peer: &str, r: &Report) -> Obj {
         .with("setup_us", r.setup_us)
         .with("rounds", r.rounds.clone())
         .with("bytes_on_wire", r.bytes_on_wire)
+        .with("lower_bound_bytes", lower_bound)
+        .with("goodput_bytes_per_s", r.bytes_on_wire * 1_000_000 / r.total_us.max(1))
         .with("zero_pages", r.zero_pages)
         .with("delta_pages", r.delta_pages)
         .with("full_pages", r.full_pages)
+        .with("max_throttle", r.max_throttle)
+        .with("stop_reason", r.stop_reason)
         .with("verified", r.verified)
 }
 
@@ -169,7 +183,10 @@ impl Migrator {
                 let mem_bytes = vms.begin_migration(&vm)?;
                 let peer = format!("{}.{}.{}.{}:{port}", ip[0], ip[1], ip[2], ip[3]);
                 let socket = match net.tcp_connect(ip, port, CONTROL_BUFFER, SEND_BUFFER) {
-                    Ok(s) => s,
+                    Ok(s) => {
+                        net.tcp_liveness(s, KEEP_ALIVE_MS, LINK_TIMEOUT_MS);
+                        s
+                    }
                     Err(e) => {
                         vms.end_migration(&vm, false, false, true);
                         return Err(e);
@@ -281,8 +298,14 @@ impl Migrator {
             busy |= n > 0;
         }
         o.source.on_tick(now);
+        if lost {
+            // Nothing queued can reach the peer any more; the failure
+            // actions (resume, report) must not wait behind it.
+            o.pending.clear();
+        }
         let mut ended = None;
-        while o.pending.len() < MAX_PENDING {
+        while o.pending.len() < MAX_PENDING || o.source.status().stage.is_terminal() {
+            o.source.set_backlog((o.pending.len() + net.tcp_send_queue(o.socket)) as u64);
             let action = match vms.with_memory(&o.vm, |m| o.source.poll(&Mem(m), now)) {
                 Ok(a) => a,
                 Err(_) => {
@@ -360,6 +383,9 @@ impl Migrator {
             match (self.listen_port, self.listener) {
                 (Some(port), None) => {
                     self.listener = net.tcp_listen(port, RECEIVE_BUFFER, CONTROL_BUFFER).ok();
+                    if let Some(h) = self.listener {
+                        net.tcp_liveness(h, KEEP_ALIVE_MS, LINK_TIMEOUT_MS);
+                    }
                     return false;
                 }
                 (Some(_), Some(h)) if net.tcp_state(h) == TcpState::Established => {

@@ -268,6 +268,20 @@ impl Net {
         self.sockets.get::<tcp::Socket>(h).state()
     }
 
+    /// Makes a socket notice a dead peer or a cut link: it probes an idle
+    /// connection every `keep_alive_ms` and aborts when the peer has sent
+    /// nothing for `timeout_ms` (smoltcp's keep-alive and timeout).
+    pub fn tcp_liveness(&mut self, h: SocketHandle, keep_alive_ms: u64, timeout_ms: u64) {
+        let socket = self.sockets.get_mut::<tcp::Socket>(h);
+        socket.set_keep_alive(Some(smoltcp::time::Duration::from_millis(keep_alive_ms)));
+        socket.set_timeout(Some(smoltcp::time::Duration::from_millis(timeout_ms)));
+    }
+
+    /// Bytes queued on the socket that the peer has not acknowledged.
+    pub fn tcp_send_queue(&self, h: SocketHandle) -> usize {
+        self.sockets.get::<tcp::Socket>(h).send_queue()
+    }
+
     /// Queues as much of `data` as fits; returns how much.
     pub fn tcp_send(&mut self, h: SocketHandle, data: &[u8]) -> usize {
         self.sockets.get_mut::<tcp::Socket>(h).send_slice(data).unwrap_or(0)

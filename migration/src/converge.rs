@@ -2,8 +2,9 @@
 //! the guest, stop and copy, or give up. A pure function of the round's
 //! measurements, so it is tested on its own.
 //!
-//! - Stop and copy as soon as sending the remaining dirty pages at the
-//!   measured bandwidth fits the downtime budget.
+//! - Stop and copy as soon as sending the remaining dirty pages, and the
+//!   bytes still queued for the link, at the measured bandwidth fits the
+//!   downtime budget.
 //! - At `max_rounds`, Abort gives up; Force and Throttle stop and copy
 //!   anyway, accepting a longer downtime (so the default always finishes).
 //! - A guest whose dirty rate exceeded 90% of the bandwidth for two rounds
@@ -56,6 +57,9 @@ pub struct Inputs {
     pub max_rounds: u32,
     /// Pages dirtied during the round, still to send.
     pub remaining_pages: u64,
+    /// Stream bytes handed to the transport but not yet delivered: they
+    /// go out before the last pages do.
+    pub backlog_bytes: u64,
     /// Measured bandwidth.
     pub bandwidth_bytes_per_s: u64,
     /// Allowed pause.
@@ -66,12 +70,14 @@ pub struct Inputs {
     pub hot_rounds: u32,
 }
 
-/// Time to send `pages` at `bandwidth` bytes/s (`u64::MAX` if unknown/zero).
-pub fn transfer_time_us(pages: u64, bandwidth_bytes_per_s: u64) -> u64 {
+/// Time to send `pages` after `backlog_bytes` at `bandwidth` bytes/s
+/// (`u64::MAX` if unknown/zero).
+pub fn transfer_time_us(pages: u64, backlog_bytes: u64, bandwidth_bytes_per_s: u64) -> u64 {
     if bandwidth_bytes_per_s == 0 {
         return u64::MAX;
     }
-    let us = u128::from(pages) * PAGE_SIZE as u128 * 1_000_000 / u128::from(bandwidth_bytes_per_s);
+    let bytes = u128::from(pages) * PAGE_SIZE as u128 + u128::from(backlog_bytes);
+    let us = bytes * 1_000_000 / u128::from(bandwidth_bytes_per_s);
     u64::try_from(us).unwrap_or(u64::MAX)
 }
 
@@ -82,7 +88,7 @@ pub fn is_hot(dirty_bytes_per_s: u64, bandwidth_bytes_per_s: u64) -> bool {
 
 /// The decision for `i`.
 pub fn decide(i: &Inputs) -> Decision {
-    if transfer_time_us(i.remaining_pages, i.bandwidth_bytes_per_s) <= i.downtime_budget_us {
+    if transfer_time_us(i.remaining_pages, i.backlog_bytes, i.bandwidth_bytes_per_s) <= i.downtime_budget_us {
         return Decision::StopAndCopy;
     }
     let out_of_rounds = i.round.saturating_add(1) >= i.max_rounds;
@@ -98,6 +104,17 @@ pub fn decide(i: &Inputs) -> Decision {
     }
 }
 
+/// Why [`decide`] chose `StopAndCopy` for `i`, for the report.
+pub fn stop_reason(i: &Inputs) -> &'static str {
+    if transfer_time_us(i.remaining_pages, i.backlog_bytes, i.bandwidth_bytes_per_s) <= i.downtime_budget_us {
+        "budget"
+    } else if i.round.saturating_add(1) >= i.max_rounds {
+        "round limit"
+    } else {
+        "not converging"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,6 +125,7 @@ mod tests {
             round: 3,
             max_rounds: 30,
             remaining_pages: 100_000, // 400 MiB
+            backlog_bytes: 0,
             bandwidth_bytes_per_s: 1_000_000_000,
             downtime_budget_us: 300_000,
             throttle: 0,
@@ -121,15 +139,26 @@ mod tests {
         assert_eq!(decide(&i), Decision::Continue);
         i.remaining_pages = 73_242; // 299.99 ms at 1 GB/s
         assert_eq!(decide(&i), Decision::StopAndCopy);
+        assert_eq!(stop_reason(&i), "budget");
         i.hot_rounds = 5;
         assert_eq!(decide(&i), Decision::StopAndCopy, "fitting the budget beats every policy");
     }
 
     #[test]
+    fn bytes_still_queued_count_against_the_budget() {
+        let mut i = inputs(Policy::Throttle);
+        i.remaining_pages = 48_828; // 200 ms at 1 GB/s
+        assert_eq!(decide(&i), Decision::StopAndCopy);
+        i.backlog_bytes = 150_000_000; // another 150 ms before the last pages leave
+        assert_eq!(decide(&i), Decision::Continue);
+    }
+
+    #[test]
     fn unknown_bandwidth_never_fits_a_budget() {
-        assert_eq!(transfer_time_us(1, 0), u64::MAX);
-        assert_eq!(transfer_time_us(0, 0), u64::MAX);
-        assert_eq!(transfer_time_us(250, 1_024_000), 1_000_000);
+        assert_eq!(transfer_time_us(1, 0, 0), u64::MAX);
+        assert_eq!(transfer_time_us(0, 0, 0), u64::MAX);
+        assert_eq!(transfer_time_us(250, 0, 1_024_000), 1_000_000);
+        assert_eq!(transfer_time_us(250, 1_024_000, 1_024_000), 2_000_000);
     }
 
     #[test]
@@ -142,6 +171,7 @@ mod tests {
             let mut i = inputs(policy);
             i.round = 29;
             assert_eq!(decide(&i), want, "{policy:?}");
+            assert_eq!(stop_reason(&i), "round limit");
         }
     }
 
@@ -171,6 +201,7 @@ mod tests {
         let mut i = inputs(Policy::Force);
         i.hot_rounds = 2;
         assert_eq!(decide(&i), Decision::StopAndCopy);
+        assert_eq!(stop_reason(&i), "not converging");
         i.policy = Policy::Abort;
         assert_eq!(decide(&i), Decision::Abort);
     }

@@ -515,6 +515,7 @@ fn non_converging_guest_is_throttled_and_finishes() {
     assert_eq!(sim.dmem, sim.smem);
     assert_eq!(sim.throttles, vec![20, 40], "{r:?}");
     assert!(r.rounds.len() > 4, "{r:?}");
+    assert_eq!((r.max_throttle, r.stop_reason), (40, "budget"), "converged once throttled: {r:?}");
 }
 
 #[test]
@@ -526,6 +527,7 @@ fn guest_too_hot_for_any_throttle_still_finishes_at_max_rounds() {
     assert_eq!(sim.throttles, vec![20, 40, 60, 80]);
     assert_eq!(r.rounds.len(), 8 + 1, "{r:?}");
     assert!(r.downtime_us > 2_000, "{r:?}");
+    assert_eq!((r.max_throttle, r.stop_reason), (80, "round limit"), "{r:?}");
 }
 
 #[test]
@@ -536,6 +538,7 @@ fn non_converging_guest_under_force_finishes_with_longer_downtime() {
     assert_eq!(sim.dmem, sim.smem);
     assert!(sim.throttles.is_empty());
     assert_eq!(r.rounds.len(), 3, "two hot rounds, then stop-and-copy: {r:?}");
+    assert_eq!(r.stop_reason, "not converging");
     assert!(r.downtime_us > 40 * 50, "downtime {} vs budget 50", r.downtime_us);
 }
 

@@ -13,9 +13,15 @@
 //!                                     after Commit, any failure ──> InDoubt
 //! ```
 //!
-//! Bandwidth is the bytes of a round's page batches over the time from the
-//! poll that handed out its first batch to the poll that asked for the
-//! harvest (the caller is trusted to transmit Send actions promptly). The
+//! A round ends when its batches have been handed out and the transport
+//! holds at most [`ROUND_END_BACKLOG`] of them. Bandwidth is the bytes of a
+//! round's page batches that reached the
+//! transport's far side over the time from the poll that handed out its
+//! first batch to the poll that asked for the harvest. The caller reports
+//! with [`Source::set_backlog`] how many handed-out bytes are still queued
+//! or unacknowledged; without it, every byte handed out counts as sent,
+//! and a small round that fits the caller's buffers would measure a
+//! bandwidth the link does not have. The
 //! dirty rate is the harvested page count over the time since the previous
 //! harvest. With a bandwidth cap, page batches are paced: after a batch of
 //! `n` bytes, the next one is held back `n / cap` seconds.
@@ -41,6 +47,11 @@ use crate::{GuestMemory, PAGE_SIZE, PROTOCOL_VERSION};
 /// Without progress (a frame received, an action handed out, a caller
 /// event) for this long, the migration fails (or is in doubt after Commit).
 pub const PROGRESS_TIMEOUT_US: u64 = 30_000_000;
+/// A round ends (the dirty log is harvested) once no more than this much
+/// of it is still queued in the transport (see [`Source::set_backlog`]):
+/// the next harvest then counts what was dirtied while the round was on
+/// the wire, not just while it was handed out.
+pub const ROUND_END_BACKLOG: u64 = 128 * 1024;
 /// Largest guest the source accepts to migrate (4 TiB; the dirty bitmap is
 /// one bit per page, 128 MiB at that size).
 pub const MAX_GUEST_BYTES: u64 = 4 << 40;
@@ -125,6 +136,11 @@ pub struct Report {
     pub full_pages: u64,
     /// The destination checked the memory digest.
     pub verified: bool,
+    /// The highest throttle applied (percent of CPU taken away).
+    pub max_throttle: u8,
+    /// Why pre-copy ended: `"budget"` (the rest fit the downtime budget),
+    /// `"round limit"`, or `"not converging"` (policy Force).
+    pub stop_reason: &'static str,
 }
 
 /// Coarse progress, for operators.
@@ -144,6 +160,14 @@ pub enum Stage {
     Failed,
     /// Resumed lost after Commit.
     InDoubt,
+}
+
+impl Stage {
+    /// Whether the migration has ended (its last actions may still be
+    /// queued for the caller).
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Stage::Done | Stage::Failed | Stage::InDoubt)
+    }
 }
 
 /// Snapshot of the source's progress.
@@ -254,6 +278,10 @@ pub struct Source {
     next_send_us: u64,
     round_start_us: Option<u64>,
     last_harvest_us: u64,
+    /// Handed-out bytes the transport has not delivered, now and when the
+    /// round's first batch was handed out.
+    backlog: u64,
+    round_start_backlog: u64,
     // This round.
     round: u32,
     round_pages: u64,
@@ -300,6 +328,8 @@ impl Source {
             next_send_us: 0,
             round_start_us: None,
             last_harvest_us: 0,
+            backlog: 0,
+            round_start_backlog: 0,
             round: 0,
             round_pages: 0,
             round_bytes: 0,
@@ -450,10 +480,15 @@ impl Source {
         }
         let dirty = self.to_send.count();
         let round_us = now_us.saturating_sub(self.round_start_us.unwrap_or(now_us));
-        if self.round_bytes > 0 {
-            self.bandwidth = rate(self.round_bytes, round_us);
+        let delivered = (self.round_bytes + self.round_start_backlog).saturating_sub(self.backlog);
+        // A round too short to time (nothing to send) keeps the old rates.
+        if delivered > 0 && round_us > 0 {
+            self.bandwidth = rate(delivered, round_us);
         }
-        self.dirty_rate = rate(dirty, now_us.saturating_sub(self.last_harvest_us));
+        let harvest_us = now_us.saturating_sub(self.last_harvest_us);
+        if harvest_us > 0 {
+            self.dirty_rate = rate(dirty, harvest_us);
+        }
         self.last_harvest_us = now_us;
         self.remaining = dirty;
         let hot = converge::is_hot(self.dirty_rate.saturating_mul(PAGE_SIZE as u64), self.bandwidth);
@@ -467,26 +502,30 @@ impl Source {
             duration_us: round_us,
         };
         self.send(&Record::RoundEnd(end));
-        let decision = converge::decide(&Inputs {
+        let inputs = Inputs {
             policy: self.config.policy,
             round: self.round,
             max_rounds: self.config.max_rounds,
             remaining_pages: dirty,
+            backlog_bytes: self.backlog,
             bandwidth_bytes_per_s: self.bandwidth,
             downtime_budget_us: self.config.downtime_budget_us,
             throttle: self.throttle,
             hot_rounds: self.hot_rounds,
-        });
+        };
+        let decision = converge::decide(&inputs);
         match decision {
             Decision::Continue | Decision::Throttle(_) => {
                 if let Decision::Throttle(p) = decision {
                     self.throttle = p;
+                    self.report.max_throttle = self.report.max_throttle.max(p);
                     self.out.push_back(SourceAction::SetThrottle(p));
                 }
                 self.round += 1;
                 self.start_round(Phase::Sending);
             }
             Decision::StopAndCopy => {
+                self.report.stop_reason = converge::stop_reason(&inputs);
                 self.out.push_back(SourceAction::PauseVm);
                 self.phase = Phase::Pausing;
             }
@@ -520,6 +559,13 @@ impl Source {
         self.device_state = device_state.to_vec();
         self.out.push_back(SourceAction::HarvestDirty);
         self.phase = Phase::FinalHarvest;
+    }
+
+    /// How many of the bytes handed out in `Send` actions the transport
+    /// still holds (queued, or sent and not acknowledged). Call before
+    /// each poll; see the module docs on bandwidth.
+    pub fn set_backlog(&mut self, bytes: u64) {
+        self.backlog = bytes;
     }
 
     /// Checks the progress timeout.
@@ -613,7 +659,10 @@ impl Source {
             Ok(f) => f,
             Err(e) => return self.fail(&format!("cannot encode page batch: {e}"), Some(false)),
         };
-        self.round_start_us.get_or_insert(now_us);
+        if self.round_start_us.is_none() {
+            self.round_start_us = Some(now_us);
+            self.round_start_backlog = self.backlog;
+        }
         self.round_pages += n as u64;
         self.pages_sent += n as u64;
         self.remaining = self.remaining.saturating_sub(n as u64);
@@ -627,6 +676,9 @@ impl Source {
 
     fn end_round(&mut self, mem: &dyn GuestMemory, now_us: u64) {
         if self.phase == Phase::Sending {
+            if self.backlog > ROUND_END_BACKLOG {
+                return; // the round is on its way; poll again
+            }
             self.out.push_back(SourceAction::HarvestDirty);
             self.phase = Phase::Harvest;
             return;
@@ -672,7 +724,7 @@ impl Source {
             pages_remaining: self.remaining,
             dirty_rate_pages_per_s: self.dirty_rate,
             bandwidth_bytes_per_s: self.bandwidth,
-            expected_downtime_us: converge::transfer_time_us(self.remaining, self.bandwidth),
+            expected_downtime_us: converge::transfer_time_us(self.remaining, self.backlog, self.bandwidth),
             throttle: self.throttle,
         }
     }
@@ -758,6 +810,43 @@ mod tests {
         assert_eq!(recs[2], Record::Verify { digest: mem.digest() });
         assert_eq!(recs[3..], [Record::VcpuState(vec![1; 10]), Record::DeviceState(vec![2; 20])]);
         assert_eq!(s.status().stage, Stage::Switchover);
+    }
+
+    #[test]
+    fn bandwidth_counts_only_what_the_transport_delivered() {
+        let (mut s, mem, a) = accepted(300);
+        let handed: u64 = a.iter().map(|a| if let SourceAction::Send(b) = a { b.len() as u64 } else { 0 }).sum();
+        // All of round 0 sits in the caller's buffers at first; one second
+        // later a quarter of it is still there.
+        s.set_backlog(handed / 4);
+        s.on_dirty(&(0..300).collect::<Vec<_>>(), 1_000_020);
+        let delivered = handed - handed / 4;
+        assert_eq!(s.status().bandwidth_bytes_per_s, delivered);
+        // 300 pages after the backlog, at that rate: about 1.7 s, so no
+        // stop-and-copy yet with a 300 ms budget.
+        let want = converge::transfer_time_us(300, handed / 4, delivered);
+        assert_eq!(s.status().expected_downtime_us, want);
+        assert!(want > 1_500_000);
+        assert!(!drain(&mut s, &mem, 1_000_020).contains(&SourceAction::PauseVm));
+    }
+
+    #[test]
+    fn a_round_ends_only_once_the_transport_has_carried_it() {
+        let mem = VecMemory::new(300);
+        let mut s = Source::new(SourceConfig::default(), hello(300));
+        drain(&mut s, &mem, 0);
+        s.on_bytes(&Record::Accept.encode().unwrap(), 10);
+        s.set_backlog(1 << 20);
+        let a = drain(&mut s, &mem, 20);
+        assert!(!a.is_empty() && !a.contains(&SourceAction::HarvestDirty), "{a:?}");
+        assert!(drain(&mut s, &mem, 500_000).is_empty(), "still on the wire");
+        s.set_backlog(ROUND_END_BACKLOG);
+        assert_eq!(drain(&mut s, &mem, 1_000_000), vec![SourceAction::HarvestDirty]);
+        // An idle guest dirtied nothing: stop and copy now, rather than
+        // spinning through empty rounds while the backlog drains.
+        s.on_dirty(&[], 1_000_000);
+        let a = drain(&mut s, &mem, 1_000_000);
+        assert_eq!(a.last(), Some(&SourceAction::PauseVm), "{a:?}");
     }
 
     #[test]

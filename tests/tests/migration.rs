@@ -160,3 +160,75 @@ print("sent")
     assert_eq!(ok(a.console(), "vm verify p")["verified"], true);
     assert_eq!(b.console().json("vm info p", REPLY).unwrap()["error"], "no VM named 'p'");
 }
+
+#[test]
+fn a_vm_dirtying_faster_than_the_link_converges_by_throttling() {
+    assert!(lab::available(), "the lab needs root for network namespaces");
+    let mut lab = Lab::new().unwrap();
+    let (mut a, mut b) = pair(&mut lab);
+    ok(a.console(), "vm create h mem=32 workload=random rate=8000");
+    ok(a.console(), "vm start h");
+    // 80 Mbit/s is 2441 pages/s: about a third of what the guest writes.
+    ok(a.console(), "migrate h 10.77.0.12 bandwidth=80 verify");
+    let r = wait_end(a.console(), Duration::from_secs(300));
+    println!("migration report: {r}");
+    assert_eq!((r["stage"].as_str(), r["verified"].as_bool()), (Some("done"), Some(true)), "{r}");
+    assert!(r["max_throttle"].as_u64().unwrap() >= 20, "the guest was never throttled: {r}");
+    assert_eq!(r["stop_reason"], "budget", "converged by throttling, not forced at the round limit: {r}");
+    let t = ticks(b.console(), "h");
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(ticks(b.console(), "h") > t, "the VM does not tick on B");
+    let v = ok(b.console(), "vm verify h");
+    assert_eq!((v["verified"].as_bool(), v["check_errors"].as_u64()), (Some(true), Some(0)), "{v}");
+}
+
+#[test]
+fn cutting_the_link_mid_round_leaves_the_vm_on_the_source() {
+    assert!(lab::available(), "the lab needs root for network namespaces");
+    let mut lab = Lab::new().unwrap();
+    let (mut a, mut b) = pair(&mut lab);
+    ok(a.console(), "vm create m mem=32 workload=random rate=1000");
+    ok(a.console(), "vm create i mem=32 workload=idle");
+    ok(a.console(), "vm start m");
+    ok(a.console(), "vm start i");
+    // A slow link keeps the migration in pre-copy long enough to cut it.
+    ok(a.console(), "migrate m 10.77.0.12 bandwidth=40");
+    let start = Instant::now();
+    loop {
+        let s = ok(a.console(), "migrate status");
+        if s["round"].as_u64().unwrap_or(0) >= 1 && s["pages_sent"].as_u64().unwrap_or(0) > 8192 {
+            break;
+        }
+        assert!(["setup", "precopy"].contains(&s["stage"].as_str().unwrap_or("")), "{s}");
+        assert!(start.elapsed() < Duration::from_secs(60), "no round 1 after a minute: {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    lab.ip(&["link", "set", "tap2", "down"]).unwrap(); // B's port on the switch
+    let s = wait_end(a.console(), Duration::from_secs(60));
+    println!("after the cut: {s}");
+    assert_eq!((s["stage"].as_str(), s["vm_running_here"].as_bool()), (Some("failed"), Some(true)), "{s}");
+    let info = ok(a.console(), "vm info m");
+    assert_eq!((info["state"].as_str(), info["migrating"].as_bool()), (Some("running"), Some(false)), "{info}");
+    let t = ticks(a.console(), "m");
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(ticks(a.console(), "m") > t, "VM stopped ticking on A after the cut");
+    assert_eq!(ok(a.console(), "vm verify m")["verified"], true);
+    // B notices on its own (its connection times out) and drops its copy.
+    let start = Instant::now();
+    while ok(b.console(), "vm list")["vms"] != serde_json::json!([]) {
+        assert!(start.elapsed() < Duration::from_secs(30), "B kept the half-migrated VM");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // With the link back, an idle VM migrates intact.
+    lab.ip(&["link", "set", "tap2", "up"]).unwrap();
+    assert_eq!(ok(a.console(), "ping 10.77.0.12 3")["received"].as_u64().map(|n| n > 0), Some(true));
+    ok(a.console(), "migrate i 10.77.0.12 verify");
+    let r = wait_end(a.console(), Duration::from_secs(120));
+    println!("idle VM: {r}");
+    assert_eq!((r["stage"].as_str(), r["verified"].as_bool()), (Some("done"), Some(true)), "{r}");
+    let t = ticks(b.console(), "i");
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(ticks(b.console(), "i") > t, "the idle VM does not tick on B");
+    assert_eq!(a.console().json("vm info i", REPLY).unwrap()["error"], "no VM named 'i'");
+    assert_eq!(ok(a.console(), "vm info m")["state"], "running");
+}

@@ -6,6 +6,11 @@
 //! Registers: RBX = config page; R12 = TSC of the next heartbeat; R13 = TSC
 //! of the next page write; R14 = now. All other state is in guest memory, so
 //! a copy of the memory and these registers is a copy of the guest.
+//!
+//! With a `rate`, writes are paced by the TSC. A guest that falls more than
+//! 1 ms behind (descheduled, or throttled by a migration) drops the missed
+//! writes instead of catching up, as a CPU-bound workload would: taking CPU
+//! time away slows its dirtying down.
 
 core::arch::global_asm!(
     r#"
@@ -60,10 +65,14 @@ g_work:
     xor edx, edx
     div rcx
     add r13, rax
-    mov rax, r14
-    sub rax, [rbx + {tsc_hz}]
+    mov rax, [rbx + {tsc_hz}]
+    xor edx, edx
+    mov rcx, 1000
+    div rcx
+    mov rdx, r14
+    sub rdx, rax
     jb g_write
-    cmp r13, rax
+    cmp r13, rdx
     jae g_write
     mov r13, r14
 g_write:

@@ -176,9 +176,10 @@ struct Vm {
     /// Being migrated out: lifecycle commands are refused until the
     /// migration ends.
     migrating: bool,
-    /// Percent of time slices taken away (migration auto-converge).
+    /// Percent of CPU time taken away (migration auto-converge).
     throttle: u8,
-    slices: u64,
+    /// A throttled VM does not run before this time.
+    throttled_until_us: u64,
     /// Commit was sent but the destination never confirmed: kept paused.
     in_doubt: bool,
 }
@@ -214,21 +215,26 @@ impl Manager {
         self.vms.iter().any(|vm| vm.state == VmState::Running)
     }
 
-    /// Runs the next running VM (round robin) for one time slice.
+    /// Runs the next running VM (round robin) for one time slice. A
+    /// throttled VM sits out wall time in proportion to what it ran: at a
+    /// throttle of `p` percent, `p / (100 - p)` of each slice.
     pub fn run_slice(&mut self, slice: Slice) {
         let n = self.vms.len();
+        let now = clock::uptime_us();
         for step in 0..n {
             let i = (self.next + step) % n;
-            if self.vms[i].state == VmState::Running {
-                self.next = i + 1;
-                let vm = &mut self.vms[i];
-                vm.slices += 1;
-                // A throttled VM sits out `throttle` slices in every 100.
-                if vm.slices % 100 >= u64::from(vm.throttle) {
-                    vm.run_until(|_| false, u64::MAX, slice);
-                }
-                return;
+            let vm = &mut self.vms[i];
+            if vm.state != VmState::Running || now < vm.throttled_until_us {
+                continue;
             }
+            self.next = i + 1;
+            vm.run_until(|_| false, u64::MAX, slice);
+            if vm.throttle > 0 {
+                let end = clock::uptime_us();
+                let off = (end - now) * u64::from(vm.throttle) / u64::from(100 - vm.throttle);
+                vm.throttled_until_us = end + off;
+            }
+            return;
         }
     }
 
@@ -290,7 +296,7 @@ impl Manager {
         }
     }
 
-    /// Sets a migrating VM's throttle (percent of slices skipped).
+    /// Sets a migrating VM's throttle (percent of CPU time taken away).
     pub fn set_throttle(&mut self, name: &str, percent: u8) {
         if let Ok(vm) = self.find(name) {
             vm.throttle = percent.min(95);
@@ -525,7 +531,7 @@ impl Manager {
             pml_log: DirtyBitmap::new(bytes / 4096),
             migrating: false,
             throttle: 0,
-            slices: 0,
+            throttled_until_us: 0,
             in_doubt: false,
         };
         let reply = Obj::new()
