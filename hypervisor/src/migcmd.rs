@@ -184,6 +184,22 @@ pub fn decode_vcpu(bytes: &[u8]) -> Result<(VcpuState, u64), String> {
     Ok((VcpuState { regs, rip: w[15], rsp: w[16], rflags: w[17] }, w[18]))
 }
 
+/// The VM-level device state a migration carries: one byte, 1 if the VM
+/// was paused by its operator (it arrives paused), 0 if it ran. The test
+/// guest has no devices of its own.
+pub fn encode_device_state(paused: bool) -> Vec<u8> {
+    alloc::vec![u8::from(paused)]
+}
+
+/// Decodes [`encode_device_state`]'s bytes: whether the VM arrives paused.
+pub fn decode_device_state(bytes: &[u8]) -> Result<bool, String> {
+    match bytes {
+        [0] => Ok(false),
+        [1] => Ok(true),
+        _ => Err(format!("bad device state ({} bytes)", bytes.len())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,5 +262,15 @@ mod tests {
         assert_eq!(bytes.len(), VCPU_STATE_LEN);
         assert_eq!(decode_vcpu(&bytes), Ok((s, 123_456)));
         assert!(decode_vcpu(&bytes[1..]).is_err());
+    }
+
+    #[test]
+    fn device_state_round_trips_and_rejects_garbage() {
+        for paused in [false, true] {
+            assert_eq!(decode_device_state(&encode_device_state(paused)), Ok(paused));
+        }
+        assert!(decode_device_state(&[]).is_err());
+        assert!(decode_device_state(&[2]).is_err());
+        assert!(decode_device_state(&[1, 0]).is_err());
     }
 }

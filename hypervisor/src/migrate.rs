@@ -95,6 +95,8 @@ struct Incoming {
     pending: Vec<u8>,
     vm: Option<String>,
     last_heard_us: u64,
+    /// The VM was paused on the source and stays paused here.
+    arrive_paused: bool,
 }
 
 /// Migration state of this host.
@@ -322,7 +324,7 @@ impl Migrator {
                     Err(e) => o.source.on_abort(&e),
                 },
                 SourceAction::PauseVm => match vms.pause_for_switchover(&o.vm) {
-                    Ok(state) => o.source.on_vm_paused(now, &[state], &[]),
+                    Ok((vcpu, devices)) => o.source.on_vm_paused(now, &[vcpu], &devices),
                     Err(e) => o.source.on_abort(&e),
                 },
                 SourceAction::ResumeVm => vms.resume_after_failure(&o.vm),
@@ -396,6 +398,7 @@ impl Migrator {
                         pending: Vec::new(),
                         vm: None,
                         last_heard_us: now,
+                        arrive_paused: false,
                     });
                     self.listener = None;
                 }
@@ -449,11 +452,15 @@ impl Migrator {
                         }
                     }
                 }
-                DestAction::SetDeviceState(_) => {} // the test guest has no devices
+                DestAction::SetDeviceState(bytes) => match hypervisor::migcmd::decode_device_state(&bytes) {
+                    Ok(paused) => i.arrive_paused = paused,
+                    Err(e) => i.dest.on_abort(&e),
+                },
                 DestAction::ResumeVm => {
                     if let Some(name) = &i.vm {
-                        let _ = vms.start_incoming(name);
-                        log::info!("VM '{name}' arrived and runs here");
+                        let _ = vms.start_incoming(name, i.arrive_paused);
+                        let how = if i.arrive_paused { "is paused" } else { "runs" };
+                        log::info!("VM '{name}' arrived and {how} here");
                     }
                 }
                 DestAction::DestroyVm { reason } => {

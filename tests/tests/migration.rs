@@ -93,6 +93,12 @@ fn failures_before_switchover_leave_the_vm_running_on_the_source() {
     assert_eq!(s["vm_running_here"], true);
     let info = ok(a.console(), "vm info m");
     assert_eq!((info["state"].as_str(), info["migrating"].as_bool()), (Some("running"), Some(false)), "{info}");
+    // A VM its operator paused stays paused when its migration fails.
+    ok(a.console(), "vm pause m");
+    ok(a.console(), "migrate m 10.77.0.12");
+    assert_eq!(wait_end(a.console(), Duration::from_secs(60))["stage"], "failed");
+    assert_eq!(ok(a.console(), "vm info m")["state"], "paused");
+    ok(a.console(), "vm resume m");
     // Cancelled during pre-copy (a slow link keeps it there): VM keeps
     // running on A, B drops its skeleton.
     ok(b.console(), "migrate listen");
@@ -151,9 +157,14 @@ print("sent")
     let r = wait_end(a.console(), Duration::from_secs(180));
     assert_eq!((r["stage"].as_str(), r["verified"].as_bool()), (Some("done"), Some(true)), "{r}");
     assert_eq!(ok(b.console(), "vm info p")["state"], "running");
+    // Back to A paused by its operator: it stays paused on the way and
+    // arrives paused.
+    ok(b.console(), "vm pause p");
     ok(b.console(), "migrate p 10.77.0.11 verify");
     let r = wait_end(b.console(), Duration::from_secs(180));
     assert_eq!((r["stage"].as_str(), r["verified"].as_bool()), (Some("done"), Some(true)), "{r}");
+    assert_eq!(ok(a.console(), "vm info p")["state"], "paused");
+    ok(a.console(), "vm resume p");
     let t = ticks(a.console(), "p");
     std::thread::sleep(Duration::from_millis(800));
     assert!(ticks(a.console(), "p") > t, "the VM does not tick back on A");

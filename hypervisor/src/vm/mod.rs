@@ -182,6 +182,9 @@ struct Vm {
     throttled_until_us: u64,
     /// Commit was sent but the destination never confirmed: kept paused.
     in_doubt: bool,
+    /// Paused by the operator when its migration began: it stays paused
+    /// if the migration fails, and arrives paused if it succeeds.
+    paused_before_migration: bool,
 }
 
 /// All VMs of this host.
@@ -253,6 +256,7 @@ impl Manager {
         vm.dirty(DirtyMode::Off)?;
         vm.dirty(mode)?;
         vm.migrating = true;
+        vm.paused_before_migration = vm.state == VmState::Paused;
         Ok(vm.layout.mem_bytes)
     }
 
@@ -265,14 +269,15 @@ impl Manager {
         Ok(bitmap.iter().map(|g| g.0).collect())
     }
 
-    /// Pauses a migrating VM and returns its encoded vCPU state.
-    pub fn pause_for_switchover(&mut self, name: &str) -> Result<Vec<u8>, String> {
+    /// Pauses a migrating VM and returns its encoded vCPU and device state.
+    pub fn pause_for_switchover(&mut self, name: &str) -> Result<(Vec<u8>, Vec<u8>), String> {
         let vm = self.find(name)?;
         if vm.state == VmState::Running {
             vm.state = VmState::Paused;
         }
         let tsc = vm.vcpu.guest_tsc(clock::rdtsc());
-        Ok(hypervisor::migcmd::encode_vcpu(&vm.vcpu.state(), tsc))
+        let vcpu = hypervisor::migcmd::encode_vcpu(&vm.vcpu.state(), tsc);
+        Ok((vcpu, hypervisor::migcmd::encode_device_state(vm.paused_before_migration)))
     }
 
     /// Ends a migration on the source: `finished` frees the VM; otherwise
@@ -290,7 +295,7 @@ impl Manager {
             vm.in_doubt = in_doubt;
             if in_doubt {
                 vm.state = VmState::Paused;
-            } else if resume && vm.state == VmState::Paused {
+            } else if resume && vm.state == VmState::Paused && !vm.paused_before_migration {
                 vm.state = VmState::Running;
             }
         }
@@ -306,7 +311,7 @@ impl Manager {
     /// Resumes a VM that was paused for the switchover (a failed migration).
     pub fn resume_after_failure(&mut self, name: &str) {
         if let Ok(vm) = self.find(name) {
-            if vm.state == VmState::Paused && !vm.in_doubt {
+            if vm.state == VmState::Paused && !vm.in_doubt && !vm.paused_before_migration {
                 vm.state = VmState::Running;
             }
             vm.throttle = 0;
@@ -324,7 +329,7 @@ impl Manager {
 
     /// Starts an incoming VM after the switchover; reads its workload from
     /// the guest's own config page.
-    pub fn start_incoming(&mut self, name: &str) -> Result<(), String> {
+    pub fn start_incoming(&mut self, name: &str, paused: bool) -> Result<(), String> {
         let vm = self.find(name)?;
         let code = vm.status(cfg::WORKLOAD);
         vm.workload = match code {
@@ -334,7 +339,7 @@ impl Manager {
             _ => Workload::Idle,
         };
         vm.rate = vm.status(cfg::RATE);
-        vm.state = VmState::Running;
+        vm.state = if paused { VmState::Paused } else { VmState::Running };
         Ok(())
     }
 
@@ -533,6 +538,7 @@ impl Manager {
             throttle: 0,
             throttled_until_us: 0,
             in_doubt: false,
+            paused_before_migration: false,
         };
         let reply = Obj::new()
             .with("created", name)

@@ -21,26 +21,74 @@ fn ok(c: &mut Console, cmd: &str) -> Result<Value> {
     Ok(v)
 }
 
+/// Command-line options (all optional).
+struct Options {
+    /// Guest size, MiB.
+    mem: u64,
+    /// The guest's workload and write rate (pages/s).
+    workload: String,
+    rate: u64,
+    /// Pause the guest before migrating (no CPU sharing with it).
+    paused: bool,
+    /// Compare whole-memory digests at the switchover.
+    verify: bool,
+}
+
+const USAGE: &str = "usage: demo [MiB] [--workload idle|sweep|random|hot:N] [--rate pages/s] [--paused] [--no-verify]";
+
+fn options() -> Result<Options> {
+    let mut o = Options { mem: 64, workload: String::from("random"), rate: 1000, paused: false, verify: true };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--workload" => o.workload = args.next().context(USAGE)?,
+            "--rate" => o.rate = args.next().context(USAGE)?.parse().context(USAGE)?,
+            "--paused" => o.paused = true,
+            "--no-verify" => o.verify = false,
+            "-h" | "--help" => bail!(USAGE),
+            n => o.mem = n.parse().with_context(|| format!("guest MiB: {n:?}; {USAGE}"))?,
+        }
+    }
+    Ok(o)
+}
+
 fn main() -> Result<()> {
     if !lab::available() {
         bail!("the demo needs root: it builds a network namespace with a bridge");
     }
-    let mem: u64 = std::env::args().nth(1).map_or(Ok(64), |s| s.parse()).context("guest MiB")?;
+    let o = options()?;
+    let mem = o.mem;
     println!("== building images and booting two hosts on a lab bridge");
     let mut lab = Lab::new()?;
-    let base = HostConfig { mem_mib: 512, ..qemu(Firmware::Bios) };
+    // Room for the guest, its copy's page tables, and the host's heap.
+    let base = HostConfig { mem_mib: u32::try_from((512 + mem * 3 / 2).next_multiple_of(256))?, ..qemu(Firmware::Bios) };
     let mut a = boot_json(&lab.host(&base)?)?;
     let mut b = boot_json(&lab.host(&base)?)?;
     ok(a.console(), "net ip 10.77.0.11/24")?;
     ok(b.console(), "net ip 10.77.0.12/24")?;
     ok(a.console(), "ping 10.77.0.12 1")?;
-    println!("== host A 10.77.0.11, host B 10.77.0.12; starting a {mem} MiB guest on A (random writes, 1000 pages/s)");
-    ok(a.console(), &format!("vm create demo mem={mem} workload=random rate=1000"))?;
+    // The link's TCP goodput, measured now, in this run, for the ratio.
+    ok(b.console(), "net bench listen")?;
+    ok(a.console(), "net bench send 10.77.0.12 32")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let bench = ok(b.console(), "net bench result")?;
+    let bench_mb_s: f64 = bench["mb_per_s"].as_str().unwrap_or("0").parse().unwrap_or(0.0);
+    println!("== host A 10.77.0.11, host B 10.77.0.12; net bench A -> B: {bench_mb_s:.1} MB/s");
+    println!(
+        "== starting a {mem} MiB guest on A (workload {}, {} pages/s){}",
+        o.workload,
+        o.rate,
+        if o.paused { ", paused" } else { "" }
+    );
+    ok(a.console(), &format!("vm create demo mem={mem} workload={} rate={}", o.workload, o.rate))?;
     ok(a.console(), "vm start demo")?;
     std::thread::sleep(Duration::from_secs(1));
     let ticks_before = ok(a.console(), "vm info demo")?["ticks"].as_u64().unwrap_or(0);
     println!("   guest heartbeat on A: {ticks_before} ticks");
-    ok(a.console(), "migrate demo 10.77.0.12 verify")?;
+    if o.paused {
+        ok(a.console(), "vm pause demo")?;
+    }
+    ok(a.console(), &format!("migrate demo 10.77.0.12{}", if o.verify { " verify" } else { "" }))?;
     let start = Instant::now();
     let report = loop {
         let s = ok(a.console(), "migrate status")?;
@@ -71,6 +119,11 @@ fn main() -> Result<()> {
     let status = report["stage"].as_str().unwrap_or("?").to_string();
     let mut ticks_after = 0;
     if status == "done" {
+        if o.paused {
+            let state = ok(b.console(), "vm info demo")?["state"].clone();
+            println!("== the guest arrived on B {state}; resuming it");
+            ok(b.console(), "vm resume demo")?;
+        }
         let t1 = ok(b.console(), "vm info demo")?["ticks"].as_u64().unwrap_or(0);
         std::thread::sleep(Duration::from_secs(1));
         ticks_after = ok(b.console(), "vm info demo")?["ticks"].as_u64().unwrap_or(0);
@@ -80,20 +133,31 @@ fn main() -> Result<()> {
         let gone = a.console().json("vm info demo", REPLY)?;
         println!("   on A: {}", gone["error"]);
     }
+    let field = |k: &str| report[k].as_u64().unwrap_or(0);
+    let goodput = field("goodput_bytes_per_s") as f64 / 1e6;
+    let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { 0.0 };
     let out = json!({
         "status": status,
-        "total_ms": report["total_us"].as_u64().unwrap_or(0) / 1000,
-        "downtime_ms": report["downtime_us"].as_u64().unwrap_or(0) as f64 / 1000.0,
-        "setup_ms": report["setup_us"].as_u64().unwrap_or(0) / 1000,
+        "total_ms": field("total_us") / 1000,
+        "downtime_ms": field("downtime_us") as f64 / 1000.0,
+        "setup_ms": field("setup_us") / 1000,
         "rounds": report["rounds"],
+        "stop_reason": report["stop_reason"],
+        "max_throttle": report["max_throttle"],
         "bytes_sent": report["bytes_on_wire"],
+        "lower_bound_bytes": report["lower_bound_bytes"],
+        "wire_to_lower_bound": ratio(field("bytes_on_wire") as f64, field("lower_bound_bytes") as f64),
         "zero_pages": report["zero_pages"],
         "delta_pages": report["delta_pages"],
         "full_pages": report["full_pages"],
         "guest_bytes": mem << 20,
+        "workload": format!("{} rate={}{}", o.workload, o.rate, if o.paused { " paused" } else { "" }),
         "verified": report["verified"],
         "guest_ticks_before": ticks_before,
         "guest_ticks_after": ticks_after,
+        "migration_mb_per_s": goodput,
+        "net_bench_mb_per_s": bench_mb_s,
+        "goodput_to_net_bench": ratio(goodput, bench_mb_s),
         "error": report.get("error"),
     });
     println!("== report\n{}", serde_json::to_string_pretty(&out)?);
