@@ -83,6 +83,9 @@ pub struct Destination {
     vm_created: bool,
     round: u32,
     round_pages: u64,
+    /// Pages that arrived in round 0, one bit each: round 0 must carry
+    /// every page exactly once (freed after round 0).
+    round0_seen: Vec<u64>,
     memory_done: bool,
     vcpus_received: u32,
     scratch: Box<[u8; PAGE_SIZE]>,
@@ -111,6 +114,7 @@ impl Destination {
             vm_created: false,
             round: 0,
             round_pages: 0,
+            round0_seen: Vec::new(),
             memory_done: false,
             vcpus_received: 0,
             scratch: Box::new([0; PAGE_SIZE]),
@@ -132,9 +136,9 @@ impl Destination {
         if !self.active() {
             return;
         }
-        if let Err(e) = self.decoder.push(bytes) {
-            self.fail(protocol(format!("bad frame from source: {e}")));
-        }
+        // Frames completed before a framing error are handled first, so
+        // the outcome does not depend on how the transport split the bytes.
+        let pushed = self.decoder.push(bytes);
         while self.active() {
             let Some(frame) = self.decoder.next_frame() else { break };
             let result = match Record::decode(&frame) {
@@ -143,6 +147,11 @@ impl Destination {
             };
             if let Err(f) = result {
                 self.fail(f);
+            }
+        }
+        if let Err(e) = pushed {
+            if self.active() {
+                self.fail(protocol(format!("bad frame from source: {e}")));
             }
         }
     }
@@ -294,9 +303,20 @@ impl Destination {
         if mem.pages() < pages {
             return Err(protocol(format!("skeleton has {} pages, VM needs {pages}", mem.pages())));
         }
+        if self.round == 0 && self.round0_seen.is_empty() {
+            self.round0_seen = alloc::vec![0; usize::try_from(pages.div_ceil(64)).unwrap_or(0)];
+        }
         for p in &b.pages {
             if p.gfn >= pages {
                 return Err(protocol(format!("page {:#x} beyond the VM's {pages} pages", p.gfn)));
+            }
+            if self.round == 0 {
+                let bit = 1u64 << (p.gfn % 64);
+                let word = usize::try_from(p.gfn / 64).ok().and_then(|i| self.round0_seen.get_mut(i));
+                match word {
+                    Some(w) if *w & bit == 0 => *w |= bit,
+                    _ => return Err(protocol(format!("page {:#x} twice in round 0", p.gfn))),
+                }
             }
             match &p.data {
                 PageData::Zero => mem.write_page(p.gfn, &ZERO_PAGE),
@@ -325,6 +345,7 @@ impl Destination {
         }
         self.round = self.round.saturating_add(1);
         self.round_pages = 0;
+        self.round0_seen = Vec::new();
         Ok(())
     }
 
@@ -490,6 +511,36 @@ mod tests {
         d.on_abort("link down");
         assert!(d.poll().is_none(), "no DestroyVm after Commit");
         assert_eq!(d.state(), DestState::Resumed);
+    }
+
+    #[test]
+    fn commit_followed_by_junk_in_the_same_read_still_resumes() {
+        // Found by the fuzz target: the framing error used to win over the
+        // complete Commit before it, so the outcome depended on how TCP
+        // split the bytes.
+        let (mut d, mut mem) = accepted();
+        let mut bytes = round0(7);
+        bytes.extend(frame(Record::VcpuState(vec![1])));
+        bytes.extend(frame(Record::DeviceState(vec![])));
+        d.on_bytes(&bytes, &mut mem);
+        drain(&mut d);
+        let mut commit = frame(Record::Commit);
+        commit.extend_from_slice(b"junk after the end");
+        d.on_bytes(&commit, &mut mem);
+        assert_eq!(d.state(), DestState::Resumed);
+        assert_eq!(drain(&mut d).last(), Some(&DestAction::Finished));
+    }
+
+    #[test]
+    fn round_zero_must_carry_every_page_exactly_once() {
+        // Found by the fuzz target: four pages with page 0 twice and page 3
+        // missing passed the page count check.
+        let (mut d, mut mem) = accepted();
+        let pages = [0, 1, 2, 0].map(|gfn| Page { gfn, data: PageData::Zero }).to_vec();
+        let mut bytes = frame(Record::PageBatch(PageBatch { round: 0, pages }));
+        bytes.extend(frame(Record::RoundEnd(RoundEnd { round: 0, pages_sent: 4, ..RoundEnd::default() })));
+        d.on_bytes(&bytes, &mut mem);
+        assert_failed_with_error(&mut d, "page 0x0 twice in round 0");
     }
 
     #[test]

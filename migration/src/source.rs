@@ -412,9 +412,9 @@ impl Source {
         if self.terminal() {
             return;
         }
-        if let Err(e) = self.decoder.push(bytes) {
-            return self.fail(&format!("bad frame from destination: {e}"), Some(false));
-        }
+        // Frames completed before a framing error are handled first, so
+        // the outcome does not depend on how the transport split the bytes.
+        let pushed = self.decoder.push(bytes);
         while let Some(frame) = self.decoder.next_frame() {
             if self.terminal() {
                 return;
@@ -423,6 +423,11 @@ impl Source {
             match Record::decode(&frame) {
                 Ok(rec) => self.on_record(rec, now_us),
                 Err(e) => self.fail(&format!("bad {:?} from destination: {e}", frame.kind), Some(false)),
+            }
+        }
+        if let Err(e) = pushed {
+            if !self.terminal() {
+                self.fail(&format!("bad frame from destination: {e}"), Some(false));
             }
         }
     }
