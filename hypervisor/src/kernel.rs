@@ -13,7 +13,7 @@ use hypervisor::shell::{Action, Fault, Host, MemInfo, Mode, Reply, Shell};
 use hypervisor::vmcmd::VmCommand;
 use vmx::cpu::CpuReport;
 
-use crate::arch::{clock, cpu, gdt, idt, memory, power, serial, svm, timer};
+use crate::arch::{clock, cpu, gdt, idt, mem, memory, power, serial, svm, timer};
 use crate::migrate::Migrator;
 use crate::net::Net;
 use crate::vm::{Manager, Slice};
@@ -77,6 +77,10 @@ pub fn start(boot: BootInfo, reserved: &[(u64, u64)]) -> ! {
     if boot.regions_dropped > 0 {
         log::warn!("{} usable memory regions ignored (table full)", boot.regions_dropped);
     }
+    let mut scratch = alloc::vec![0u8; 256 * 1024];
+    let (copy, rep, looped) = mem::calibrate(&mut scratch);
+    drop(scratch);
+    log::info!("memcpy: {copy} (128 KiB twice: rep movsb {rep} cycles, loop {looped})");
     let cpu = cpu::report();
     let processors = count_processors(&boot);
     log::info!(

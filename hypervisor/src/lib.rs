@@ -13,6 +13,8 @@ pub mod frames;
 pub mod guest;
 pub mod json;
 pub mod line;
+#[cfg(target_arch = "x86_64")]
+pub mod mem;
 pub mod migcmd;
 pub mod netcmd;
 pub mod shell;

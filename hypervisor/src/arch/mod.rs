@@ -8,6 +8,7 @@ pub mod entry;
 pub mod gdt;
 pub mod guest_memory;
 pub mod idt;
+pub mod mem;
 pub mod memory;
 pub mod nic;
 pub mod pci;
