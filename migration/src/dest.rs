@@ -86,6 +86,10 @@ pub struct Destination {
     /// Pages that arrived in round 0, one bit each: round 0 must carry
     /// every page exactly once (freed after round 0).
     round0_seen: Vec<u64>,
+    /// `page_hash` of every page as last written, and their wrapping sum:
+    /// the digest of the memory, kept up to date as pages arrive.
+    page_hashes: Vec<u64>,
+    digest: u64,
     memory_done: bool,
     vcpus_received: u32,
     scratch: Box<[u8; PAGE_SIZE]>,
@@ -115,6 +119,8 @@ impl Destination {
             round: 0,
             round_pages: 0,
             round0_seen: Vec::new(),
+            page_hashes: Vec::new(),
+            digest: 0,
             memory_done: false,
             vcpus_received: 0,
             scratch: Box::new([0; PAGE_SIZE]),
@@ -203,7 +209,7 @@ impl Destination {
                 if self.vcpus_received > 0 {
                     return Err(protocol(String::from("Verify after vCPU state")));
                 }
-                let here = mem.digest();
+                let here = self.digest;
                 if here != digest {
                     return Err(protocol(format!("memory digest {here:#018x}, source has {digest:#018x}")));
                 }
@@ -306,6 +312,9 @@ impl Destination {
         if self.round == 0 && self.round0_seen.is_empty() {
             self.round0_seen = alloc::vec![0; usize::try_from(pages.div_ceil(64)).unwrap_or(0)];
         }
+        if self.page_hashes.is_empty() {
+            self.page_hashes = alloc::vec![0; usize::try_from(pages).unwrap_or(0)];
+        }
         for p in &b.pages {
             if p.gfn >= pages {
                 return Err(protocol(format!("page {:#x} beyond the VM's {pages} pages", p.gfn)));
@@ -318,14 +327,26 @@ impl Destination {
                     _ => return Err(protocol(format!("page {:#x} twice in round 0", p.gfn))),
                 }
             }
-            match &p.data {
-                PageData::Zero => mem.write_page(p.gfn, &ZERO_PAGE),
-                PageData::Full(data) => mem.write_page(p.gfn, data),
+            let hash = match &p.data {
+                PageData::Zero => {
+                    mem.write_page(p.gfn, &ZERO_PAGE);
+                    crate::page_hash(p.gfn, &ZERO_PAGE)
+                }
+                PageData::Full(data) => {
+                    mem.write_page(p.gfn, data);
+                    crate::page_hash(p.gfn, data)
+                }
                 PageData::Delta(d) => {
                     mem.read_page(p.gfn, &mut self.scratch);
                     delta::apply(&mut self.scratch, d).map_err(|e| protocol(format!("page {:#x}: {e}", p.gfn)))?;
                     mem.write_page(p.gfn, &self.scratch);
+                    crate::page_hash(p.gfn, &self.scratch)
                 }
+            };
+            let slot = usize::try_from(p.gfn).ok().and_then(|i| self.page_hashes.get_mut(i));
+            if let Some(old) = slot {
+                self.digest = self.digest.wrapping_sub(*old).wrapping_add(hash);
+                *old = hash;
             }
         }
         self.round_pages += b.pages.len() as u64;

@@ -121,12 +121,6 @@ fn fnv1a(data: &[u8]) -> u64 {
     data.iter().fold(0xCBF2_9CE4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3))
 }
 
-/// The guest-memory digest both sides use: FNV-1a over 8-byte words.
-const DIGEST_INIT: u64 = 0xCBF2_9CE4_8422_2325;
-fn digest_words(h: u64, bytes: &[u8]) -> u64 {
-    bytes.as_chunks::<8>().0.iter().fold(h, |h, w| (h ^ u64::from_le_bytes(*w)).wrapping_mul(0x0100_0000_01B3))
-}
-
 // ---------------------------------------------------------------------------
 // Guest memory.
 
@@ -164,9 +158,6 @@ impl GuestMemory for FuzzMem {
         self.writes += 1;
         self.page_mut(gfn).copy_from_slice(data);
     }
-    fn digest(&self) -> u64 {
-        digest_words(DIGEST_INIT, &self.bytes)
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -174,8 +165,6 @@ impl GuestMemory for FuzzMem {
 // documented protocol (lib.rs "Destination states", dest.rs "Order the
 // destination enforces").
 
-/// What one chunk delivers: a framing error (the destination then drops the
-/// chunk's frames), or the frames completed in it, each with its record.
 /// The frames a chunk completed, and the framing error that stopped it, if
 /// any (frames completed before the error come first, as in the decoder).
 type ChunkFrames = (Vec<(RecordType, Result<Record, WireError>)>, Option<WireError>);
@@ -230,9 +219,12 @@ impl ModelMem {
         self.written.insert(gfn, page);
     }
 
+    /// The documented digest: the wrapping sum of `page_hash`.
     fn digest(&self) -> u64 {
         let fill = [self.fill; PAGE_SIZE];
-        (0..self.pages).fold(DIGEST_INIT, |h, g| digest_words(h, self.written.get(&g).map_or(&fill, |p| &**p)))
+        (0..self.pages).fold(0u64, |sum, g| {
+            sum.wrapping_add(migration::page_hash(g, self.written.get(&g).map_or(&fill, |p| &**p)))
+        })
     }
 }
 

@@ -100,19 +100,20 @@ impl GuestMemory {
         true
     }
 
-    /// A 64-bit hash of all of guest memory (FNV-style over words, with the
-    /// word's position mixed in so swapped pages differ).
+    /// The migration protocol's memory digest (the wrapping sum of
+    /// `migration::page_hash` over all pages), read in place.
     pub fn digest(&self) -> u64 {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for &chunk in &self.chunks {
+        let mut sum = 0u64;
+        for (c, &chunk) in self.chunks.iter().enumerate() {
             // SAFETY: each chunk is 2 MiB of this VM's memory in the physical
             // map; the guest is not running while the host reads it.
-            let words = unsafe { core::slice::from_raw_parts(phys_to_virt(chunk).cast::<u64>(), CHUNK_BYTES / 8) };
-            for &w in words {
-                h = (h ^ w).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(5);
+            let bytes = unsafe { core::slice::from_raw_parts(phys_to_virt(chunk), CHUNK_BYTES) };
+            let (pages, _) = bytes.as_chunks::<{ migration::PAGE_SIZE }>();
+            for (i, page) in pages.iter().enumerate() {
+                sum = sum.wrapping_add(migration::page_hash((c * 512 + i) as u64, page));
             }
         }
-        h
+        sum
     }
 
     /// Returns the memory to the host.

@@ -61,7 +61,8 @@ fn main() -> Result<()> {
     println!("== building images and booting two hosts on a lab bridge");
     let mut lab = Lab::new()?;
     // Room for the guest, its copy's page tables, and the host's heap.
-    let base = HostConfig { mem_mib: u32::try_from((512 + mem * 3 / 2).next_multiple_of(256))?, ..qemu(Firmware::Bios) };
+    let base =
+        HostConfig { mem_mib: u32::try_from((512 + mem * 3 / 2).next_multiple_of(256))?, ..qemu(Firmware::Bios) };
     let mut a = boot_json(&lab.host(&base)?)?;
     let mut b = boot_json(&lab.host(&base)?)?;
     ok(a.console(), "net ip 10.77.0.11/24")?;
