@@ -158,7 +158,8 @@ pub trait GuestMemory {
 /// missed still shows.
 pub fn page_hash(gfn: u64, page: &[u8; PAGE_SIZE]) -> u64 {
     let (words, _) = page.as_chunks::<8>();
-    let h = words.iter().fold(0xCBF2_9CE4_8422_2325u64, |h, w| (h ^ u64::from_le_bytes(*w)).wrapping_mul(0x0100_0000_01B3));
+    let h =
+        words.iter().fold(0xCBF2_9CE4_8422_2325u64, |h, w| (h ^ u64::from_le_bytes(*w)).wrapping_mul(0x0100_0000_01B3));
     // Mix in the page number, so equal pages at different places differ.
     let h = (h ^ gfn.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     h ^ (h >> 31)

@@ -1,6 +1,7 @@
-//! The kernel's `memcpy`, `memmove` and `memset`, replacing the weak
-//! definitions in `compiler_builtins` (which use `rep movsq`/`rep stosq`,
-//! slow under QEMU's TCG; see `hypervisor::mem`). [`calibrate`] times the
+//! The kernel's `memcpy`, `memmove`, `memset`, `memcmp` and `bcmp`,
+//! replacing the weak definitions in `compiler_builtins` (which use `rep
+//! movsq`/`rep stosq`, slow under QEMU's TCG, and compare byte by byte; see
+//! `hypervisor::mem`). [`calibrate`] times the
 //! string instructions against the loops at boot and keeps the faster.
 
 use core::ffi::{c_int, c_void};
@@ -44,6 +45,26 @@ pub unsafe extern "C" fn memset(dst: *mut c_void, c: c_int, n: usize) -> *mut c_
     // SAFETY: forwarded contract. C converts `c` to unsigned char.
     unsafe { mem::fill(dst.cast(), c.to_le_bytes()[0], n, USE_REP.load(Ordering::Relaxed)) };
     dst
+}
+
+/// The C `memcmp`.
+///
+/// # Safety
+/// `a..a+n` and `b..b+n` readable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memcmp(a: *const c_void, b: *const c_void, n: usize) -> c_int {
+    // SAFETY: forwarded contract.
+    unsafe { mem::compare(a.cast(), b.cast(), n) }
+}
+
+/// `bcmp` (zero if equal), which the compiler emits for slice equality.
+///
+/// # Safety
+/// `a..a+n` and `b..b+n` readable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bcmp(a: *const c_void, b: *const c_void, n: usize) -> c_int {
+    // SAFETY: forwarded contract.
+    unsafe { mem::compare(a.cast(), b.cast(), n) }
 }
 
 /// Times both copy methods over `scratch` and keeps the faster. Returns the
