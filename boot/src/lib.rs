@@ -4,6 +4,9 @@
 //!
 //! Each emulator's COM1 is a TCP connection to a listener this process opens
 //! on loopback, so the console is a plain byte stream for both emulators.
+//! In a network namespace QEMU's console is a Unix socket instead (it
+//! crosses namespaces); Bochs only speaks TCP, so its listener is opened
+//! inside the namespace, on the namespace's own loopback.
 //! The emulator is killed when its [`Host`] is dropped, and also when this
 //! process dies (`PR_SET_PDEATHSIG` is not available without libc, so tests
 //! keep hosts in scope and the scripts use `trap`).
@@ -117,22 +120,26 @@ pub struct HostConfig {
     pub qemu_args: Vec<String>,
     /// The host's e1000 NIC, if any.
     pub nic: Option<Nic>,
-    /// Run the emulator inside this network namespace (`ip netns exec`);
-    /// the console then goes over a Unix socket, which crosses namespaces.
+    /// Run the emulator inside this network namespace (`ip netns exec`).
+    /// QEMU's console then goes over a Unix socket, which crosses
+    /// namespaces; Bochs's over TCP to a listener opened inside the
+    /// namespace (see [`tcp_listener_in_netns`]).
     pub netns: Option<String>,
 }
 
 /// How a host's e1000 is connected.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Nic {
-    /// A TAP device (in the host's network namespace).
+    /// A TAP device (in the host's network namespace). It must exist:
+    /// QEMU and Bochs attach to it by name.
     Tap {
         /// Interface name.
         ifname: String,
         /// MAC address, `52:54:00:..`.
         mac: String,
     },
-    /// A point-to-point QEMU socket link: this side listens on a loopback port.
+    /// A point-to-point QEMU socket link: this side listens on a loopback
+    /// port (QEMU only).
     Listen {
         /// TCP port on 127.0.0.1.
         port: u16,
@@ -215,20 +222,30 @@ enum ConsoleListener {
 }
 
 impl ConsoleListener {
-    fn new(unix: bool) -> Result<Self> {
-        if unix {
-            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let path = std::env::temp_dir().join(format!("hv-console-{}-{n}.sock", std::process::id()));
-            let _ = std::fs::remove_file(&path);
-            let l = UnixListener::bind(&path).context("binding the console socket")?;
-            l.set_nonblocking(true)?;
-            Ok(ConsoleListener::Unix(l, path))
-        } else {
-            let l = TcpListener::bind("127.0.0.1:0").context("binding the console listener")?;
-            l.set_nonblocking(true)?;
-            Ok(ConsoleListener::Tcp(l))
+    fn new(config: &HostConfig) -> Result<Self> {
+        match (&config.netns, config.emulator) {
+            (Some(_), Emulator::Qemu) => Self::unix(),
+            (Some(ns), Emulator::Bochs) => {
+                let l = tcp_listener_in_netns(ns)?;
+                l.set_nonblocking(true)?;
+                Ok(ConsoleListener::Tcp(l))
+            }
+            (None, _) => {
+                let l = TcpListener::bind("127.0.0.1:0").context("binding the console listener")?;
+                l.set_nonblocking(true)?;
+                Ok(ConsoleListener::Tcp(l))
+            }
         }
+    }
+
+    fn unix() -> Result<Self> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("hv-console-{}-{n}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let l = UnixListener::bind(&path).context("binding the console socket")?;
+        l.set_nonblocking(true)?;
+        Ok(ConsoleListener::Unix(l, path))
     }
 
     /// The `-serial` / `com1: dev=` argument.
@@ -242,7 +259,7 @@ impl ConsoleListener {
     fn tcp_port(&self) -> Result<u16> {
         match self {
             ConsoleListener::Tcp(l) => Ok(l.local_addr()?.port()),
-            ConsoleListener::Unix(..) => bail!("Bochs consoles use TCP; run Bochs outside network namespaces"),
+            ConsoleListener::Unix(..) => bail!("Bochs consoles use TCP (its com1 has no Unix socket mode)"),
         }
     }
 
@@ -260,6 +277,32 @@ impl ConsoleListener {
             }
         }
     }
+}
+
+/// Opens a TCP listener on 127.0.0.1 (any port) inside the network
+/// namespace `ns` (an `ip netns` name, pinned at `/run/netns/NS`).
+///
+/// A socket belongs to the namespace it was created in, whatever thread
+/// uses it later. So a short-lived thread joins the namespace with
+/// `setns(2)` (which changes only the calling thread's namespace), binds,
+/// hands the listener back and exits; this process's other threads stay
+/// where they were. Needs `CAP_SYS_ADMIN` (the lab runs as root).
+pub fn tcp_listener_in_netns(ns: &str) -> Result<TcpListener> {
+    use std::os::fd::AsRawFd;
+    let path = Path::new("/run/netns").join(ns);
+    let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    std::thread::spawn(move || -> Result<TcpListener> {
+        // SAFETY: `file` is an open namespace file for the whole call;
+        // setns only switches this (short-lived) thread's network namespace
+        // and touches no memory of ours.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("setns(CLONE_NEWNET) into the lab namespace");
+        }
+        TcpListener::bind("127.0.0.1:0").context("binding the console listener inside the namespace")
+    })
+    .join()
+    .map_err(|_| anyhow!("the namespace thread panicked"))?
+    .with_context(|| format!("console listener in network namespace {ns}"))
 }
 
 impl Drop for ConsoleListener {
@@ -289,7 +332,7 @@ impl Host {
     /// Starts a host and waits until its console connects (not until the
     /// kernel is ready; see [`Console::wait_for`]).
     pub fn launch(images: &Images, config: &HostConfig) -> Result<Self> {
-        let listener = ConsoleListener::new(config.netns.is_some())?;
+        let listener = ConsoleListener::new(config)?;
         let (child, workdir) = match config.emulator {
             Emulator::Qemu => (
                 qemu_command(images, config, &listener.qemu_serial()?)
@@ -423,9 +466,64 @@ fn qemu_command(images: &Images, config: &HostConfig, serial: &str) -> Command {
     cmd
 }
 
+/// Bochs's `clock: sync=` for a host.
+///
+/// Alone, a host runs with `none`: emulated time is instructions / `ips`
+/// and a halted CPU skips straight to its next timer, so idle stretches
+/// take almost no wall time. That is what the single-host tests want, but
+/// two hosts that talk to each other then live on clocks that drift apart
+/// by an order of magnitude (measured: an idle destination's clock ran 18
+/// times faster than the wall clock while the busy source's ran at half
+/// speed, and the destination's 8 s liveness timeout fired between two of
+/// the source's frames). Networked hosts therefore use `slowdown`
+/// (`iodev/slowdown_timer.cc`): Bochs sleeps whenever emulated time gets
+/// more than a second ahead of the host's, so both clocks stay at or below
+/// the wall clock.
+fn bochs_clock_sync(config: &HostConfig) -> &'static str {
+    if config.nic.is_some() {
+        "slowdown"
+    } else {
+        "none"
+    }
+}
+
+/// The bochsrc lines for the host's e1000, from Bochs 2.7's sources:
+///
+/// - `e1000:` is an optional plugin's directive (`libbx_e1000.so`); naming
+///   it loads the plugin (`config.cc`, `bx_opt_plugin_available`). The card
+///   is Intel's 82540EM (PCI 8086:100e), MAC in its EEPROM image
+///   (`e1000.cc`, `bx_e1000_c::init`). Its options are those of every NIC
+///   (`bx_parse_nic_params`): `enabled`, `mac`, `ethmod`, `ethdev`, `script`.
+/// - `ethmod=tuntap` (`eth_tuntap.cc`; Debian builds no `tap` module)
+///   passes `ethdev` to `tun_alloc`, which splits it at `:` into the clone
+///   device to open and the interface name for `TUNSETIFF` (`IFF_TAP |
+///   IFF_NO_PI`). So `ethdev=/dev/net/tun:tap1` attaches to the existing
+///   persistent `tap1`; a bare `/dev/net/tun` would create a new, unbridged
+///   TAP. `script=none` runs no configuration script.
+/// - `pci: enabled=1, chipset=i440fx` turns on the PCI bus (`enabled=1`
+///   needs a chipset) and `slot1=e1000` pins the card to slot 1 (`config.cc`,
+///   the `"pci"` directive; it would be auto-assigned otherwise).
+///
+/// Frames are at most 1514 bytes (`BX_PACKET_BUFSIZE` in `netmod.h`): no
+/// jumbo frames on Bochs. The module polls the TAP every 1000 µs of
+/// emulated time and takes one frame per poll.
+fn bochs_nic(nic: &Nic) -> Result<String> {
+    match nic {
+        Nic::Tap { ifname, mac } => Ok(format!(
+            "pci: enabled=1, chipset=i440fx, slot1=e1000\n\
+             e1000: enabled=1, mac={mac}, ethmod=tuntap, ethdev=/dev/net/tun:{ifname}, script=none\n"
+        )),
+        Nic::Listen { .. } | Nic::Connect { .. } => {
+            bail!("Bochs hosts connect their e1000 to a TAP only (QEMU socket links are QEMU's)")
+        }
+    }
+}
+
 fn bochs_command(images: &Images, config: &HostConfig, port: u16, dir: &Path) -> Result<Command> {
     let iso = std::fs::canonicalize(&images.grub)
         .with_context(|| format!("{} (run scripts/build.sh)", images.grub.display()))?;
+    let nic = config.nic.as_ref().map(bochs_nic).transpose()?.unwrap_or_default();
+    let sync = bochs_clock_sync(config);
     let rc = dir.join("bochsrc");
     let script = dir.join("debugger.rc");
     std::fs::write(&script, "c\n")?;
@@ -440,8 +538,9 @@ fn bochs_command(images: &Images, config: &HostConfig, port: u16, dir: &Path) ->
              ata0-master: type=cdrom, path={iso}, status=inserted\n\
              boot: cdrom\n\
              com1: enabled=1, mode=socket-client, dev=127.0.0.1:{port}\n\
+             {nic}\
              display_library: rfb, options=\"timeout=0\"\n\
-             clock: sync=none\n\
+             clock: sync={sync}\n\
              sound: driver=dummy\n\
              log: {log}\n\
              panic: action=fatal\n\
@@ -453,7 +552,17 @@ fn bochs_command(images: &Images, config: &HostConfig, port: u16, dir: &Path) ->
             log = dir.join("bochs.log").display(),
         ),
     )?;
-    let mut cmd = Command::new("bochs");
+    // In a namespace, `ip netns exec` execs Bochs in place (the child is
+    // Bochs itself, so killing it works as without one), and Bochs's
+    // 127.0.0.1 is the namespace's loopback, where the listener is.
+    let mut cmd = match &config.netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "bochs"]);
+            c
+        }
+        None => Command::new("bochs"),
+    };
     cmd.env("HOME", dir); // keeps Bochs from reading a user's ~/.bochsrc
     cmd.arg("-q").arg("-f").arg(&rc).arg("-rc").arg(&script).current_dir(dir);
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());

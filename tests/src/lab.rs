@@ -1,8 +1,9 @@
 //! The lab network: a network namespace of its own holding a Linux bridge
 //! (the switch), one TAP per emulated host, and a management veth with
-//! address 10.77.0.1/24 for host-side clients. QEMU runs inside the
-//! namespace. Everything is removed on drop; namespaces left by a killed
-//! run are removed by the next lab. Traffic never leaves the namespace.
+//! address 10.77.0.1/24 for host-side clients. The emulators (QEMU or
+//! Bochs) run inside the namespace. Everything is removed on drop;
+//! namespaces left by a killed run are removed by the next lab. Traffic
+//! never leaves the namespace.
 
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -86,9 +87,13 @@ impl Lab {
         run(Command::new("ip").args(["netns", "exec", &self.ns]).args(cmd))
     }
 
-    /// Adds a TAP port to the bridge and returns a host configuration that
-    /// runs QEMU in the namespace with an e1000 on it. Host `n` gets MAC
-    /// 52:54:00:77:00:0n.
+    /// Adds a TAP port to the bridge and returns `base` (a QEMU or a Bochs
+    /// configuration) set to run in the namespace with an e1000 on that
+    /// TAP. Host `n` gets MAC 52:54:00:77:00:0n. QEMU then has its console
+    /// on a Unix socket; Bochs keeps TCP, to a listener the harness opens
+    /// inside the namespace (`boot::tcp_listener_in_netns`). Bochs frames
+    /// are at most 1514 bytes, so [`Lab::set_mtu`] above 1500 is for QEMU
+    /// labs only.
     pub fn host(&mut self, base: &HostConfig) -> Result<HostConfig> {
         self.taps += 1;
         let tap = format!("tap{}", self.taps);
