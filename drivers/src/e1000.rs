@@ -60,11 +60,16 @@ pub struct Config {
     pub tx_descriptors: usize,
     /// IP MTU in 576..=9000 (default 1500); above 1500 enables jumbo frames.
     pub mtu: usize,
+    /// Let the NIC compute the TCP checksum of IPv4 frames it sends (a
+    /// context descriptor and TXSM, manual 3.3.5-3.3.7); smoltcp then leaves
+    /// it to the driver. Received frames are still checked in software:
+    /// the 82540EM as QEMU emulates it reports no receive checksums.
+    pub tcp_tx_checksum: bool,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Self { rx_descriptors: 256, tx_descriptors: 256, mtu: 1500 }
+        Self { rx_descriptors: 256, tx_descriptors: 256, mtu: 1500, tcp_tx_checksum: true }
     }
 }
 
@@ -183,6 +188,18 @@ const RXD_DD: u8 = 1 << 0;
 const RXD_EOP: u8 = 1 << 1;
 /// Transmit descriptor command: end of packet, insert FCS, report status.
 const TXD_CMD: u8 = (1 << 0) | (1 << 1) | (1 << 3);
+/// Extended descriptor (DEXT) in the command byte.
+const TXD_DEXT: u8 = 1 << 5;
+/// TCP/IP context descriptor command (TUCMD, manual 3.3.6): TCP, IPv4,
+/// report status, extended.
+const TXD_CONTEXT_CMD: u8 = (1 << 0) | (1 << 1) | (1 << 3) | TXD_DEXT;
+/// Extended data descriptor command (DCMD, manual 3.3.7): end of packet,
+/// insert FCS, report status, extended.
+const TXD_DATA_CMD: u8 = TXD_CMD | TXD_DEXT;
+/// DTYP of an extended data descriptor, in bits 20-23 of the length word.
+const TXD_DTYP_DATA: u8 = 1 << 4;
+/// POPTS.TXSM: insert the TCP/UDP checksum the context describes.
+const TXD_POPTS_TXSM: u8 = 1 << 1;
 /// Transmit descriptor status: descriptor done.
 const TXD_DD: u8 = 1 << 0;
 
@@ -438,6 +455,71 @@ struct TxRing {
     frames: u64,
     bytes: u64,
     ring_full: u64,
+    /// TCP checksums are left to the NIC.
+    offload: bool,
+    /// The checksum context last loaded into the NIC.
+    context: Option<TcpContext>,
+}
+
+/// Where the TCP checksum of an IPv4 frame starts and goes (byte offsets
+/// in the frame), as a context descriptor tells the NIC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct TcpContext {
+    /// Start of the IPv4 header, and its last byte.
+    ip_start: u8,
+    ip_end: u16,
+    /// Start of the TCP header, and the checksum field.
+    tcp_start: u8,
+    tcp_checksum: u8,
+}
+
+/// What the NIC does for TXSM: the ones'-complement sum of `frame` from
+/// `start` to the end (the seeded field included), its complement stored
+/// big-endian at `at`.
+fn finish_checksum(frame: &mut [u8], at: usize, start: usize) {
+    let tail = frame.get(start..).unwrap_or_default();
+    let (pairs, odd) = tail.as_chunks::<2>();
+    let mut sum: u64 = pairs.iter().map(|p| u64::from(u16::from_be_bytes(*p))).sum();
+    sum += odd.first().map_or(0, |&b| u64::from(b) << 8);
+    while sum > 0xFFFF {
+        sum = (sum & 0xFFFF) + (sum >> 16);
+    }
+    if let Some(field) = frame.get_mut(at..at + 2) {
+        field.copy_from_slice(&(!u16::try_from(sum).unwrap_or(0)).to_be_bytes());
+    }
+}
+
+/// For an Ethernet frame carrying a whole IPv4 TCP segment: seeds the TCP
+/// checksum field with the pseudo-header sum (the NIC adds the segment,
+/// from `tcp_start` to the end, and stores the complement) and returns the
+/// context. `None` for anything else, which goes out unchanged.
+fn prepare_tcp_checksum(frame: &mut [u8]) -> Option<TcpContext> {
+    let word = |f: &[u8], at: usize| -> Option<u16> { Some(u16::from_be_bytes([*f.get(at)?, *f.get(at + 1)?])) };
+    if word(frame, 12)? != 0x0800 || frame.get(ETH_HEADER)? >> 4 != 4 || *frame.get(ETH_HEADER + 9)? != 6 {
+        return None;
+    }
+    let ihl = usize::from(frame.get(ETH_HEADER)? & 0x0F) * 4;
+    let total = usize::from(word(frame, ETH_HEADER + 2)?);
+    let tcp_start = ETH_HEADER + ihl;
+    // A whole segment and nothing after it (the NIC sums to the end).
+    if ihl < 20 || total < ihl + 20 || ETH_HEADER + total != frame.len() {
+        return None;
+    }
+    let mut sum = 6 + u32::from(word(frame, ETH_HEADER + 2)?) - u32::try_from(ihl).ok()?;
+    for at in (ETH_HEADER + 12..ETH_HEADER + 20).step_by(2) {
+        sum += u32::from(word(frame, at)?);
+    }
+    while sum > 0xFFFF {
+        sum = (sum & 0xFFFF) + (sum >> 16);
+    }
+    let seed = u16::try_from(sum).unwrap_or(0).to_be_bytes();
+    frame.get_mut(tcp_start + 16..tcp_start + 18)?.copy_from_slice(&seed);
+    Some(TcpContext {
+        ip_start: u8::try_from(ETH_HEADER).ok()?,
+        ip_end: u16::try_from(tcp_start - 1).ok()?,
+        tcp_start: u8::try_from(tcp_start).ok()?,
+        tcp_checksum: u8::try_from(tcp_start + 16).ok()?,
+    })
 }
 
 impl TxRing {
@@ -463,6 +545,39 @@ impl TxRing {
         (self.tail + 1) % self.descs.count != self.clean
     }
 
+    /// Whether the slot after the tail is free too (for a context).
+    fn has_room_for_two(&self) -> bool {
+        (self.tail + 2) % self.descs.count != self.clean
+    }
+
+    /// The CPU pointer of slot `index`'s buffer.
+    fn buffer_ptr(&self, index: usize) -> *mut u8 {
+        self.buffers.get(index).map_or(core::ptr::null_mut(), |b| b.virt.as_ptr())
+    }
+
+    /// Writes a TCP/IPv4 checksum context descriptor (manual 3.3.6) into the
+    /// free slot `index`: IP header from `ip_start` to `ip_end`, TCP from
+    /// `tcp_start` to the end of the frame, checksum at `tcp_checksum`.
+    fn write_context(&mut self, index: usize, c: TcpContext) {
+        let fields = u64::from(c.ip_start)
+            | u64::from(c.ip_start + 10) << 8
+            | u64::from(c.ip_end) << 16
+            | u64::from(c.tcp_start) << 32
+            | u64::from(c.tcp_checksum) << 40;
+        let desc = self.descs.slot(index);
+        // SAFETY: the slot is free, so the driver owns the descriptor until
+        // TDT moves past it. Its buffer is not referenced.
+        unsafe {
+            addr_of_mut!((*desc).addr).write_volatile(fields);
+            addr_of_mut!((*desc).length).write_volatile(0);
+            addr_of_mut!((*desc).cso).write_volatile(0);
+            addr_of_mut!((*desc).cmd).write_volatile(TXD_CONTEXT_CMD);
+            addr_of_mut!((*desc).status).write_volatile(0);
+            addr_of_mut!((*desc).css).write_volatile(0);
+            addr_of_mut!((*desc).special).write_volatile(0);
+        }
+    }
+
     /// Lets `fill` write a `length`-byte frame into the slot at the tail and
     /// hands it to hardware. Callers check `has_room` and
     /// `0 < length <= TX_MAX_FRAME` first.
@@ -482,16 +597,41 @@ impl TxRing {
                 return fill(&mut self.scratch);
             }
         };
+        let mut index = index;
+        let mut data = (TXD_CMD, 0, 0);
+        if self.offload {
+            // SAFETY: as above; `fill` has returned, so nothing else holds
+            // the buffer.
+            let frame = unsafe { core::slice::from_raw_parts_mut(self.buffer_ptr(index), length) };
+            if let Some(context) = prepare_tcp_checksum(frame) {
+                if self.context == Some(context) {
+                    data = (TXD_DATA_CMD, TXD_DTYP_DATA, TXD_POPTS_TXSM);
+                } else if self.has_room_for_two() {
+                    // The context takes this slot; the frame's buffer moves
+                    // with it to the next.
+                    let next = (index + 1) % self.descs.count;
+                    self.buffers.swap(index, next);
+                    self.write_context(index, context);
+                    self.context = Some(context);
+                    index = next;
+                    data = (TXD_DATA_CMD, TXD_DTYP_DATA, TXD_POPTS_TXSM);
+                } else {
+                    // No slot for a new context: finish the sum here.
+                    finish_checksum(frame, usize::from(context.tcp_checksum), usize::from(context.tcp_start));
+                }
+            }
+        }
+        let (cmd, dtyp, popts) = data;
         let desc = self.descs.slot(index);
         // SAFETY: the slot is free (reclaimed or never used), so the driver
         // owns the descriptor until TDT moves past it.
         unsafe {
             addr_of_mut!((*desc).addr).write_volatile(phys);
             addr_of_mut!((*desc).length).write_volatile(u16::try_from(length).unwrap_or(0));
-            addr_of_mut!((*desc).cso).write_volatile(0);
-            addr_of_mut!((*desc).cmd).write_volatile(TXD_CMD);
+            addr_of_mut!((*desc).cso).write_volatile(dtyp);
+            addr_of_mut!((*desc).cmd).write_volatile(cmd);
             addr_of_mut!((*desc).status).write_volatile(0);
-            addr_of_mut!((*desc).css).write_volatile(0);
+            addr_of_mut!((*desc).css).write_volatile(popts);
             addr_of_mut!((*desc).special).write_volatile(0);
         }
         self.tail = (index + 1) % self.descs.count;
@@ -611,7 +751,7 @@ impl<R: Registers> E1000<R> {
         regs.write(reg::RXCSUM, 0);
 
         let rx = Self::alloc_rx(dma, config.rx_descriptors, config.mtu)?;
-        let tx = Self::alloc_tx(dma, config.tx_descriptors)?;
+        let tx = Self::alloc_tx(dma, config.tx_descriptors, config.tcp_tx_checksum)?;
 
         let mut nic = Self { regs, mac, mtu: config.mtu, rx, tx, hw_dropped: 0, hw_errors: 0, hw_oversize: 0 };
         nic.program();
@@ -679,12 +819,23 @@ impl<R: Registers> E1000<R> {
         })
     }
 
-    fn alloc_tx(dma: &mut impl Dma, count: usize) -> Result<TxRing, E1000Error> {
+    fn alloc_tx(dma: &mut impl Dma, count: usize, offload: bool) -> Result<TxRing, E1000Error> {
         let (descs, buffers) = alloc_ring(dma, count, |desc: *mut TxDesc, phys| {
             // SAFETY: the ring memory is ours and not yet visible to hardware.
             unsafe { addr_of_mut!((*desc).addr).write_volatile(phys) }
         })?;
-        Ok(TxRing { descs, buffers, tail: 0, clean: 0, scratch: Vec::new(), frames: 0, bytes: 0, ring_full: 0 })
+        Ok(TxRing {
+            descs,
+            buffers,
+            tail: 0,
+            clean: 0,
+            scratch: Vec::new(),
+            frames: 0,
+            bytes: 0,
+            ring_full: 0,
+            offload,
+            context: None,
+        })
     }
 
     /// The station MAC address.
@@ -876,6 +1027,10 @@ impl<R: Registers> phy::Device for E1000<R> {
         caps.medium = Medium::Ethernet;
         caps.max_transmission_unit = self.mtu + ETH_HEADER;
         caps.max_burst_size = Some(self.rx.descs.count.min(self.tx.descs.count) / 2);
+        if self.tx.offload {
+            // The driver seeds the field and the NIC completes it.
+            caps.checksum.tcp = phy::Checksum::Rx;
+        }
         caps
     }
 }
@@ -888,7 +1043,7 @@ mod tests {
     use smoltcp::iface::{Config as IfaceConfig, Interface, SocketSet};
     use smoltcp::phy::Device;
     use smoltcp::socket::tcp;
-    use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr};
+    use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, Ipv4Packet, TcpPacket};
     use std::alloc::Layout;
     use std::cell::RefCell;
     use std::collections::HashMap;
@@ -992,9 +1147,18 @@ mod tests {
     /// Plays the NIC's DMA engine against the rings the driver programmed.
     struct FakeWire {
         regs: FakeRegs,
+        /// The last context descriptor's fields (offsets as the manual lays
+        /// them out in the first quadword).
+        context: std::cell::Cell<Option<u64>>,
+        /// Data descriptors sent with the extended format.
+        offloaded: std::cell::Cell<u64>,
     }
 
     impl FakeWire {
+        fn new(regs: &FakeRegs) -> Self {
+            FakeWire { regs: regs.clone(), context: std::cell::Cell::new(None), offloaded: std::cell::Cell::new(0) }
+        }
+
         fn ring(&self, low: u32, high: u32, len: u32, index: u32) -> *mut u8 {
             let base = u64::from(self.regs.get(high)) << 32 | u64::from(self.regs.get(low));
             assert!(index < self.regs.get(len) / 16);
@@ -1054,10 +1218,27 @@ mod tests {
                 // SAFETY: `desc` is a hardware-owned descriptor of the
                 // driver's TX ring pointing at a buffer of `length` bytes.
                 unsafe {
-                    let buffer = (desc as *const u64).read_volatile() as *const u8;
+                    let addr = (desc as *const u64).read_volatile();
                     let length = desc.add(8).cast::<u16>().read_volatile();
-                    assert_eq!(desc.add(11).read_volatile(), TXD_CMD);
-                    frames.push(std::slice::from_raw_parts(buffer, usize::from(length)).to_vec());
+                    let (dtyp, cmd, popts) = (desc.add(10).read(), desc.add(11).read(), desc.add(13).read());
+                    match (cmd, dtyp) {
+                        (TXD_CMD, 0) => {
+                            let buffer = addr as *const u8;
+                            frames.push(std::slice::from_raw_parts(buffer, usize::from(length)).to_vec());
+                        }
+                        (TXD_CONTEXT_CMD, 0) => self.context.set(Some(addr)),
+                        (TXD_DATA_CMD, TXD_DTYP_DATA) => {
+                            let mut frame = std::slice::from_raw_parts(addr as *const u8, usize::from(length)).to_vec();
+                            if popts & TXD_POPTS_TXSM != 0 {
+                                let ctx = self.context.get().expect("TXSM without a context");
+                                // QEMU's putsum: from TUCSS to the end, into TUCSO.
+                                finish_checksum(&mut frame, (ctx >> 40) as u8 as usize, (ctx >> 32) as u8 as usize);
+                            }
+                            self.offloaded.set(self.offloaded.get() + 1);
+                            frames.push(frame);
+                        }
+                        other => panic!("unexpected descriptor (cmd, dtyp) {other:?}"),
+                    }
                     desc.add(12).write_volatile(TXD_DD);
                 }
                 self.regs.set(reg::TDH, (head + 1) % count);
@@ -1066,7 +1247,7 @@ mod tests {
     }
 
     fn config(descriptors: usize) -> Config {
-        Config { rx_descriptors: descriptors, tx_descriptors: descriptors, mtu: 1500 }
+        Config { rx_descriptors: descriptors, tx_descriptors: descriptors, mtu: 1500, tcp_tx_checksum: true }
     }
 
     fn nic_with(regs: &FakeRegs, dma: &mut HeapDma, config: Config) -> E1000<FakeRegs> {
@@ -1145,7 +1326,7 @@ mod tests {
         for (rx, tx, mtu) in [(0, 8, 1500), (12, 8, 1500), (8, 8192, 1500), (8, 8, 575), (8, 8, 9001)] {
             let regs = FakeRegs::new(MAC_A);
             let mut dma = HeapDma::default();
-            let config = Config { rx_descriptors: rx, tx_descriptors: tx, mtu };
+            let config = Config { rx_descriptors: rx, tx_descriptors: tx, mtu, tcp_tx_checksum: true };
             assert!(matches!(E1000::new(regs, &mut dma, config), Err(E1000Error::BadConfig(_))));
         }
     }
@@ -1162,7 +1343,7 @@ mod tests {
     #[test]
     fn received_frames_wrap_around_the_ring_three_times() {
         let regs = FakeRegs::new(MAC_A);
-        let wire = FakeWire { regs: regs.clone() };
+        let wire = FakeWire::new(&regs);
         let mut dma = HeapDma::default();
         let mut nic = nic_with(&regs, &mut dma, config(16));
         for seq in 0..3 * 16 {
@@ -1179,7 +1360,7 @@ mod tests {
     #[test]
     fn rx_ring_lends_all_but_one_descriptor_and_refills_after_delivery() {
         let regs = FakeRegs::new(MAC_A);
-        let wire = FakeWire { regs: regs.clone() };
+        let wire = FakeWire::new(&regs);
         let mut dma = HeapDma::default();
         let mut nic = nic_with(&regs, &mut dma, config(8));
         for round in 0..3 {
@@ -1197,7 +1378,7 @@ mod tests {
     #[test]
     fn transmitted_frames_wrap_around_the_ring_three_times() {
         let regs = FakeRegs::new(MAC_A);
-        let wire = FakeWire { regs: regs.clone() };
+        let wire = FakeWire::new(&regs);
         let mut dma = HeapDma::default();
         let mut nic = nic_with(&regs, &mut dma, config(16));
         for seq in 0..3 * 16 {
@@ -1212,7 +1393,7 @@ mod tests {
     #[test]
     fn full_tx_ring_refuses_then_recovers_after_reclaim() {
         let regs = FakeRegs::new(MAC_A);
-        let wire = FakeWire { regs: regs.clone() };
+        let wire = FakeWire::new(&regs);
         let mut dma = HeapDma::default();
         let mut nic = nic_with(&regs, &mut dma, config(8));
         for seq in 0..7 {
@@ -1233,7 +1414,7 @@ mod tests {
     #[test]
     fn send_raw_rejects_empty_and_over_long_frames() {
         let regs = FakeRegs::new(MAC_A);
-        let wire = FakeWire { regs: regs.clone() };
+        let wire = FakeWire::new(&regs);
         let mut dma = HeapDma::default();
         let mut nic = nic_with(&regs, &mut dma, config(8));
         assert!(!nic.send_raw(&[]));
@@ -1246,7 +1427,7 @@ mod tests {
     #[test]
     fn diverted_ethertype_is_counted_not_delivered() {
         let regs = FakeRegs::new(MAC_A);
-        let wire = FakeWire { regs: regs.clone() };
+        let wire = FakeWire::new(&regs);
         let mut dma = HeapDma::default();
         let mut nic = nic_with(&regs, &mut dma, config(8));
         nic.divert(Some(0x88B5));
@@ -1271,7 +1452,7 @@ mod tests {
     #[test]
     fn descriptors_with_error_bits_are_dropped_and_counted() {
         let regs = FakeRegs::new(MAC_A);
-        let wire = FakeWire { regs: regs.clone() };
+        let wire = FakeWire::new(&regs);
         let mut dma = HeapDma::default();
         let mut nic = nic_with(&regs, &mut dma, config(8));
         for errors in [0x01, 0x02, 0x80] {
@@ -1287,7 +1468,7 @@ mod tests {
     #[test]
     fn frame_without_eop_is_dropped_with_its_continuation() {
         let regs = FakeRegs::new(MAC_A);
-        let wire = FakeWire { regs: regs.clone() };
+        let wire = FakeWire::new(&regs);
         let mut dma = HeapDma::default();
         let mut nic = nic_with(&regs, &mut dma, config(8));
         assert!(wire.inject_raw(&frame(0, 1000), RXD_DD, 0));
@@ -1302,7 +1483,7 @@ mod tests {
     #[test]
     fn oversize_and_empty_frames_are_dropped_and_counted() {
         let regs = FakeRegs::new(MAC_A);
-        let wire = FakeWire { regs: regs.clone() };
+        let wire = FakeWire::new(&regs);
         let mut dma = HeapDma::default();
         let mut nic = nic_with(&regs, &mut dma, config(8));
         assert!(wire.inject(&frame(0, 1518))); // MTU + header + VLAN tag: fine
@@ -1320,7 +1501,7 @@ mod tests {
     #[test]
     fn jumbo_mtu_sets_lpe_and_a_9014_byte_frame_round_trips() {
         let regs = FakeRegs::new(MAC_A);
-        let wire = FakeWire { regs: regs.clone() };
+        let wire = FakeWire::new(&regs);
         let mut dma = HeapDma::default();
         let mut nic = nic_with(&regs, &mut dma, config(8));
         let jumbo = frame(42, 9014);
@@ -1414,7 +1595,7 @@ mod tests {
     #[test]
     fn smoltcp_tokens_move_frames_and_skip_bad_descriptors() {
         let regs = FakeRegs::new(MAC_A);
-        let wire = FakeWire { regs: regs.clone() };
+        let wire = FakeWire::new(&regs);
         let mut dma = HeapDma::default();
         let mut nic = nic_with(&regs, &mut dma, config(8));
         let now = Instant::from_millis(0);
@@ -1473,7 +1654,7 @@ mod tests {
         let payload: Vec<u8> = (0..TOTAL).map(|i| (i % 251) as u8).collect();
 
         let (regs_a, regs_b) = (FakeRegs::new(MAC_A), FakeRegs::new(MAC_B));
-        let (wire_a, wire_b) = (FakeWire { regs: regs_a.clone() }, FakeWire { regs: regs_b.clone() });
+        let (wire_a, wire_b) = (FakeWire::new(&regs_a), FakeWire::new(&regs_b));
         let (mut dma_a, mut dma_b) = (HeapDma::default(), HeapDma::default());
         let mut nic_a = nic_with(&regs_a, &mut dma_a, Config::default());
         let mut nic_b = nic_with(&regs_b, &mut dma_b, Config::default());
@@ -1522,5 +1703,87 @@ mod tests {
         let (ca, cb) = (nic_a.counters(), nic_b.counters());
         assert!(ca.tx_bytes >= TOTAL as u64 && cb.rx_bytes >= TOTAL as u64);
         assert_eq!(ca.rx_errors + cb.rx_errors + ca.rx_oversize + cb.rx_oversize, 0);
+        // The segments' checksums were left to the (fake) NIC, and B's
+        // smoltcp, which checks every one in software, accepted them all.
+        assert!(wire_a.offloaded.get() as usize > TOTAL / 1460, "{} offloaded", wire_a.offloaded.get());
+    }
+
+    /// An Ethernet + IPv4 + TCP frame with `payload` bytes, checksum zero.
+    fn tcp_frame(payload: usize) -> Vec<u8> {
+        let mut f = vec![0u8; 14 + 20 + 20 + payload];
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        f[14] = 0x45;
+        f[16..18].copy_from_slice(&u16::try_from(40 + payload).unwrap().to_be_bytes());
+        f[23] = 6;
+        f[26..30].copy_from_slice(&[10, 0, 0, 1]);
+        f[30..34].copy_from_slice(&[10, 0, 0, 2]);
+        f[46] = 0x50; // data offset 5
+        for (i, b) in f[54..].iter_mut().enumerate() {
+            *b = (i * 7 + 3) as u8;
+        }
+        f
+    }
+
+    #[test]
+    fn tcp_checksum_seed_plus_hardware_sum_is_what_smoltcp_computes() {
+        for payload in [0, 1, 2, 1459, 1460] {
+            let mut f = tcp_frame(payload);
+            let ctx = prepare_tcp_checksum(&mut f).expect("IPv4 TCP");
+            assert_eq!((ctx.ip_start, ctx.ip_end, ctx.tcp_start, ctx.tcp_checksum), (14, 33, 34, 50));
+            finish_checksum(&mut f, 50, 34);
+            let ip = Ipv4Packet::new_checked(&f[14..]).unwrap();
+            let tcp = TcpPacket::new_checked(&f[34..]).unwrap();
+            let (src, dst) = (IpAddress::Ipv4(ip.src_addr()), IpAddress::Ipv4(ip.dst_addr()));
+            assert!(tcp.verify_checksum(&src, &dst), "payload {payload}");
+        }
+    }
+
+    #[test]
+    fn only_whole_ipv4_tcp_frames_are_offloaded() {
+        let mut udp = tcp_frame(10);
+        udp[23] = 17;
+        assert_eq!(prepare_tcp_checksum(&mut udp), None);
+        let mut padded = tcp_frame(2);
+        padded.extend_from_slice(&[0; 6]); // Ethernet padding after the segment
+        assert_eq!(prepare_tcp_checksum(&mut padded), None);
+        let mut arp = tcp_frame(10);
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert_eq!(prepare_tcp_checksum(&mut arp), None);
+        assert_eq!(prepare_tcp_checksum(&mut [0x08, 0x00]), None, "short frames are left alone");
+    }
+
+    #[test]
+    fn a_context_is_loaded_once_and_reused_and_never_without_a_free_slot() {
+        let regs = FakeRegs::new(MAC_A);
+        let wire = FakeWire::new(&regs);
+        let mut dma = HeapDma::default();
+        let mut nic = nic_with(&regs, &mut dma, config(8));
+        // 6 frames: context + frame, then 5 frames reusing it; 7 slots.
+        for _ in 0..6 {
+            assert!(nic.send_raw(&tcp_frame(100)));
+        }
+        assert!(!nic.send_raw(&tcp_frame(100)), "ring full");
+        let sent = wire.take_sent();
+        assert_eq!((sent.len(), wire.offloaded.get()), (6, 6));
+        for f in &sent {
+            let ip = Ipv4Packet::new_checked(&f[14..]).unwrap();
+            let tcp = TcpPacket::new_checked(&f[34..]).unwrap();
+            assert!(tcp.verify_checksum(&IpAddress::Ipv4(ip.src_addr()), &IpAddress::Ipv4(ip.dst_addr())));
+        }
+        // A different header length needs a new context; with one slot left
+        // the driver finishes the checksum itself and sends it legacy.
+        for _ in 0..6 {
+            assert!(nic.send_raw(&frame(0, 60)));
+        }
+        let mut options = tcp_frame(100);
+        options.splice(34..34, [1, 1, 1, 1]); // IP options: IHL 6
+        options[14] = 0x46;
+        options[16..18].copy_from_slice(&144u16.to_be_bytes());
+        assert!(nic.send_raw(&options));
+        let sent = wire.take_sent();
+        assert_eq!(wire.offloaded.get(), 6, "the last frame went out without offload");
+        let last = sent.last().unwrap();
+        let tcp = TcpPacket::new_checked(&last[38..]).unwrap();
+        assert!(tcp.verify_checksum(&IpAddress::v4(10, 0, 0, 1), &IpAddress::v4(10, 0, 0, 2)));
     }
 }

@@ -99,7 +99,7 @@ impl Net {
         // other code knows the mapping.
         let regs = unsafe { Mmio::new(virt) };
         let mut nic =
-            match E1000::new(regs, &mut KernelDma, NicConfig { rx_descriptors: 256, tx_descriptors: 256, mtu: 1500 }) {
+            match E1000::new(regs, &mut KernelDma, NicConfig::default()) {
                 Ok(n) => n,
                 Err(e) => {
                     log::error!("e1000 did not start: {e:?}");
