@@ -98,14 +98,13 @@ impl Net {
         // SAFETY: `virt` maps BAR 0 of this e1000 uncached, just above; no
         // other code knows the mapping.
         let regs = unsafe { Mmio::new(virt) };
-        let mut nic =
-            match E1000::new(regs, &mut KernelDma, NicConfig::default()) {
-                Ok(n) => n,
-                Err(e) => {
-                    log::error!("e1000 did not start: {e:?}");
-                    return None;
-                }
-            };
+        let mut nic = match E1000::new(regs, &mut KernelDma, NicConfig::default()) {
+            Ok(n) => n,
+            Err(e) => {
+                log::error!("e1000 did not start: {e:?}");
+                return None;
+            }
+        };
         let mac = nic.mac();
         let config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
         let iface = Interface::new(config, &mut nic, now());
