@@ -60,10 +60,12 @@ pub struct Config {
     pub tx_descriptors: usize,
     /// IP MTU in 576..=9000 (default 1500); above 1500 enables jumbo frames.
     pub mtu: usize,
-    /// Let the NIC compute the TCP checksum of IPv4 frames it sends (a
-    /// context descriptor and TXSM, manual 3.3.5-3.3.7); smoltcp then leaves
-    /// it to the driver. Received frames are still checked in software:
-    /// the 82540EM as QEMU emulates it reports no receive checksums.
+    /// TCP checksums of IPv4 frames outside smoltcp: the NIC computes them
+    /// on transmit (a context descriptor and TXSM, manual 3.3.5-3.3.7), and
+    /// the driver checks them on receive, summing 4 bytes per step (the
+    /// 82540EM as QEMU emulates it reports no receive checksums; smoltcp's
+    /// own check goes 2 bytes per step). Frames that fail are dropped and
+    /// counted in `rx_bad_checksum`.
     pub tcp_tx_checksum: bool,
 }
 
@@ -94,6 +96,8 @@ pub struct Counters {
     pub rx_oversize: u64,
     /// Transmit attempts refused because the ring was full.
     pub tx_ring_full: u64,
+    /// IPv4 TCP frames with a bad checksum, dropped by the driver.
+    pub rx_bad_checksum: u64,
 }
 
 /// Errors of [`E1000::new`] and [`E1000::set_mtu`].
@@ -329,6 +333,9 @@ struct RxRing {
     bytes: u64,
     errors: u64,
     oversize: u64,
+    /// Check TCP checksums here (smoltcp does not).
+    verify_tcp: bool,
+    bad_checksum: u64,
     /// Frames of this EtherType are counted and dropped instead of being
     /// delivered (raw-throughput measurements).
     divert: Option<u16>,
@@ -383,6 +390,8 @@ impl RxRing {
                 self.errors += 1;
             } else if length > self.max_frame || length > BUFFER_SIZE {
                 self.oversize += 1;
+            } else if self.verify_tcp && !tcp_checksum_ok(self.frame(index, length)) {
+                self.bad_checksum += 1;
             } else if self.divert.is_some_and(|t| self.frame(index, length).get(12..14) == Some(&t.to_be_bytes())) {
                 let d = &mut self.diverted;
                 if d.frames == 0 {
@@ -473,19 +482,65 @@ struct TcpContext {
     tcp_checksum: u8,
 }
 
+/// The ones'-complement sum of `data` as 16-bit big-endian words (odd
+/// length padded with zero), not yet folded. Sums 8 bytes per step in the
+/// CPU's byte order with end-around carries (RFC 1071: the sum does not
+/// depend on byte order; the bytes are swapped once at the end).
+fn ones_sum(data: &[u8]) -> u64 {
+    let (words, rest) = data.as_chunks::<8>();
+    let (mut sum, mut carries) = (0u64, 0u64);
+    for w in words {
+        let (s, c) = sum.overflowing_add(u64::from_le_bytes(*w));
+        sum = s;
+        carries += u64::from(c);
+    }
+    let mut tail = [0u8; 8];
+    tail.get_mut(..rest.len()).unwrap_or_default().copy_from_slice(rest);
+    let (s, c) = sum.overflowing_add(u64::from_le_bytes(tail));
+    // Fold 64 -> 16 bits in little-endian order, then swap to big-endian.
+    let mut folded = u128::from(s) + u128::from(carries) + u128::from(c);
+    while folded > 0xFFFF {
+        folded = (folded & 0xFFFF) + (folded >> 16);
+    }
+    u64::from(u16::try_from(folded).unwrap_or(0).swap_bytes())
+}
+
+/// Folds a ones'-complement sum to 16 bits.
+fn fold(mut sum: u64) -> u16 {
+    while sum > 0xFFFF {
+        sum = (sum & 0xFFFF) + (sum >> 16);
+    }
+    u16::try_from(sum).unwrap_or(0)
+}
+
+/// Whether a received frame is not an IPv4 TCP segment, or is one whose
+/// checksum is right. Frames this cannot judge (truncated, fragments) pass:
+/// smoltcp drops them anyway.
+fn tcp_checksum_ok(frame: &[u8]) -> bool {
+    let word = |at: usize| frame.get(at..at + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+    let is_tcp = word(12) == Some(0x0800) && frame.get(ETH_HEADER).is_some_and(|v| v >> 4 == 4);
+    if !is_tcp || frame.get(ETH_HEADER + 9) != Some(&6) {
+        return true;
+    }
+    let ihl = usize::from(frame.get(ETH_HEADER).map_or(0, |v| v & 0x0F)) * 4;
+    let total = usize::from(word(ETH_HEADER + 2).unwrap_or(0));
+    let fragment = word(ETH_HEADER + 6).is_none_or(|f| f & 0x3FFF != 0);
+    let Some(segment) = frame.get(ETH_HEADER + ihl..ETH_HEADER + total.max(ihl)) else { return true };
+    if ihl < 20 || fragment {
+        return true;
+    }
+    let addresses = frame.get(ETH_HEADER + 12..ETH_HEADER + 20).unwrap_or_default();
+    let pseudo = ones_sum(addresses) + 6 + segment.len() as u64;
+    fold(pseudo + ones_sum(segment)) == 0xFFFF
+}
+
 /// What the NIC does for TXSM: the ones'-complement sum of `frame` from
 /// `start` to the end (the seeded field included), its complement stored
 /// big-endian at `at`.
 fn finish_checksum(frame: &mut [u8], at: usize, start: usize) {
-    let tail = frame.get(start..).unwrap_or_default();
-    let (pairs, odd) = tail.as_chunks::<2>();
-    let mut sum: u64 = pairs.iter().map(|p| u64::from(u16::from_be_bytes(*p))).sum();
-    sum += odd.first().map_or(0, |&b| u64::from(b) << 8);
-    while sum > 0xFFFF {
-        sum = (sum & 0xFFFF) + (sum >> 16);
-    }
+    let sum = fold(ones_sum(frame.get(start..).unwrap_or_default()));
     if let Some(field) = frame.get_mut(at..at + 2) {
-        field.copy_from_slice(&(!u16::try_from(sum).unwrap_or(0)).to_be_bytes());
+        field.copy_from_slice(&(!sum).to_be_bytes());
     }
 }
 
@@ -750,7 +805,7 @@ impl<R: Registers> E1000<R> {
         }
         regs.write(reg::RXCSUM, 0);
 
-        let rx = Self::alloc_rx(dma, config.rx_descriptors, config.mtu)?;
+        let rx = Self::alloc_rx(dma, config.rx_descriptors, config.mtu, config.tcp_tx_checksum)?;
         let tx = Self::alloc_tx(dma, config.tx_descriptors, config.tcp_tx_checksum)?;
 
         let mut nic = Self { regs, mac, mtu: config.mtu, rx, tx, hw_dropped: 0, hw_errors: 0, hw_oversize: 0 };
@@ -797,7 +852,7 @@ impl<R: Registers> E1000<R> {
         regs.write(reg::IMS, reg::ICR_RXT0 | reg::ICR_RXO | reg::ICR_RXDMT0 | reg::ICR_LSC);
     }
 
-    fn alloc_rx(dma: &mut impl Dma, count: usize, mtu: usize) -> Result<RxRing, E1000Error> {
+    fn alloc_rx(dma: &mut impl Dma, count: usize, mtu: usize, verify_tcp: bool) -> Result<RxRing, E1000Error> {
         let (descs, buffers) = alloc_ring(dma, count, |desc: *mut RxDesc, phys| {
             // SAFETY: the ring memory is ours and not yet visible to hardware.
             unsafe { addr_of_mut!((*desc).addr).write_volatile(phys) }
@@ -813,6 +868,8 @@ impl<R: Registers> E1000<R> {
             bytes: 0,
             errors: 0,
             oversize: 0,
+            verify_tcp,
+            bad_checksum: 0,
             divert: None,
             diverted: Diverted::default(),
             now_us: 0,
@@ -891,6 +948,7 @@ impl<R: Registers> E1000<R> {
             rx_errors: self.rx.errors + self.hw_errors,
             rx_oversize: self.rx.oversize + self.hw_oversize,
             tx_ring_full: self.tx.ring_full,
+            rx_bad_checksum: self.rx.bad_checksum,
         }
     }
 
@@ -1028,8 +1086,9 @@ impl<R: Registers> phy::Device for E1000<R> {
         caps.max_transmission_unit = self.mtu + ETH_HEADER;
         caps.max_burst_size = Some(self.rx.descs.count.min(self.tx.descs.count) / 2);
         if self.tx.offload {
-            // The driver seeds the field and the NIC completes it.
-            caps.checksum.tcp = phy::Checksum::Rx;
+            // The NIC completes what the driver seeds; the driver checks
+            // received segments before smoltcp sees them.
+            caps.checksum.tcp = phy::Checksum::None;
         }
         caps
     }
@@ -1736,6 +1795,32 @@ mod tests {
             let (src, dst) = (IpAddress::Ipv4(ip.src_addr()), IpAddress::Ipv4(ip.dst_addr()));
             assert!(tcp.verify_checksum(&src, &dst), "payload {payload}");
         }
+    }
+
+    #[test]
+    fn received_tcp_segments_with_bad_checksums_are_dropped_and_counted() {
+        let regs = FakeRegs::new(MAC_A);
+        let wire = FakeWire::new(&regs);
+        let mut dma = HeapDma::default();
+        let mut nic = nic_with(&regs, &mut dma, config(16));
+        let now = Instant::from_millis(0);
+        for payload in [0, 1, 3, 1460] {
+            let mut good = tcp_frame(payload);
+            assert!(prepare_tcp_checksum(&mut good).is_some());
+            finish_checksum(&mut good, 50, 34);
+            let mut bad = good.clone();
+            *bad.last_mut().unwrap() ^= 0x40;
+            assert!(wire.inject(&bad) && wire.inject(&good));
+            let (rx, _) = nic.receive(now).expect("the good segment");
+            assert_eq!(phy::RxToken::consume(rx, <[u8]>::to_vec), good, "payload {payload}");
+        }
+        assert_eq!(nic.counters().rx_bad_checksum, 4);
+        // Other traffic is not judged here.
+        let mut udp = tcp_frame(8);
+        udp[23] = 17;
+        assert!(wire.inject(&udp));
+        assert!(nic.receive(now).is_some());
+        assert_eq!(nic.counters().rx_bad_checksum, 4);
     }
 
     #[test]

@@ -80,19 +80,67 @@ impl MigMemory for NoMemory {
     }
 }
 
+/// Stream bytes waiting for the socket: appended at the back, sent from the
+/// front. Sending moves a cursor; the sent prefix is dropped only once it is
+/// half the buffer, so a byte is moved at most once more (draining a 1 MiB
+/// queue after every partial send moved it again each time).
+#[derive(Default)]
+struct Queue {
+    buf: Vec<u8>,
+    head: usize,
+}
+
+impl Queue {
+    fn len(&self) -> usize {
+        self.buf.len() - self.head
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends `bytes`, taking the vector itself when the queue is empty.
+    fn push(&mut self, bytes: Vec<u8>) {
+        if self.is_empty() {
+            self.buf = bytes;
+            self.head = 0;
+        } else {
+            self.buf.extend_from_slice(&bytes);
+        }
+    }
+
+    /// Hands the socket as much as it takes; returns how much.
+    fn send(&mut self, net: &mut Net, socket: TcpHandle) -> usize {
+        let n = net.tcp_send(socket, self.buf.get(self.head..).unwrap_or_default());
+        self.head += n;
+        if self.head == self.buf.len() {
+            self.clear();
+        } else if self.head >= self.buf.len() / 2 {
+            self.buf.drain(..self.head);
+            self.head = 0;
+        }
+        n
+    }
+
+    fn clear(&mut self) {
+        self.buf.clear();
+        self.head = 0;
+    }
+}
+
 struct Outgoing {
     vm: String,
     peer: String,
     source: Source,
     socket: TcpHandle,
-    pending: Vec<u8>,
+    pending: Queue,
     connected: bool,
 }
 
 struct Incoming {
     dest: Destination,
     socket: TcpHandle,
-    pending: Vec<u8>,
+    pending: Queue,
     vm: Option<String>,
     last_heard_us: u64,
     /// The VM was paused on the source and stays paused here.
@@ -220,7 +268,7 @@ impl Migrator {
                     peer: peer.clone(),
                     source: Source::new(config, hello),
                     socket,
-                    pending: Vec::new(),
+                    pending: Queue::default(),
                     connected: false,
                 });
                 Ok(Reply::data(Obj::new().with("migrating", vm).with("peer", peer)))
@@ -295,9 +343,7 @@ impl Migrator {
             o.source.on_abort(if o.connected { "connection to the destination lost" } else { "connection refused" });
         }
         if !o.pending.is_empty() && o.connected {
-            let n = net.tcp_send(o.socket, &o.pending);
-            o.pending.drain(..n);
-            busy |= n > 0;
+            busy |= o.pending.send(net, o.socket) > 0;
         }
         o.source.on_tick(now);
         if lost {
@@ -318,7 +364,7 @@ impl Migrator {
             let Some(action) = action else { break };
             busy = true;
             match action {
-                SourceAction::Send(bytes) => o.pending.extend_from_slice(&bytes),
+                SourceAction::Send(bytes) => o.pending.push(bytes),
                 SourceAction::HarvestDirty => match vms.harvest_gfns(&o.vm) {
                     Ok(gfns) => o.source.on_dirty(&gfns, now),
                     Err(e) => o.source.on_abort(&e),
@@ -367,8 +413,7 @@ impl Migrator {
             }
         }
         if !o.pending.is_empty() && o.connected {
-            let n = net.tcp_send(o.socket, &o.pending);
-            o.pending.drain(..n);
+            o.pending.send(net, o.socket);
         }
         if let Some(obj) = ended {
             let socket = o.socket;
@@ -395,7 +440,7 @@ impl Migrator {
                     self.inc = Some(Incoming {
                         dest: Destination::new(self.vendor, 0, free),
                         socket: h,
-                        pending: Vec::new(),
+                        pending: Queue::default(),
                         vm: None,
                         last_heard_us: now,
                         arrive_paused: false,
@@ -437,7 +482,7 @@ impl Migrator {
         while let Some(action) = i.dest.poll() {
             busy = true;
             match action {
-                DestAction::Send(bytes) => i.pending.extend_from_slice(&bytes),
+                DestAction::Send(bytes) => i.pending.push(bytes),
                 DestAction::CreateVm(cfg) => match vms.create_incoming(&cfg.name, cfg.mem_bytes) {
                     Ok(()) => i.vm = Some(cfg.name),
                     Err(e) => {
@@ -477,8 +522,7 @@ impl Migrator {
         // was created (garbage before Hello, a Reject).
         ended |= matches!(i.dest.state(), DestState::Failed | DestState::Rejected);
         if !i.pending.is_empty() {
-            let n = net.tcp_send(i.socket, &i.pending);
-            i.pending.drain(..n);
+            i.pending.send(net, i.socket);
         }
         if ended && (i.pending.is_empty() || matches!(state, TcpState::Closed | TcpState::CloseWait)) {
             let socket = i.socket;

@@ -381,6 +381,7 @@ impl Net {
                     .with("rx_dropped", c.rx_dropped)
                     .with("rx_errors", c.rx_errors)
                     .with("rx_oversize", c.rx_oversize)
+                    .with("rx_bad_checksum", c.rx_bad_checksum)
                     .with("tx_ring_full", c.tx_ring_full),
             )
     }

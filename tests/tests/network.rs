@@ -128,6 +128,10 @@ fn lab_bad_frame_barrage_leaves_the_host_answering() {
     println!("after barrage: {c}");
     assert!(c["rx_frames"].as_u64() > before["counters"]["rx_frames"].as_u64());
     assert!(c["rx_oversize"].as_u64().unwrap() >= 200, "the 200 oversized frames were counted as dropped: {c}");
+    if kinds.is_empty() || kinds.contains("bad_tcp_checksum") {
+        let bad = c["rx_bad_checksum"].as_u64().unwrap();
+        assert!(bad >= sent["bad_tcp_checksum"].as_u64().unwrap(), "bad TCP checksums dropped by the driver: {c}");
+    }
 }
 
 #[test]
