@@ -13,7 +13,7 @@ use hypervisor::shell::{Action, Fault, Host, MemInfo, Mode, Reply, Shell};
 use hypervisor::vmcmd::VmCommand;
 use vmx::cpu::CpuReport;
 
-use crate::arch::{clock, cpu, gdt, idt, mem, memory, power, serial, svm, timer};
+use crate::arch::{clock, cpu, crc, gdt, idt, mem, memory, power, serial, svm, timer};
 use crate::migrate::Migrator;
 use crate::net::Net;
 use crate::vm::{Manager, Slice};
@@ -81,6 +81,7 @@ pub fn start(boot: BootInfo, reserved: &[(u64, u64)]) -> ! {
     let (copy, rep, looped) = mem::calibrate(&mut scratch);
     drop(scratch);
     log::info!("memcpy: {copy} (128 KiB twice: rep movsb {rep} cycles, loop {looped})");
+    log::info!("migration CRC32C: {}", if crc::init() { "crc32 instruction" } else { "tables" });
     let cpu = cpu::report();
     let processors = count_processors(&boot);
     log::info!(

@@ -2,8 +2,9 @@
 //! final XOR `0xFFFF_FFFF`), the checksum of every frame payload.
 //!
 //! Table-driven, slicing-by-8: eight 256-entry tables built at compile time,
-//! eight input bytes per step. No hardware instruction (the crate forbids
-//! `unsafe`, and `_mm_crc32_u64` needs it).
+//! eight input bytes per step. The crate forbids `unsafe`, so it cannot use
+//! the SSE4.2 `crc32` instruction itself; a host that can installs one with
+//! [`install`] (the kernel does), after it is checked against the tables.
 
 const POLY: u32 = 0x82F6_3B78;
 
@@ -43,9 +44,36 @@ fn t<const K: usize>(b: u32) -> u32 {
     TABLES[K][(b & 0xFF) as usize]
 }
 
+/// A faster implementation the host installed, if any.
+static ACCELERATED: spin::Once<fn(u32, &[u8]) -> u32> = spin::Once::new();
+
+/// Installs `f` as the implementation of [`update`] if it agrees with the
+/// tables on a set of inputs (every length 0..=64 and a long one, from
+/// fresh and continued CRCs). Returns whether it was installed; only the
+/// first successful call has an effect.
+pub fn install(f: fn(u32, &[u8]) -> u32) -> bool {
+    let data: [u8; 300] = core::array::from_fn(|i| u8::try_from(i * 37 % 251).unwrap_or(0));
+    let agrees = (0..=64).all(|n| {
+        let d = data.get(..n).unwrap_or_default();
+        f(0, d) == tables(0, d) && f(0x1234_5678, d) == tables(0x1234_5678, d)
+    }) && f(0, &data) == tables(0, &data);
+    if agrees {
+        ACCELERATED.call_once(|| f);
+    }
+    agrees
+}
+
 /// Continues a CRC32C over `data`. Start with `0` for a fresh checksum:
 /// `update(update(0, a), b) == crc32c(a ++ b)`.
 pub fn update(crc: u32, data: &[u8]) -> u32 {
+    match ACCELERATED.get() {
+        Some(f) => f(crc, data),
+        None => tables(crc, data),
+    }
+}
+
+/// [`update`] by the tables.
+fn tables(crc: u32, data: &[u8]) -> u32 {
     let mut crc = !crc;
     let (chunks, rest) = data.as_chunks::<8>();
     for &[a, b, c, d, e, f, g, h] in chunks {
@@ -74,6 +102,20 @@ pub fn crc32c(data: &[u8]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn install_refuses_an_implementation_that_disagrees() {
+        fn almost(crc: u32, data: &[u8]) -> u32 {
+            if data.len() == 63 {
+                0
+            } else {
+                tables(crc, data)
+            }
+        }
+        assert!(!install(almost));
+        assert!(!install(|_, _| 0));
+        assert!(ACCELERATED.get().is_none_or(|f| f(0, b"123456789") == 0xE306_9283));
+    }
 
     /// The bit-at-a-time definition, to check the tables against.
     fn bitwise(data: &[u8]) -> u32 {

@@ -4,6 +4,7 @@
 
 pub mod clock;
 pub mod cpu;
+pub mod crc;
 pub mod entry;
 pub mod gdt;
 pub mod guest_memory;
