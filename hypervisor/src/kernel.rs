@@ -149,11 +149,12 @@ fn count_processors(boot: &BootInfo) -> u32 {
 /// slice of the next running VM; with nothing to do, sleep until an
 /// interrupt.
 ///
-/// While a migration runs, the CPU is shared half and half: the network
-/// and the migration get up to one timer period of work, then a VM runs
-/// until the next tick (1 ms at [`timer::MIGRATION_HZ`]) without being cut
-/// short by the NIC. Otherwise a VM runs until any host interrupt, so a
-/// frame is served as soon as it arrives.
+/// While a migration runs, the CPU is shared: the network and the
+/// migration get up to `share / (100 - share)` timer periods of work (one
+/// period at the default 50 %), then a VM runs until the next tick (1 ms at
+/// [`timer::MIGRATION_HZ`]) without being cut short by the NIC. Otherwise a
+/// VM runs until any host interrupt, so a frame is served as soon as it
+/// arrives.
 fn console_loop(machine: &mut Machine) -> ! {
     let mut shell = Shell::new();
     let mut editor = LineEditor::new();
@@ -161,11 +162,11 @@ fn console_loop(machine: &mut Machine) -> ! {
     serial::write_str(shell.prompt());
     loop {
         let Some(byte) = serial::try_read() else {
-            let migrating = machine.migrator.active();
-            timer::set_hz(if migrating { timer::MIGRATION_HZ } else { timer::HZ });
-            let busy = serve_network(machine, migrating);
+            let share = machine.migrator.cpu_share();
+            timer::set_hz(if share.is_some() { timer::MIGRATION_HZ } else { timer::HZ });
+            let busy = serve_network(machine, share);
             if machine.vms.any_running() {
-                machine.vms.run_slice(if migrating { Slice::UntilTick } else { Slice::UntilInterrupt });
+                machine.vms.run_slice(if share.is_some() { Slice::UntilTick } else { Slice::UntilInterrupt });
                 if let Some(net) = machine.net.as_mut() {
                     net.poll();
                 }
@@ -196,18 +197,24 @@ fn console_loop(machine: &mut Machine) -> ! {
     }
 }
 
-/// Polls the network and moves migrations forward: once, or with `share`
-/// again and again until there is no work left, a timer period has passed,
-/// or a console byte waits. Returns whether there was work.
-fn serve_network(machine: &mut Machine, share: bool) -> bool {
+/// Polls the network and moves migrations forward: once, or with a CPU
+/// `share` (percent) again and again until there is no work left, the
+/// share's time has passed, or a console byte waits. Returns whether there
+/// was work.
+fn serve_network(machine: &mut Machine, share: Option<u8>) -> bool {
     let Some(net) = machine.net.as_mut() else { return false };
-    let until = clock::uptime_us() + 1_000_000 / timer::MIGRATION_HZ;
+    let period_us = 1_000_000 / timer::MIGRATION_HZ;
+    let until = share.map(|p| {
+        let p = u64::from(p.min(95));
+        clock::uptime_us() + period_us * p / (100 - p)
+    });
     let mut worked = false;
     loop {
         let mut busy = net.poll();
         busy |= machine.migrator.poll(net, &mut machine.vms);
         worked |= busy;
-        if !busy || !share || clock::uptime_us() >= until || serial::has_input() {
+        let Some(until) = until else { return worked };
+        if !busy || clock::uptime_us() >= until || serial::has_input() {
             return worked;
         }
     }

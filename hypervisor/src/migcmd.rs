@@ -13,6 +13,10 @@ use crate::netcmd::parse_ipv4;
 /// Default TCP port of the migration listener (on by default).
 pub const MIGRATION_PORT: u16 = 7070;
 
+/// Percent of the CPU a migration takes from running VMs by default: the
+/// host has one CPU, shared half and half.
+pub const DEFAULT_SHARE: u8 = 50;
+
 /// What to do with a VM that dirties memory faster than the link carries it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PolicyArg {
@@ -27,7 +31,7 @@ pub enum PolicyArg {
 /// A parsed `migrate` command.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MigrateCommand {
-    /// `migrate <vm> <ip>[:port] [downtime=<ms>] [bandwidth=<Mbit/s>] [rounds=<n>] [policy=...] [verify]`
+    /// `migrate <vm> <ip>[:port] [downtime=<ms>] [bandwidth=<Mbit/s>] [rounds=<n>] [policy=...] [share=<%>] [verify]`
     Start {
         /// VM name.
         vm: String,
@@ -45,6 +49,8 @@ pub enum MigrateCommand {
         policy: PolicyArg,
         /// Compare whole-memory digests at switchover.
         verify: bool,
+        /// Percent of the CPU the migration may take from running VMs.
+        share: u8,
     },
     /// `migrate status`
     Status,
@@ -57,7 +63,7 @@ pub enum MigrateCommand {
 /// Usage lines for `help`.
 pub const USAGE: &[(&str, &str)] = &[
     (
-        "migrate <vm> <ip>[:port] [downtime=<ms>] [bandwidth=<Mbit/s>] [rounds=<n>] [policy=throttle|force|abort] [verify]",
+        "migrate <vm> <ip>[:port] [downtime=<ms>] [bandwidth=<Mbit/s>] [rounds=<n>] [policy=throttle|force|abort] [share=<%>] [verify]",
         "live-migrate a VM to a peer",
     ),
     ("migrate status", "progress of the running migration, or the last report"),
@@ -105,8 +111,9 @@ pub fn parse(args: &[&str]) -> Result<MigrateCommand, String> {
         rounds: 30,
         policy: PolicyArg::Throttle,
         verify: false,
+        share: DEFAULT_SHARE,
     };
-    let MigrateCommand::Start { downtime_ms, bandwidth_mbit, rounds, policy, verify, .. } = &mut cmd else {
+    let MigrateCommand::Start { downtime_ms, bandwidth_mbit, rounds, policy, verify, share, .. } = &mut cmd else {
         return Err(String::from("internal: not a start command"));
     };
     for opt in options {
@@ -119,7 +126,10 @@ pub fn parse(args: &[&str]) -> Result<MigrateCommand, String> {
             Some(("policy", "force")) => *policy = PolicyArg::Force,
             Some(("policy", "abort")) => *policy = PolicyArg::Abort,
             Some(("policy", v)) => return Err(format!("policy={v}: throttle, force or abort")),
-            _ => return Err(format!("unknown option '{opt}': downtime=, bandwidth=, rounds=, policy=, verify")),
+            Some(("share", v)) => *share = u8::try_from(num("share", v, 10..=95)?).unwrap_or(DEFAULT_SHARE),
+            _ => {
+                return Err(format!("unknown option '{opt}': downtime=, bandwidth=, rounds=, policy=, share=, verify"))
+            }
         }
     }
     Ok(cmd)
@@ -211,7 +221,7 @@ mod tests {
     #[test]
     fn parses_start_with_every_option() {
         assert_eq!(
-            p("vm1 10.77.0.12:7000 downtime=100 bandwidth=500 rounds=5 policy=force verify"),
+            p("vm1 10.77.0.12:7000 downtime=100 bandwidth=500 rounds=5 policy=force share=80 verify"),
             Ok(MigrateCommand::Start {
                 vm: "vm1".into(),
                 ip: [10, 77, 0, 12],
@@ -221,6 +231,7 @@ mod tests {
                 rounds: 5,
                 policy: PolicyArg::Force,
                 verify: true,
+                share: 80,
             })
         );
         assert!(matches!(
@@ -230,6 +241,7 @@ mod tests {
                 downtime_ms: 300,
                 verify: false,
                 policy: PolicyArg::Throttle,
+                share: DEFAULT_SHARE,
                 ..
             })
         ));
@@ -250,6 +262,7 @@ mod tests {
         assert!(err("vm1 10.77.0.1 policy=hope").contains("throttle, force or abort"));
         assert!(err("vm1 10.77.0.1 speed=9").contains("unknown option"));
         assert!(err("vm1 10.77.0.1 rounds=x").contains("rounds=x"));
+        assert!(err("vm1 10.77.0.1 share=99").contains("share=99: expected a whole number in 10..=95"));
         assert!(err("listen 0").contains("port=0"));
     }
 

@@ -8,6 +8,7 @@
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use hypervisor::json::{Obj, Value};
 use hypervisor::migcmd::{MigrateCommand, PolicyArg, MIGRATION_PORT};
@@ -60,9 +61,16 @@ impl MigMemory for Mem<'_> {
         }
     }
     fn digest(&self) -> u64 {
-        self.0.digest()
+        let start = clock::uptime_us();
+        let digest = self.0.digest();
+        LAST_DIGEST_US.store(clock::uptime_us() - start, Ordering::Relaxed);
+        digest
     }
 }
+
+/// How long the source's last memory digest (`verify`) took: it is part of
+/// the downtime, and the report shows it.
+static LAST_DIGEST_US: AtomicU64 = AtomicU64::new(0);
 
 /// Memory for a destination that has no VM yet (never touched).
 struct NoMemory;
@@ -135,6 +143,8 @@ struct Outgoing {
     socket: TcpHandle,
     pending: Queue,
     connected: bool,
+    /// Percent of the CPU this migration may take from running VMs.
+    share: u8,
 }
 
 struct Incoming {
@@ -180,6 +190,7 @@ fn report_obj(vm: &str, peer: &str, r: &Report) -> Obj {
         .with("delta_pages", r.delta_pages)
         .with("full_pages", r.full_pages)
         .with("max_throttle", r.max_throttle)
+        .with("verify_us", if r.verified { LAST_DIGEST_US.load(Ordering::Relaxed) } else { 0 })
         .with("stop_reason", r.stop_reason)
         .with("verified", r.verified)
 }
@@ -199,9 +210,15 @@ impl Migrator {
         }
     }
 
-    /// Whether a migration, out or in, is under way.
-    pub fn active(&self) -> bool {
-        self.out.is_some() || self.inc.is_some()
+    /// The percent of the CPU that migrations under way may take from
+    /// running VMs, or `None` with no migration. An incoming migration
+    /// takes the default share.
+    pub fn cpu_share(&self) -> Option<u8> {
+        match (&self.out, &self.inc) {
+            (Some(o), _) => Some(o.share),
+            (None, Some(_)) => Some(hypervisor::migcmd::DEFAULT_SHARE),
+            (None, None) => None,
+        }
     }
 
     /// Executes a `migrate` command.
@@ -222,7 +239,7 @@ impl Migrator {
                 self.listen_port = port;
                 Ok(Reply::data(Obj::new().with("listening", port)))
             }
-            MigrateCommand::Start { vm, ip, port, downtime_ms, bandwidth_mbit, rounds, policy, verify } => {
+            MigrateCommand::Start { vm, ip, port, downtime_ms, bandwidth_mbit, rounds, policy, verify, share } => {
                 let net = net.ok_or("no network card: migration needs an e1000")?;
                 if let Some(o) = &self.out {
                     return Err(format!("a migration is already running ({} to {}); one at a time", o.vm, o.peer));
@@ -270,6 +287,7 @@ impl Migrator {
                     socket,
                     pending: Queue::default(),
                     connected: false,
+                    share,
                 });
                 Ok(Reply::data(Obj::new().with("migrating", vm).with("peer", peer)))
             }
@@ -291,6 +309,7 @@ impl Migrator {
                     .with("bandwidth_bytes_per_s", s.bandwidth_bytes_per_s)
                     .with("expected_downtime_us", s.expected_downtime_us)
                     .with("throttle", s.throttle)
+                    .with("share", out.share)
                     .with("queued_bytes", out.pending.len())
                     .with("socket", net.map(|n| format!("{:?}", n.tcp_state(out.socket))))
             }

@@ -32,12 +32,16 @@ struct Options {
     paused: bool,
     /// Compare whole-memory digests at the switchover.
     verify: bool,
+    /// Percent of the CPU the migration may take from the running guest.
+    share: u64,
 }
 
-const USAGE: &str = "usage: demo [MiB] [--workload idle|sweep|random|hot:N] [--rate pages/s] [--paused] [--no-verify]";
+const USAGE: &str =
+    "usage: demo [MiB] [--workload idle|sweep|random|hot:N] [--rate pages/s] [--paused] [--no-verify] [--share %]";
 
 fn options() -> Result<Options> {
-    let mut o = Options { mem: 64, workload: String::from("random"), rate: 1000, paused: false, verify: true };
+    let mut o =
+        Options { mem: 64, workload: String::from("random"), rate: 1000, paused: false, verify: true, share: 50 };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -45,6 +49,7 @@ fn options() -> Result<Options> {
             "--rate" => o.rate = args.next().context(USAGE)?.parse().context(USAGE)?,
             "--paused" => o.paused = true,
             "--no-verify" => o.verify = false,
+            "--share" => o.share = args.next().context(USAGE)?.parse().context(USAGE)?,
             "-h" | "--help" => bail!(USAGE),
             n => o.mem = n.parse().with_context(|| format!("guest MiB: {n:?}; {USAGE}"))?,
         }
@@ -89,7 +94,7 @@ fn main() -> Result<()> {
     if o.paused {
         ok(a.console(), "vm pause demo")?;
     }
-    ok(a.console(), &format!("migrate demo 10.77.0.12{}", if o.verify { " verify" } else { "" }))?;
+    ok(a.console(), &format!("migrate demo 10.77.0.12 share={}{}", o.share, if o.verify { " verify" } else { "" }))?;
     let start = Instant::now();
     let report = loop {
         let s = ok(a.console(), "migrate status")?;
@@ -145,6 +150,7 @@ fn main() -> Result<()> {
         "rounds": report["rounds"],
         "stop_reason": report["stop_reason"],
         "max_throttle": report["max_throttle"],
+        "verify_ms": field("verify_us") as f64 / 1000.0,
         "bytes_sent": report["bytes_on_wire"],
         "lower_bound_bytes": report["lower_bound_bytes"],
         "wire_to_lower_bound": ratio(field("bytes_on_wire") as f64, field("lower_bound_bytes") as f64),
@@ -153,6 +159,7 @@ fn main() -> Result<()> {
         "full_pages": report["full_pages"],
         "guest_bytes": mem << 20,
         "workload": format!("{} rate={}{}", o.workload, o.rate, if o.paused { " paused" } else { "" }),
+        "share": o.share,
         "verified": report["verified"],
         "guest_ticks_before": ticks_before,
         "guest_ticks_after": ticks_after,
