@@ -49,6 +49,29 @@ pub fn bochs() -> HostConfig {
     HostConfig { emulator: Emulator::Bochs, mem_mib: 128, ..HostConfig::default() }
 }
 
+/// Polls `migrate status` on the source's console every `every` until the
+/// migration has ended (`done`, `failed` or `in_doubt`) and returns that
+/// report, printing each new stage on the way. Panics after `limit` or on
+/// a console that does not answer within `reply`.
+pub fn wait_migration(c: &mut Console, limit: Duration, reply: Duration, every: Duration) -> serde_json::Value {
+    let start = std::time::Instant::now();
+    let mut last_stage = String::new();
+    loop {
+        let s = c.json("migrate status", reply).unwrap_or_else(|e| panic!("migrate status: {e:#}"));
+        assert_eq!(s["ok"], true, "migrate status: {s}");
+        let stage = s["stage"].as_str().unwrap_or("").to_string();
+        if ["done", "failed", "in_doubt"].contains(&stage.as_str()) {
+            return s;
+        }
+        if stage != last_stage {
+            println!("[{:>6.1} s] migrate status: {s}", start.elapsed().as_secs_f64());
+            last_stage = stage;
+        }
+        assert!(start.elapsed() < limit, "migration still running after {limit:?}: {s}");
+        std::thread::sleep(every);
+    }
+}
+
 /// Sends `shutdown` and checks that the emulator exits cleanly: QEMU with
 /// the isa-debug-exit status, Bochs after the kernel's "powering off".
 pub fn shutdown(mut host: Host, emulator: Emulator) -> Result<()> {

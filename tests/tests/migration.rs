@@ -32,15 +32,7 @@ fn pair(lab: &mut Lab) -> (Host, Host) {
 
 /// Polls `migrate status` until the migration has ended.
 fn wait_end(c: &mut Console, limit: Duration) -> Value {
-    let start = Instant::now();
-    loop {
-        let s = ok(c, "migrate status");
-        if ["done", "failed", "in_doubt"].contains(&s["stage"].as_str().unwrap_or("")) {
-            return s;
-        }
-        assert!(start.elapsed() < limit, "migration still running after {limit:?}: {s}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    tests::wait_migration(c, limit, REPLY, Duration::from_millis(200))
 }
 
 #[test]

@@ -59,21 +59,7 @@ fn boot_host(lab: &mut Lab, name: &str, ip: &str) -> Host {
 
 /// Polls `migrate status` until the migration has ended.
 fn wait_end(c: &mut Console, limit: Duration) -> Value {
-    let start = Instant::now();
-    let mut last_stage = String::new();
-    loop {
-        let s = ok(c, "migrate status");
-        let stage = s["stage"].as_str().unwrap_or("").to_string();
-        if ["done", "failed", "in_doubt"].contains(&stage.as_str()) {
-            return s;
-        }
-        if stage != last_stage {
-            println!("[{:>6.1} s] migrate status: {s}", start.elapsed().as_secs_f64());
-            last_stage = stage;
-        }
-        assert!(start.elapsed() < limit, "migration still running after {limit:?}: {s}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    tests::wait_migration(c, limit, SLOW, Duration::from_millis(500))
 }
 
 /// Polls until the VM's heartbeat count on `c` exceeds `than`.
