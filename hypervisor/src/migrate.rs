@@ -181,6 +181,7 @@ fn report_obj(vm: &str, peer: &str, r: &Report) -> Obj {
         .with("peer", peer)
         .with("total_us", r.total_us)
         .with("downtime_us", r.downtime_us)
+        .with("expected_downtime_us", r.expected_downtime_us)
         .with("setup_us", r.setup_us)
         .with("rounds", r.rounds.clone())
         .with("bytes_on_wire", r.bytes_on_wire)

@@ -516,6 +516,7 @@ fn non_converging_guest_is_throttled_and_finishes() {
     assert_eq!(sim.throttles, vec![20, 40], "{r:?}");
     assert!(r.rounds.len() > 4, "{r:?}");
     assert_eq!((r.max_throttle, r.stop_reason), (40, "budget"), "converged once throttled: {r:?}");
+    assert!(r.expected_downtime_us <= config().downtime_budget_us, "stopped within the budget: {r:?}");
 }
 
 #[test]
@@ -528,6 +529,7 @@ fn guest_too_hot_for_any_throttle_still_finishes_at_max_rounds() {
     assert_eq!(r.rounds.len(), 8 + 1, "{r:?}");
     assert!(r.downtime_us > 2_000, "{r:?}");
     assert_eq!((r.max_throttle, r.stop_reason), (80, "round limit"), "{r:?}");
+    assert!(r.expected_downtime_us > config().downtime_budget_us, "forced past the budget: {r:?}");
 }
 
 #[test]

@@ -141,6 +141,10 @@ pub struct Report {
     /// Why pre-copy ended: `"budget"` (the rest fit the downtime budget),
     /// `"round limit"`, or `"not converging"` (policy Force).
     pub stop_reason: &'static str,
+    /// The pause the stop-and-copy decision expected: the last dirty pages
+    /// and the queued bytes at the measured bandwidth (it leaves out the
+    /// verify digest and the round trips of the switchover).
+    pub expected_downtime_us: u64,
 }
 
 /// Coarse progress, for operators.
@@ -531,6 +535,7 @@ impl Source {
             }
             Decision::StopAndCopy => {
                 self.report.stop_reason = converge::stop_reason(&inputs);
+                self.report.expected_downtime_us = converge::transfer_time_us(dirty, self.backlog, self.bandwidth);
                 self.out.push_back(SourceAction::PauseVm);
                 self.phase = Phase::Pausing;
             }

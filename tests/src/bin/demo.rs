@@ -146,6 +146,7 @@ fn main() -> Result<()> {
         "status": status,
         "total_ms": field("total_us") / 1000,
         "downtime_ms": field("downtime_us") as f64 / 1000.0,
+        "expected_downtime_ms": field("expected_downtime_us") as f64 / 1000.0,
         "setup_ms": field("setup_us") / 1000,
         "rounds": report["rounds"],
         "stop_reason": report["stop_reason"],
