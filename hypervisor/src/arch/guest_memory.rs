@@ -18,9 +18,12 @@ pub struct GuestMemory {
 }
 
 impl GuestMemory {
-    /// Allocates `bytes` (a multiple of 2 MiB) of zeroed guest memory, or
-    /// frees what it got and returns `None`.
-    pub fn new(bytes: u64) -> Option<Self> {
+    /// Allocates `bytes` (a multiple of 2 MiB) of guest memory, zeroed if
+    /// `zeroed`, or frees what it got and returns `None`. Only an incoming
+    /// migration's skeleton skips the zeroing: the destination does not let
+    /// the VM run before round 0 wrote every page exactly once, and a
+    /// skeleton that fails is freed without ever running.
+    pub fn new(bytes: u64, zeroed: bool) -> Option<Self> {
         let mut mem = GuestMemory { chunks: Vec::new() };
         for _ in 0..bytes / CHUNK {
             let Some(pa) = memory::alloc_2m() else {
@@ -28,9 +31,11 @@ impl GuestMemory {
                 return None;
             };
             mem.chunks.push(pa);
-            // SAFETY: the chunk was just allocated for this VM alone and is
-            // reached through the physical map.
-            unsafe { core::ptr::write_bytes(phys_to_virt(pa), 0, CHUNK_BYTES) };
+            if zeroed {
+                // SAFETY: the chunk was just allocated for this VM alone and
+                // is reached through the physical map.
+                unsafe { core::ptr::write_bytes(phys_to_virt(pa), 0, CHUNK_BYTES) };
+            }
         }
         Some(mem)
     }

@@ -480,7 +480,8 @@ impl Manager {
             ));
         }
         let oom = || format!("not enough host memory for mem={mem_mib} (allocation failed)");
-        let mut mem = GuestMemory::new(bytes).ok_or_else(oom)?;
+        // An incoming skeleton (`load` false) is filled by the migration.
+        let mut mem = GuestMemory::new(bytes, load).ok_or_else(oom)?;
         let mut fa = KernelFrames;
         let format = if self.backend == Backend::Vmx { Format::Ept } else { Format::Npt };
         let mut slat = Slat::new(format, &mut fa, Gpa(bytes)).map_err(|e| format!("nested page table: {e:?}"))?;
