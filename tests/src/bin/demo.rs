@@ -34,14 +34,23 @@ struct Options {
     verify: bool,
     /// Percent of the CPU the migration may take from the running guest.
     share: u64,
+    /// IP MTU of both hosts and the lab's links.
+    mtu: u32,
 }
 
 const USAGE: &str =
-    "usage: demo [MiB] [--workload idle|sweep|random|hot:N] [--rate pages/s] [--paused] [--no-verify] [--share %]";
+    "usage: demo [MiB] [--workload idle|sweep|random|hot:N] [--rate pages/s] [--paused] [--no-verify] [--share %] [--mtu bytes]";
 
 fn options() -> Result<Options> {
-    let mut o =
-        Options { mem: 64, workload: String::from("random"), rate: 1000, paused: false, verify: true, share: 50 };
+    let mut o = Options {
+        mem: 64,
+        workload: String::from("random"),
+        rate: 1000,
+        paused: false,
+        verify: true,
+        share: 50,
+        mtu: 1500,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -50,6 +59,7 @@ fn options() -> Result<Options> {
             "--paused" => o.paused = true,
             "--no-verify" => o.verify = false,
             "--share" => o.share = args.next().context(USAGE)?.parse().context(USAGE)?,
+            "--mtu" => o.mtu = args.next().context(USAGE)?.parse().context(USAGE)?,
             "-h" | "--help" => bail!(USAGE),
             n => o.mem = n.parse().with_context(|| format!("guest MiB: {n:?}; {USAGE}"))?,
         }
@@ -72,6 +82,11 @@ fn main() -> Result<()> {
     let mut b = boot_json(&lab.host(&base)?)?;
     ok(a.console(), "net ip 10.77.0.11/24")?;
     ok(b.console(), "net ip 10.77.0.12/24")?;
+    if o.mtu != 1500 {
+        lab.set_mtu(o.mtu)?;
+        ok(a.console(), &format!("net mtu {}", o.mtu))?;
+        ok(b.console(), &format!("net mtu {}", o.mtu))?;
+    }
     ok(a.console(), "ping 10.77.0.12 1")?;
     // The link's TCP goodput, measured now, in this run, for the ratio.
     ok(b.console(), "net bench listen")?;
@@ -161,6 +176,7 @@ fn main() -> Result<()> {
         "guest_bytes": mem << 20,
         "workload": format!("{} rate={}{}", o.workload, o.rate, if o.paused { " paused" } else { "" }),
         "share": o.share,
+        "mtu": o.mtu,
         "verified": report["verified"],
         "guest_ticks_before": ticks_before,
         "guest_ticks_after": ticks_after,
