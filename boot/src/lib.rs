@@ -7,9 +7,10 @@
 //! In a network namespace QEMU's console is a Unix socket instead (it
 //! crosses namespaces); Bochs only speaks TCP, so its listener is opened
 //! inside the namespace, on the namespace's own loopback.
-//! The emulator is killed when its [`Host`] is dropped, and also when this
-//! process dies (`PR_SET_PDEATHSIG` is not available without libc, so tests
-//! keep hosts in scope and the scripts use `trap`).
+//! The emulator is killed when its [`Host`] is dropped. Nothing kills it if
+//! this process is killed outright: `PR_SET_PDEATHSIG` would fire when the
+//! spawning thread exits, which a test thread does before its hosts are
+//! dropped, so tests keep hosts in scope and the scripts use `trap`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
