@@ -8,9 +8,10 @@
 //! crosses namespaces); Bochs only speaks TCP, so its listener is opened
 //! inside the namespace, on the namespace's own loopback.
 //! The emulator is killed when its [`Host`] is dropped. Nothing kills it if
-//! this process is killed outright: `PR_SET_PDEATHSIG` would fire when the
-//! spawning thread exits, which a test thread does before its hosts are
-//! dropped, so tests keep hosts in scope and the scripts use `trap`.
+//! this process is killed outright (`PR_SET_PDEATHSIG` is not used: it is
+//! tied to the spawning thread rather than the process), so tests keep
+//! hosts in scope, the scripts use `trap`, and the next lab removes stale
+//! namespaces.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
