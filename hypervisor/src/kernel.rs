@@ -9,7 +9,7 @@ use hypervisor::bootinfo::BootInfo;
 use hypervisor::line::LineEditor;
 use hypervisor::migcmd::MigrateCommand;
 use hypervisor::netcmd::NetCommand;
-use hypervisor::shell::{Action, Fault, Host, MemInfo, Mode, Reply, Shell};
+use hypervisor::shell::{Action, CpuTime, Fault, Host, MemInfo, Mode, Reply, Shell};
 use hypervisor::vmcmd::VmCommand;
 use vmx::cpu::CpuReport;
 
@@ -26,6 +26,7 @@ struct Machine {
     vms: Manager,
     net: Option<Net>,
     migrator: Migrator,
+    cpu_time: CpuTime,
 }
 
 impl Host for Machine {
@@ -47,6 +48,9 @@ impl Host for Machine {
     }
     fn uptime_us(&self) -> u64 {
         clock::uptime_us()
+    }
+    fn cpu_time(&self) -> CpuTime {
+        self.cpu_time
     }
     fn vm(&mut self, cmd: VmCommand) -> Result<Reply, String> {
         self.vms.command(cmd)
@@ -117,7 +121,8 @@ pub fn start(boot: BootInfo, reserved: &[(u64, u64)]) -> ! {
         log::info!("no e1000 found: networking off");
     }
     let migrator = Migrator::new(cpu.vendor);
-    let mut machine = Machine { cpu, processors, route: boot.route.as_str(), vms, net, migrator };
+    let mut machine =
+        Machine { cpu, processors, route: boot.route.as_str(), vms, net, migrator, cpu_time: CpuTime::default() };
     serial::write_str("hypervisor ready\r\n");
     console_loop(&mut machine)
 }
@@ -166,13 +171,19 @@ fn console_loop(machine: &mut Machine) -> ! {
             timer::set_hz(if share.is_some() { timer::MIGRATION_HZ } else { timer::HZ });
             let busy = serve_network(machine, share);
             if machine.vms.any_running() {
+                let t = clock::uptime_us();
                 machine.vms.run_slice(if share.is_some() { Slice::UntilTick } else { Slice::UntilInterrupt });
+                let ran = clock::uptime_us();
+                machine.cpu_time.vms_us += ran - t;
                 if let Some(net) = machine.net.as_mut() {
                     net.poll();
+                    machine.cpu_time.network_us += clock::uptime_us() - ran;
                 }
             } else if !busy {
+                let t = clock::uptime_us();
                 x86_64::instructions::interrupts::enable_and_hlt();
                 x86_64::instructions::interrupts::disable();
+                machine.cpu_time.idle_us += clock::uptime_us() - t;
             }
             continue;
         };
@@ -210,8 +221,13 @@ fn serve_network(machine: &mut Machine, share: Option<u8>) -> bool {
     });
     let mut worked = false;
     loop {
+        let t = clock::uptime_us();
         let mut busy = net.poll();
+        let polled = clock::uptime_us();
         busy |= machine.migrator.poll(net, &mut machine.vms);
+        let migrated = clock::uptime_us();
+        machine.cpu_time.network_us += polled - t;
+        machine.cpu_time.migration_us += migrated - polled;
         worked |= busy;
         let Some(until) = until else { return worked };
         if !busy || clock::uptime_us() >= until || serial::has_input() {

@@ -30,6 +30,9 @@ use crate::arch::{clock, memory, pci::PortConfig, timer};
 
 /// EtherType of `net blast` frames (IEEE 802 local experimental).
 pub const BLAST_ETHERTYPE: u16 = 0x88B5;
+/// Most extra `poll_egress` rounds per `poll`: bounds the time one poll
+/// takes, as the transmit ring bounds what one round can queue.
+const EGRESS_BURST: usize = 64;
 const BENCH_RX_BUFFER: usize = 1 << 20;
 const BENCH_TX_BUFFER: usize = 256 << 10;
 const ICMP_IDENT: u16 = 0x4856;
@@ -144,7 +147,15 @@ impl Net {
     pub fn poll(&mut self) -> bool {
         self.nic.ack_interrupts();
         timer::rearm_irq(self.irq);
-        let result = self.iface.poll(now(), &mut self.nic, &mut self.sockets);
+        let mut result = self.iface.poll(now(), &mut self.nic, &mut self.sockets);
+        // smoltcp 0.12's `poll` emits at most one segment per socket; keep
+        // going while sockets have more to send (0.14 does this itself).
+        for _ in 0..EGRESS_BURST {
+            if self.iface.poll_egress(now(), &mut self.nic, &mut self.sockets) == PollResult::None {
+                break;
+            }
+            result = PollResult::SocketStateChanged;
+        }
         let served = self.serve_listener();
         let soon = self.iface.poll_delay(now(), &self.sockets).is_some_and(|d| d.total_micros() == 0);
         result == PollResult::SocketStateChanged || served || soon

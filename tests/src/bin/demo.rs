@@ -109,6 +109,8 @@ fn main() -> Result<()> {
     if o.paused {
         ok(a.console(), "vm pause demo")?;
     }
+    let counters_before = [ok(a.console(), "net status")?, ok(b.console(), "net status")?];
+    let cpu_before = [ok(a.console(), "uptime")?, ok(b.console(), "uptime")?];
     ok(a.console(), &format!("migrate demo 10.77.0.12 share={}{}", o.share, if o.verify { " verify" } else { "" }))?;
     let start = Instant::now();
     let report = loop {
@@ -138,6 +140,27 @@ fn main() -> Result<()> {
         std::thread::sleep(Duration::from_millis(300));
     };
     let status = report["stage"].as_str().unwrap_or("?").to_string();
+    // What each NIC counted during the migration (drops mean retransmits).
+    let counters_after = [ok(a.console(), "net status")?, ok(b.console(), "net status")?];
+    let cpu_after = [ok(a.console(), "uptime")?, ok(b.console(), "uptime")?];
+    // Where each host's CPU time went during the migration, in ms.
+    let cpu = |i: usize| {
+        let (before, after) = (&cpu_before[i], &cpu_after[i]);
+        let ms = |v: &Value| v.as_u64().unwrap_or(0);
+        let mut out = serde_json::Map::new();
+        out.insert("wall_ms".into(), json!((ms(&after["uptime_us"]) - ms(&before["uptime_us"])) / 1000));
+        for k in ["vms", "network", "migration", "idle"] {
+            let key = format!("{k}_us");
+            out.insert(format!("{k}_ms"), json!((ms(&after["cpu"][&key]) - ms(&before["cpu"][&key])) / 1000));
+        }
+        out
+    };
+    let nic = |i: usize| {
+        let (before, after) = (&counters_before[i]["counters"], &counters_after[i]["counters"]);
+        let keys = after.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>()).unwrap_or_default();
+        let diff = |k: &String| after[k].as_u64().unwrap_or(0).saturating_sub(before[k].as_u64().unwrap_or(0));
+        keys.iter().map(|k| (k.clone(), json!(diff(k)))).collect::<serde_json::Map<_, _>>()
+    };
     let mut ticks_after = 0;
     if status == "done" {
         if o.paused {
@@ -183,6 +206,10 @@ fn main() -> Result<()> {
         "migration_mb_per_s": goodput,
         "net_bench_mb_per_s": bench_mb_s,
         "goodput_to_net_bench": ratio(goodput, bench_mb_s),
+        "cpu_a": cpu(0),
+        "cpu_b": cpu(1),
+        "nic_a": nic(0),
+        "nic_b": nic(1),
         "error": report.get("error"),
     });
     println!("== report\n{}", serde_json::to_string_pretty(&out)?);
