@@ -5,6 +5,7 @@
 //!
 //! One migration out and one in at a time; a second request is refused.
 
+use alloc::collections::VecDeque;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -60,6 +61,13 @@ impl MigMemory for Mem<'_> {
             p.copy_from_slice(data);
         }
     }
+    fn with_page(&self, gfn: u64, f: &mut dyn FnMut(&[u8; PAGE_SIZE])) {
+        // In place: the VM does not run while the engine works.
+        match self.0.page_bytes(gfn) {
+            Some(page) => f(page),
+            None => f(&[0; PAGE_SIZE]),
+        }
+    }
     fn digest(&self) -> u64 {
         let start = clock::uptime_us();
         let digest = self.0.digest();
@@ -88,51 +96,54 @@ impl MigMemory for NoMemory {
     }
 }
 
-/// Stream bytes waiting for the socket: appended at the back, sent from the
-/// front. Sending moves a cursor; the sent prefix is dropped only once it is
-/// half the buffer, so a byte is moved at most once more (draining a 1 MiB
-/// queue after every partial send moved it again each time).
+/// Frames waiting for the socket: appended at the back, sent from the
+/// front, copied only into the socket (appending them to one buffer and
+/// dropping the sent prefix moved each byte twice more).
 #[derive(Default)]
 struct Queue {
-    buf: Vec<u8>,
+    frames: VecDeque<Vec<u8>>,
+    /// Bytes of the front frame already handed to the socket.
     head: usize,
+    len: usize,
 }
 
 impl Queue {
     fn len(&self) -> usize {
-        self.buf.len() - self.head
+        self.len
     }
 
     fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
     }
 
-    /// Appends `bytes`, taking the vector itself when the queue is empty.
+    /// Appends a frame; its bytes are never copied here, only into the
+    /// socket.
     fn push(&mut self, bytes: Vec<u8>) {
-        if self.is_empty() {
-            self.buf = bytes;
-            self.head = 0;
-        } else {
-            self.buf.extend_from_slice(&bytes);
-        }
+        self.len += bytes.len();
+        self.frames.push_back(bytes);
     }
 
     /// Hands the socket as much as it takes; returns how much.
     fn send(&mut self, net: &mut Net, socket: TcpHandle) -> usize {
-        let n = net.tcp_send(socket, self.buf.get(self.head..).unwrap_or_default());
-        self.head += n;
-        if self.head == self.buf.len() {
-            self.clear();
-        } else if self.head >= self.buf.len() / 2 {
-            self.buf.drain(..self.head);
+        let mut sent = 0;
+        while let Some(front) = self.frames.front() {
+            let n = net.tcp_send(socket, front.get(self.head..).unwrap_or_default());
+            sent += n;
+            self.head += n;
+            if self.head < front.len() {
+                break;
+            }
+            self.frames.pop_front();
             self.head = 0;
         }
-        n
+        self.len -= sent;
+        sent
     }
 
     fn clear(&mut self) {
-        self.buf.clear();
+        self.frames.clear();
         self.head = 0;
+        self.len = 0;
     }
 }
 
@@ -349,12 +360,8 @@ impl Migrator {
         if state == TcpState::Established {
             o.connected = true;
         }
-        let mut rx = Vec::new();
-        net.tcp_recv(o.socket, &mut rx);
-        if !rx.is_empty() {
-            o.source.on_bytes(&rx, now);
-            busy = true;
-        }
+        let source = &mut o.source;
+        busy |= net.tcp_recv_with(o.socket, |bytes| source.on_bytes(bytes, now)) > 0;
         let lost = matches!(
             state,
             TcpState::Closed | TcpState::CloseWait | TcpState::TimeWait | TcpState::Closing | TcpState::LastAck
@@ -477,23 +484,23 @@ impl Migrator {
         }
         let Some(i) = self.inc.as_mut() else { return false };
         let mut busy = false;
-        let mut rx = Vec::new();
-        net.tcp_recv(i.socket, &mut rx);
-        if !rx.is_empty() {
+        let (dest, socket) = (&mut i.dest, i.socket);
+        let received = match i.vm.as_deref() {
+            // Straight from the socket's buffer into the skeleton's memory.
+            Some(name) => vms
+                .with_memory(name, |m| net.tcp_recv_with(socket, |bytes| dest.on_bytes(bytes, &mut Mem(m))))
+                .unwrap_or_else(|_| {
+                    dest.on_abort("the incoming VM went away");
+                    0
+                }),
+            None => net.tcp_recv_with(socket, |bytes| dest.on_bytes(bytes, &mut NoMemory)),
+        };
+        if received > 0 {
             busy = true;
             i.last_heard_us = now;
-            match i.vm.clone() {
-                Some(name) => {
-                    let dest = &mut i.dest;
-                    if vms.with_memory(&name, |m| dest.on_bytes(&rx, &mut Mem(m))).is_err() {
-                        i.dest.on_abort("the incoming VM went away");
-                    }
-                }
-                None => i.dest.on_bytes(&rx, &mut NoMemory),
-            }
         }
         let state = net.tcp_state(i.socket);
-        if matches!(state, TcpState::Closed | TcpState::CloseWait) && rx.is_empty() {
+        if matches!(state, TcpState::Closed | TcpState::CloseWait) && received == 0 {
             i.dest.on_abort("connection to the source lost");
         } else if now - i.last_heard_us > INCOMING_IDLE_US {
             i.dest.on_abort("the source went silent");

@@ -297,18 +297,21 @@ impl Net {
         self.sockets.get_mut::<tcp::Socket>(h).send_slice(data).unwrap_or(0)
     }
 
-    /// Appends everything received so far to `out`.
-    pub fn tcp_recv(&mut self, h: SocketHandle, out: &mut Vec<u8>) {
+    /// Hands everything received so far to `f`, straight from the socket's
+    /// buffer (in at most two pieces when it wraps); returns the byte count.
+    pub fn tcp_recv_with(&mut self, h: SocketHandle, mut f: impl FnMut(&[u8])) -> usize {
         let socket = self.sockets.get_mut::<tcp::Socket>(h);
+        let mut total = 0;
         while socket.can_recv() {
             match socket.recv(|d| {
-                out.extend_from_slice(d);
+                f(d);
                 (d.len(), d.len())
             }) {
                 Ok(0) | Err(_) => break,
-                Ok(_) => {}
+                Ok(n) => total += n,
             }
         }
+        total
     }
 
     /// Closes (FIN) the socket; `tcp_remove` frees it later.

@@ -23,8 +23,8 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use crate::delta;
-use crate::record::{clip_reason, Hello, PageBatch, PageData, Record, RoundEnd, VmConfig};
-use crate::wire::FrameDecoder;
+use crate::record::{clip_reason, Hello, PageBatchView, PageDataRef, Record, RoundEnd, VmConfig};
+use crate::wire::{FrameDecoder, RecordType};
 use crate::{GuestMemory, PAGE_SIZE, PROTOCOL_VERSION};
 
 /// Most vCPUs the destination accepts.
@@ -147,9 +147,12 @@ impl Destination {
         let pushed = self.decoder.push(bytes);
         while self.active() {
             let Some(frame) = self.decoder.next_frame() else { break };
-            let result = match Record::decode(&frame) {
-                Ok(rec) => self.on_record(rec, mem),
-                Err(e) => Err(protocol(format!("bad {:?} from source: {e}", frame.kind))),
+            let bad = |e| protocol(format!("bad {:?} from source: {e}", frame.kind));
+            let result = if frame.kind == RecordType::PageBatch && self.state == DestState::Receiving {
+                // The hot path: pages go from the frame straight to memory.
+                PageBatchView::parse(&frame.payload).map_err(bad).and_then(|b| self.on_pages(b, mem))
+            } else {
+                Record::decode(&frame).map_err(bad).and_then(|rec| self.on_record(rec))
             };
             if let Err(f) = result {
                 self.fail(f);
@@ -197,12 +200,11 @@ impl Destination {
         Ok(())
     }
 
-    fn on_record(&mut self, rec: Record, mem: &mut dyn GuestMemory) -> Result<(), Fault> {
+    fn on_record(&mut self, rec: Record) -> Result<(), Fault> {
         match (self.state, rec) {
             (_, Record::Cancel { reason }) => Err((format!("source cancelled: {reason}"), false)),
             (_, Record::Error { reason }) => Err((format!("source error: {reason}"), false)),
             (DestState::AwaitHello, Record::Hello(h)) => self.on_hello(h),
-            (DestState::Receiving, Record::PageBatch(b)) => self.on_pages(b, mem),
             (DestState::Receiving, Record::RoundEnd(e)) => self.on_round_end(e),
             (DestState::Receiving, Record::Verify { digest }) => {
                 self.end_of_memory()?;
@@ -295,7 +297,7 @@ impl Destination {
         Ok(())
     }
 
-    fn on_pages(&mut self, b: PageBatch, mem: &mut dyn GuestMemory) -> Result<(), Fault> {
+    fn on_pages(&mut self, b: PageBatchView<'_>, mem: &mut dyn GuestMemory) -> Result<(), Fault> {
         if !self.vm_created {
             return Err(protocol(String::from("pages before the VM was created")));
         }
@@ -315,41 +317,41 @@ impl Destination {
         if self.page_hashes.is_empty() {
             self.page_hashes = alloc::vec![0; usize::try_from(pages).unwrap_or(0)];
         }
-        for p in &b.pages {
-            if p.gfn >= pages {
-                return Err(protocol(format!("page {:#x} beyond the VM's {pages} pages", p.gfn)));
+        for (gfn, data) in b.pages() {
+            if gfn >= pages {
+                return Err(protocol(format!("page {:#x} beyond the VM's {pages} pages", gfn)));
             }
             if self.round == 0 {
-                let bit = 1u64 << (p.gfn % 64);
-                let word = usize::try_from(p.gfn / 64).ok().and_then(|i| self.round0_seen.get_mut(i));
+                let bit = 1u64 << (gfn % 64);
+                let word = usize::try_from(gfn / 64).ok().and_then(|i| self.round0_seen.get_mut(i));
                 match word {
                     Some(w) if *w & bit == 0 => *w |= bit,
-                    _ => return Err(protocol(format!("page {:#x} twice in round 0", p.gfn))),
+                    _ => return Err(protocol(format!("page {:#x} twice in round 0", gfn))),
                 }
             }
-            let hash = match &p.data {
-                PageData::Zero => {
-                    mem.write_page(p.gfn, &ZERO_PAGE);
-                    crate::page_hash(p.gfn, &ZERO_PAGE)
+            let hash = match data {
+                PageDataRef::Zero => {
+                    mem.write_page(gfn, &ZERO_PAGE);
+                    crate::page_hash(gfn, &ZERO_PAGE)
                 }
-                PageData::Full(data) => {
-                    mem.write_page(p.gfn, data);
-                    crate::page_hash(p.gfn, data)
+                PageDataRef::Full(data) => {
+                    mem.write_page(gfn, data);
+                    crate::page_hash(gfn, data)
                 }
-                PageData::Delta(d) => {
-                    mem.read_page(p.gfn, &mut self.scratch);
-                    delta::apply(&mut self.scratch, d).map_err(|e| protocol(format!("page {:#x}: {e}", p.gfn)))?;
-                    mem.write_page(p.gfn, &self.scratch);
-                    crate::page_hash(p.gfn, &self.scratch)
+                PageDataRef::Delta(d) => {
+                    mem.read_page(gfn, &mut self.scratch);
+                    delta::apply(&mut self.scratch, d).map_err(|e| protocol(format!("page {:#x}: {e}", gfn)))?;
+                    mem.write_page(gfn, &self.scratch);
+                    crate::page_hash(gfn, &self.scratch)
                 }
             };
-            let slot = usize::try_from(p.gfn).ok().and_then(|i| self.page_hashes.get_mut(i));
+            let slot = usize::try_from(gfn).ok().and_then(|i| self.page_hashes.get_mut(i));
             if let Some(old) = slot {
                 self.digest = self.digest.wrapping_sub(*old).wrapping_add(hash);
                 *old = hash;
             }
         }
-        self.round_pages += b.pages.len() as u64;
+        self.round_pages += b.len() as u64;
         Ok(())
     }
 
@@ -384,7 +386,7 @@ impl Destination {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::{Page, PageBatch};
+    use crate::record::{Page, PageBatch, PageData};
     use crate::testmem::VecMemory;
     use crate::wire::{FrameDecoder, WireError};
 

@@ -138,6 +138,13 @@ pub trait GuestMemory {
     fn read_page(&self, gfn: u64, out: &mut [u8; PAGE_SIZE]);
     /// Overwrites page `gfn` (`< pages()`).
     fn write_page(&mut self, gfn: u64, data: &[u8; PAGE_SIZE]);
+    /// Calls `f` with page `gfn` (`< pages()`). Memory that can lend its
+    /// pages should, so the source copies each page only into its frame.
+    fn with_page(&self, gfn: u64, f: &mut dyn FnMut(&[u8; PAGE_SIZE])) {
+        let mut page = [0; PAGE_SIZE];
+        self.read_page(gfn, &mut page);
+        f(&page);
+    }
     /// The memory digest Verify carries: the wrapping sum of [`page_hash`]
     /// over all pages. Implementations may compute it without copying, but
     /// must give this value.

@@ -97,6 +97,16 @@ pub enum PageData {
     Delta(Vec<u8>),
 }
 
+impl From<PageDataRef<'_>> for PageData {
+    fn from(d: PageDataRef<'_>) -> Self {
+        match d {
+            PageDataRef::Zero => PageData::Zero,
+            PageDataRef::Full(page) => PageData::Full(Box::new(*page)),
+            PageDataRef::Delta(d) => PageData::Delta(d.to_vec()),
+        }
+    }
+}
+
 /// One guest page.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Page {
@@ -113,6 +123,84 @@ pub struct PageBatch {
     pub round: u32,
     /// At most [`MAX_BATCH_PAGES`].
     pub pages: Vec<Page>,
+}
+
+/// How one page travels, borrowed from a received frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageDataRef<'a> {
+    /// All zeros.
+    Zero,
+    /// The whole page.
+    Full(&'a [u8; PAGE_SIZE]),
+    /// XOR against the previously sent version, already validated.
+    Delta(&'a [u8]),
+}
+
+/// A PageBatch payload, checked in full when parsed, whose pages borrow
+/// from it: the destination writes them from the frame straight into
+/// memory ([`Record::decode`] copies each page into a box).
+#[derive(Clone, Copy, Debug)]
+pub struct PageBatchView<'a> {
+    /// Round number.
+    pub round: u32,
+    count: usize,
+    body: &'a [u8],
+}
+
+impl<'a> PageBatchView<'a> {
+    /// Checks the whole payload (what [`Record::decode`] checks) and keeps
+    /// a view of it.
+    pub fn parse(payload: &'a [u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(payload);
+        let round = r.u32("round")?;
+        let count = usize::from(r.u16("page count")?);
+        if count > MAX_BATCH_PAGES {
+            return Err(WireError::TooManyPages(count));
+        }
+        let body = r.rest();
+        for _ in 0..count {
+            next_page(&mut r)?;
+        }
+        r.finish()?;
+        Ok(PageBatchView { round, count, body })
+    }
+
+    /// Pages in the batch.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether the batch has no page.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The pages in order: guest frame number and contents.
+    pub fn pages(&self) -> impl Iterator<Item = (u64, PageDataRef<'a>)> + 'a {
+        let mut r = Reader::new(self.body);
+        // `parse` checked every page, so none fails here.
+        (0..self.count).map_while(move |_| next_page(&mut r).ok())
+    }
+}
+
+/// Reads one page record.
+fn next_page<'a>(r: &mut Reader<'a>) -> Result<(u64, PageDataRef<'a>), WireError> {
+    let gfn = r.u64("gfn")?;
+    let data = match r.u8("page kind")? {
+        KIND_ZERO => PageDataRef::Zero,
+        KIND_FULL => PageDataRef::Full(r.array_ref("page data")?),
+        KIND_DELTA => {
+            let len = usize::from(r.u16("delta length")?);
+            if len > MAX_DELTA {
+                return Err(WireError::DeltaTooLong(len));
+            }
+            let d = r.take(len, "delta")?;
+            delta::validate(d)?;
+            PageDataRef::Delta(d)
+        }
+        k => return Err(WireError::BadPageKind(k)),
+    };
+    Ok((gfn, data))
 }
 
 /// End-of-round statistics; `pages_sent` is checked by the destination.
@@ -415,31 +503,9 @@ impl Record {
             RecordType::Cancel => Record::Cancel { reason: get_reason(&mut r)? },
             RecordType::Error => Record::Error { reason: get_reason(&mut r)? },
             RecordType::PageBatch => {
-                let round = r.u32("round")?;
-                let count = usize::from(r.u16("page count")?);
-                if count > MAX_BATCH_PAGES {
-                    return Err(WireError::TooManyPages(count));
-                }
-                let mut pages = Vec::with_capacity(count);
-                for _ in 0..count {
-                    let gfn = r.u64("gfn")?;
-                    let data = match r.u8("page kind")? {
-                        KIND_ZERO => PageData::Zero,
-                        KIND_FULL => PageData::Full(Box::new(r.array("page data")?)),
-                        KIND_DELTA => {
-                            let len = usize::from(r.u16("delta length")?);
-                            if len > MAX_DELTA {
-                                return Err(WireError::DeltaTooLong(len));
-                            }
-                            let d = r.take(len, "delta")?;
-                            delta::validate(d)?;
-                            PageData::Delta(d.to_vec())
-                        }
-                        k => return Err(WireError::BadPageKind(k)),
-                    };
-                    pages.push(Page { gfn, data });
-                }
-                Record::PageBatch(PageBatch { round, pages })
+                let view = PageBatchView::parse(&frame.payload)?;
+                let pages = view.pages().map(|(gfn, data)| Page { gfn, data: data.into() }).collect();
+                return Ok(Record::PageBatch(PageBatch { round: view.round, pages }));
             }
             RecordType::RoundEnd => Record::RoundEnd(RoundEnd {
                 round: r.u32("round")?,

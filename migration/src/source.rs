@@ -272,7 +272,6 @@ pub struct Source {
     cursor: u64,
     round_total: u64,
     cache: BTreeMap<u64, Box<[u8; PAGE_SIZE]>>,
-    scratch: Box<[u8; PAGE_SIZE]>,
     vcpu_states: Vec<Vec<u8>>,
     device_state: Vec<u8>,
     // Time.
@@ -323,7 +322,6 @@ impl Source {
             cursor: 0,
             round_total: 0,
             cache: BTreeMap::new(),
-            scratch: Box::new([0; PAGE_SIZE]),
             vcpu_states: Vec::new(),
             device_state: Vec::new(),
             start_us: None,
@@ -638,27 +636,33 @@ impl Source {
             let Some(gfn) = self.to_send.next_from(self.cursor) else { break };
             self.cursor = gfn + 1;
             n += 1;
-            mem.read_page(gfn, &mut self.scratch);
-            let kind = match w.push_page(gfn, &self.scratch, self.cache.get(&gfn).map(|b| &**b)) {
+            // The version B holds, if cached: taken out while the page is
+            // encoded against it, put back with the new contents.
+            let mut cached = self.cache.remove(&gfn);
+            let mut encoded = Ok(PageKind::Zero);
+            let cache_room = self.round > 0 && self.cache.len() < self.config.delta_cache_pages;
+            mem.with_page(gfn, &mut |page| {
+                encoded = w.push_page(gfn, page, cached.as_deref());
+                if matches!(encoded, Ok(PageKind::Full | PageKind::Delta)) {
+                    match cached.as_mut() {
+                        Some(c) => **c = *page,
+                        None if cache_room => cached = Some(Box::new(*page)),
+                        None => {}
+                    }
+                }
+            });
+            let kind = match encoded {
                 Ok(k) => k,
                 Err(e) => return self.fail(&format!("cannot encode page {gfn}: {e}"), Some(false)),
             };
             match kind {
-                PageKind::Zero => {
-                    self.report.zero_pages += 1;
-                    self.cache.remove(&gfn);
-                }
-                PageKind::Delta | PageKind::Full => {
-                    if kind == PageKind::Delta {
-                        self.report.delta_pages += 1;
-                    } else {
-                        self.report.full_pages += 1;
-                    }
-                    if let Some(c) = self.cache.get_mut(&gfn) {
-                        **c = *self.scratch;
-                    } else if self.round > 0 && self.cache.len() < self.config.delta_cache_pages {
-                        self.cache.insert(gfn, self.scratch.clone());
-                    }
+                PageKind::Zero => self.report.zero_pages += 1,
+                PageKind::Delta => self.report.delta_pages += 1,
+                PageKind::Full => self.report.full_pages += 1,
+            }
+            if kind != PageKind::Zero {
+                if let Some(c) = cached {
+                    self.cache.insert(gfn, c);
                 }
             }
         }

@@ -395,9 +395,16 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
     pub(crate) fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], WireError> {
+        self.array_ref(field).copied()
+    }
+    pub(crate) fn array_ref<const N: usize>(&mut self, field: &'static str) -> Result<&'a [u8; N], WireError> {
         let (head, tail) = self.rest.split_first_chunk::<N>().ok_or(WireError::Truncated(field))?;
         self.rest = tail;
-        Ok(*head)
+        Ok(head)
+    }
+    /// What is left, without consuming it.
+    pub(crate) fn rest(&self) -> &'a [u8] {
+        self.rest
     }
     pub(crate) fn u8(&mut self, field: &'static str) -> Result<u8, WireError> {
         Ok(u8::from_le_bytes(self.array(field)?))
