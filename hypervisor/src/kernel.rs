@@ -9,7 +9,7 @@ use hypervisor::bootinfo::BootInfo;
 use hypervisor::line::LineEditor;
 use hypervisor::migcmd::MigrateCommand;
 use hypervisor::netcmd::NetCommand;
-use hypervisor::shell::{Action, CpuTime, Fault, Host, MemInfo, Mode, Reply, Shell};
+use hypervisor::shell::{Action, CpuTime, Fault, Host, MemInfo, Mode, Reply, Routines, Shell};
 use hypervisor::vmcmd::VmCommand;
 use vmx::cpu::CpuReport;
 
@@ -27,6 +27,7 @@ struct Machine {
     net: Option<Net>,
     migrator: Migrator,
     cpu_time: CpuTime,
+    routines: Routines,
 }
 
 impl Host for Machine {
@@ -35,6 +36,9 @@ impl Host for Machine {
     }
     fn processors(&self) -> u32 {
         self.processors
+    }
+    fn routines(&self) -> Routines {
+        self.routines
     }
     fn tsc_hz(&self) -> u64 {
         clock::tsc_hz()
@@ -85,7 +89,19 @@ pub fn start(boot: BootInfo, reserved: &[(u64, u64)]) -> ! {
     let (copy, rep, looped) = mem::calibrate(&mut scratch);
     drop(scratch);
     log::info!("memcpy: {copy} (128 KiB twice: rep movsb {rep} cycles, loop {looped})");
-    log::info!("migration CRC32C: {}", if crc::init() { "crc32 instruction" } else { "tables" });
+    let crc = crc::init();
+    let routines = Routines {
+        memcpy: copy,
+        crc32c: if crc.instruction { "crc32 instruction" } else { "tables" },
+        crc32c_instruction_cycles: crc.instruction_cycles,
+        crc32c_tables_cycles: crc.tables_cycles,
+    };
+    log::info!(
+        "migration CRC32C: {} (64 KiB: instruction {} cycles, tables {})",
+        routines.crc32c,
+        crc.instruction_cycles,
+        crc.tables_cycles
+    );
     let cpu = cpu::report();
     let processors = count_processors(&boot);
     log::info!(
@@ -121,8 +137,16 @@ pub fn start(boot: BootInfo, reserved: &[(u64, u64)]) -> ! {
         log::info!("no e1000 found: networking off");
     }
     let migrator = Migrator::new(cpu.vendor);
-    let mut machine =
-        Machine { cpu, processors, route: boot.route.as_str(), vms, net, migrator, cpu_time: CpuTime::default() };
+    let mut machine = Machine {
+        cpu,
+        processors,
+        route: boot.route.as_str(),
+        vms,
+        net,
+        migrator,
+        cpu_time: CpuTime::default(),
+        routines,
+    };
     serial::write_str("hypervisor ready\r\n");
     console_loop(&mut machine)
 }

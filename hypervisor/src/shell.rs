@@ -34,6 +34,20 @@ pub struct CpuTime {
     pub idle_us: u64,
 }
 
+/// Which implementation of each hot routine the kernel picked at boot by
+/// timing the candidates (for `cpuinfo`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Routines {
+    /// `memcpy` and friends: `rep movsb` or `8-byte loop`.
+    pub memcpy: &'static str,
+    /// The migration CRC32C: `crc32 instruction` or `tables`.
+    pub crc32c: &'static str,
+    /// TSC cycles for a 64 KiB CRC32C with the instruction (0 without SSE4.2).
+    pub crc32c_instruction_cycles: u64,
+    /// The same with the portable tables.
+    pub crc32c_tables_cycles: u64,
+}
+
 /// Memory figures for `mem`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MemInfo {
@@ -53,6 +67,8 @@ pub trait Host {
     fn cpu(&self) -> &CpuReport;
     /// Logical processors found in the ACPI MADT (1 when there is no MADT).
     fn processors(&self) -> u32;
+    /// The routines chosen at boot.
+    fn routines(&self) -> Routines;
     /// Calibrated TSC frequency in Hz.
     fn tsc_hz(&self) -> u64;
     /// How the kernel was booted: `bios`, `uefi` or `multiboot2`.
@@ -313,7 +329,7 @@ fn version() -> Reply {
 }
 
 fn cpuinfo(host: &dyn Host) -> Reply {
-    let c = host.cpu();
+    let (c, r) = (host.cpu(), host.routines());
     Reply::data(
         Obj::new()
             .with("vendor", c.vendor_str())
@@ -336,7 +352,13 @@ fn cpuinfo(host: &dyn Host) -> Reply {
             .with("tlb_tags", c.tlb_tags)
             .with("unrestricted_guest", c.unrestricted_guest)
             .with("svm_revision", c.svm_revision)
-            .with("nrip_save", c.nrip_save),
+            .with("nrip_save", c.nrip_save)
+            .with("memcpy", r.memcpy)
+            .with("crc32c", r.crc32c)
+            .with(
+                "crc32c_cycles_64k",
+                Obj::new().with("instruction", r.crc32c_instruction_cycles).with("tables", r.crc32c_tables_cycles),
+            ),
     )
 }
 
@@ -420,6 +442,14 @@ mod tests {
         fn cpu(&self) -> &CpuReport {
             &self.0
         }
+        fn routines(&self) -> Routines {
+            Routines {
+                memcpy: "8-byte loop",
+                crc32c: "tables",
+                crc32c_instruction_cycles: 900_000,
+                crc32c_tables_cycles: 150_000,
+            }
+        }
         fn processors(&self) -> u32 {
             2
         }
@@ -489,6 +519,8 @@ mod tests {
             r#""backend":"svm""#,
             r#""processors":2"#,
             r#""tsc_hz":2100000000"#,
+            r#""crc32c":"tables""#,
+            r#""crc32c_cycles_64k":{"instruction":900000,"tables":150000}"#,
         ] {
             assert!(out.contains(field), "{field} missing in {out}");
         }
@@ -574,7 +606,10 @@ mod tests {
     #[test]
     fn human_mem_and_uptime_read_well() {
         let mut sh = Shell::new();
-        assert_eq!(sh.execute("uptime", &mut host()).text, "up 3.000042 s; cpu: vms 1.500 s, network 0.250 s, migration 0.125 s, idle 1.000 s\r\n");
+        assert_eq!(
+            sh.execute("uptime", &mut host()).text,
+            "up 3.000042 s; cpu: vms 1.500 s, network 0.250 s, migration 0.125 s, idle 1.000 s\r\n"
+        );
         let mem = sh.execute("mem", &mut host()).text;
         assert!(mem.contains("total: 512.0 MiB") && mem.contains("heap:  1.0 MiB used of 16.0 MiB"), "{mem}");
     }
