@@ -283,6 +283,7 @@ impl Migrator {
                     verify,
                     // 4 MiB of previously sent pages for deltas, on the heap.
                     delta_cache_pages: 1024,
+                    ..SourceConfig::default()
                 };
                 let hello = Hello {
                     protocol_version: PROTOCOL_VERSION,

@@ -56,6 +56,11 @@ pub const ROUND_END_BACKLOG: u64 = 128 * 1024;
 /// one bit per page, 128 MiB at that size).
 pub const MAX_GUEST_BYTES: u64 = 4 << 40;
 
+/// How far behind its pacing schedule a capped source may fall and still
+/// catch up (sending the late frames back to back): a little more than a
+/// caller's polling period, little enough that the burst it allows is small.
+const PACING_CREDIT_US: u64 = 2_000;
+
 /// Source tuning.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SourceConfig {
@@ -72,6 +77,11 @@ pub struct SourceConfig {
     /// Pages kept for delta encoding (0 disables deltas). Extension to the
     /// brief's field list.
     pub delta_cache_pages: usize,
+    /// Most pages per PageBatch frame (1..=`MAX_BATCH_PAGES`). Smaller
+    /// frames let both sides interleave their engine with the network in
+    /// finer steps: the destination handles a frame only once all of it
+    /// has arrived.
+    pub batch_pages: usize,
 }
 
 impl Default for SourceConfig {
@@ -83,6 +93,7 @@ impl Default for SourceConfig {
             policy: Policy::Throttle,
             verify: true,
             delta_cache_pages: 4096, // 16 MiB
+            batch_pages: 64,         // 256 KiB
         }
     }
 }
@@ -629,10 +640,11 @@ impl Source {
         if self.config.bandwidth_cap_bytes_per_s.is_some() && now_us < self.next_send_us {
             return;
         }
-        let want = usize::try_from(self.remaining).unwrap_or(MAX_BATCH_PAGES);
+        let batch = self.config.batch_pages.clamp(1, MAX_BATCH_PAGES);
+        let want = usize::try_from(self.remaining).unwrap_or(batch).min(batch);
         let mut w = PageBatchWriter::new(self.round, want);
         let mut n = 0;
-        while n < MAX_BATCH_PAGES {
+        while n < batch {
             let Some(gfn) = self.to_send.next_from(self.cursor) else { break };
             self.cursor = gfn + 1;
             n += 1;
@@ -683,7 +695,10 @@ impl Source {
         self.round_bytes += frame.len() as u64;
         if let Some(cap) = self.config.bandwidth_cap_bytes_per_s {
             let hold = u128::from(frame.len() as u64) * 1_000_000 / u128::from(cap.max(1));
-            self.next_send_us = now_us.saturating_add(u64::try_from(hold).unwrap_or(u64::MAX));
+            // From when this frame was due, not from when we were polled,
+            // so a caller that polls late catches up (within a limit).
+            let due = self.next_send_us.max(now_us.saturating_sub(PACING_CREDIT_US));
+            self.next_send_us = due.saturating_add(u64::try_from(hold).unwrap_or(u64::MAX));
         }
         self.out.push_back(SourceAction::Send(frame));
     }
@@ -797,9 +812,9 @@ mod tests {
         let (s, _, a) = accepted(300);
         assert_eq!(a.last(), Some(&SourceAction::HarvestDirty));
         let recs = sent(&a);
-        assert_eq!(recs.len(), 2, "300 pages = a full batch of 256 and one of 44");
+        assert_eq!(recs.len(), 5, "300 pages = four full batches of 64 and one of 44");
         let Record::PageBatch(b) = &recs[0] else { panic!() };
-        assert_eq!(b.pages.len(), 256);
+        assert_eq!(b.pages.len(), 64);
         assert_eq!(b.pages[0], Page { gfn: 0, data: PageData::Zero });
         assert_eq!(b.pages[1].data, PageData::Full(Box::new([9; 4096])));
         assert_eq!(s.status().stage, Stage::PreCopy);
