@@ -223,6 +223,12 @@ const MAX_DESCRIPTORS: usize = 4096;
 /// Register polls before giving up on reset / an EEPROM read. An uncached
 /// MMIO read takes on the order of a microsecond, so this is ~100 ms.
 const SPIN_LIMIT: u32 = 100_000;
+/// Frames filled before TDT moves even without [`E1000::flush`].
+const TX_DOORBELL_BATCH: usize = 32;
+/// Receive descriptors recycled before RDT moves even while more frames
+/// wait (otherwise it moves when the ring is empty).
+const RX_DOORBELL_BATCH: usize = 32;
+
 /// ITR interval in 256 ns units for ~8000 interrupts/s: 10^9 / (8000 * 256).
 const ITR_8000_PER_SEC: u32 = 488;
 
@@ -325,6 +331,8 @@ struct RxRing {
     next: usize,
     /// Descriptor recycled but not yet given back via RDT.
     pending_tail: Option<usize>,
+    /// How many descriptors were recycled since RDT last moved.
+    pending_count: usize,
     /// Inside a frame that did not fit one buffer: drop up to its EOP.
     discarding: bool,
     /// Longest frame accepted: MTU + Ethernet header + VLAN tag.
@@ -437,6 +445,7 @@ impl RxRing {
         }
         self.next = (index + 1) % self.descs.count;
         self.pending_tail = Some(index);
+        self.pending_count += 1;
     }
 
     /// Gives recycled descriptors back to hardware by moving RDT.
@@ -448,6 +457,7 @@ impl RxRing {
             fence(Ordering::Release);
             regs.write(reg::RDT, reg32(tail));
         }
+        self.pending_count = 0;
     }
 }
 
@@ -455,8 +465,10 @@ impl RxRing {
 struct TxRing {
     descs: Ring<TxDesc>,
     buffers: Vec<Buffer>,
-    /// Next slot to fill (the driver's copy of TDT).
+    /// Next slot to fill (the driver's copy of TDT once rung).
     tail: usize,
+    /// Frames filled since TDT last moved.
+    unrung: usize,
     /// Oldest slot handed to hardware and not yet seen done.
     clean: usize,
     /// Sink for frames smoltcp builds when no slot is free (dropped).
@@ -693,10 +705,22 @@ impl TxRing {
         self.tail = (index + 1) % self.descs.count;
         self.frames += 1;
         self.bytes += length as u64;
-        // Descriptor and buffer contents before the doorbell.
-        fence(Ordering::Release);
-        regs.write(reg::TDT, reg32(self.tail));
+        self.unrung += 1;
+        if self.unrung >= TX_DOORBELL_BATCH {
+            self.ring(regs);
+        }
         result
+    }
+
+    /// Hands the filled slots to hardware by moving TDT (one register
+    /// write for many frames: under emulation each write is an exit).
+    fn ring(&mut self, regs: &mut impl Registers) {
+        if self.unrung > 0 {
+            // Descriptor and buffer contents before the doorbell.
+            fence(Ordering::Release);
+            regs.write(reg::TDT, reg32(self.tail));
+            self.unrung = 0;
+        }
     }
 }
 
@@ -863,6 +887,7 @@ impl<R: Registers> E1000<R> {
             buffers,
             next: 0,
             pending_tail: None,
+            pending_count: 0,
             discarding: false,
             max_frame: mtu + ETH_HEADER + VLAN_TAG,
             frames: 0,
@@ -886,6 +911,7 @@ impl<R: Registers> E1000<R> {
             descs,
             buffers,
             tail: 0,
+            unrung: 0,
             clean: 0,
             scratch: Vec::new(),
             frames: 0,
@@ -924,6 +950,14 @@ impl<R: Registers> E1000<R> {
         Ok(())
     }
 
+    /// Hands hardware every frame queued for transmit and every recycled
+    /// receive buffer. Call after each `Interface::poll` and after a run
+    /// of [`Self::send_raw`]: both ring the doorbells only every few frames.
+    pub fn flush(&mut self) {
+        self.rx.flush(&mut self.regs);
+        self.tx.ring(&mut self.regs);
+    }
+
     /// Reads and returns ICR, which acknowledges the interrupt causes (bits
     /// [`ICR_RXT0`], [`ICR_RXO`], [`ICR_RXDMT0`], [`ICR_LSC`], [`ICR_TXDW`]).
     /// Also returns recycled receive descriptors to hardware.
@@ -960,6 +994,9 @@ impl<R: Registers> E1000<R> {
     pub fn send_raw(&mut self, frame: &[u8]) -> bool {
         if frame.is_empty() || frame.len() > TX_MAX_FRAME {
             return false;
+        }
+        if !self.tx.has_room() {
+            self.tx.ring(&mut self.regs);
         }
         if !self.tx.has_room() {
             self.tx.ring_full += 1;
@@ -1064,7 +1101,9 @@ impl<R: Registers> phy::Device for E1000<R> {
     fn receive(&mut self, timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
         self.rx.now_us = u64::try_from(timestamp.total_micros()).unwrap_or(0);
         let found = self.rx.next_good();
-        self.rx.flush(&mut self.regs);
+        if found.is_none() || self.rx.pending_count >= RX_DOORBELL_BATCH {
+            self.rx.flush(&mut self.regs);
+        }
         let (index, length) = found?;
         Some((
             E1000RxToken { rx: &mut self.rx, index, length },
@@ -1073,7 +1112,10 @@ impl<R: Registers> phy::Device for E1000<R> {
     }
 
     fn transmit(&mut self, _timestamp: Instant) -> Option<Self::TxToken<'_>> {
-        self.rx.flush(&mut self.regs);
+        if !self.tx.has_room() {
+            // Slots filled but not handed over cannot complete.
+            self.tx.ring(&mut self.regs);
+        }
         if !self.tx.has_room() {
             self.tx.ring_full += 1;
             return None;
@@ -1436,6 +1478,36 @@ mod tests {
     }
 
     #[test]
+    fn doorbells_ring_every_few_frames_and_on_flush() {
+        let regs = FakeRegs::new(MAC_A);
+        let wire = FakeWire::new(&regs);
+        let mut dma = HeapDma::default();
+        let mut nic = nic_with(&regs, &mut dma, config(64));
+        for seq in 0..40 {
+            assert!(nic.send_raw(&frame(seq, 100)));
+        }
+        assert_eq!(regs.get(reg::TDT), 32, "one TDT write for the first 32 frames");
+        nic.flush();
+        assert_eq!(regs.get(reg::TDT), 40);
+        assert_eq!(wire.take_sent().len(), 40);
+
+        let now = Instant::from_millis(0);
+        let rdt = regs.get(reg::RDT);
+        for seq in 0..40 {
+            assert!(wire.inject(&frame(seq, 100)));
+        }
+        for seq in 0..40 {
+            let (rx, _) = nic.receive(now).expect("frame");
+            assert_eq!(phy::RxToken::consume(rx, <[u8]>::to_vec), frame(seq, 100));
+            if seq == 32 {
+                assert_eq!(regs.get(reg::RDT), (rdt + 32) % 64, "RDT moved after 32 recycled");
+            }
+        }
+        assert!(nic.receive(now).is_none());
+        assert_eq!(regs.get(reg::RDT), (rdt + 40) % 64, "RDT moved when the ring ran dry");
+    }
+
+    #[test]
     fn transmitted_frames_wrap_around_the_ring_three_times() {
         let regs = FakeRegs::new(MAC_A);
         let wire = FakeWire::new(&regs);
@@ -1444,6 +1516,7 @@ mod tests {
         for seq in 0..3 * 16 {
             let sent = frame(seq, 60 + seq);
             assert!(nic.send_raw(&sent));
+            nic.flush();
             assert_eq!(wire.take_sent(), vec![sent]);
         }
         let counters = nic.counters();
@@ -1468,6 +1541,7 @@ mod tests {
         for seq in 7..14 {
             assert!(nic.send_raw(&frame(seq, 100)));
         }
+        nic.flush();
         assert_eq!(wire.take_sent(), (7..14).map(|s| frame(s, 100)).collect::<Vec<_>>());
     }
 
@@ -1480,6 +1554,7 @@ mod tests {
         assert!(!nic.send_raw(&[]));
         assert!(!nic.send_raw(&vec![0; TX_MAX_FRAME + 1]));
         assert!(nic.send_raw(&frame(1, TX_MAX_FRAME)));
+        nic.flush();
         assert_eq!(wire.take_sent(), vec![frame(1, TX_MAX_FRAME)]);
         assert_eq!(nic.counters().tx_ring_full, 0);
     }
@@ -1572,6 +1647,7 @@ mod tests {
         assert_eq!(nic.mtu(), 9000);
         assert_ne!(regs.get(reg::RCTL) & reg::RCTL_LPE, 0);
         assert!(nic.send_raw(&jumbo));
+        nic.flush();
         let sent = wire.take_sent();
         assert_eq!(sent, vec![jumbo.clone()]);
         assert!(wire.inject(&sent[0]));
@@ -1669,6 +1745,7 @@ mod tests {
             f.to_vec()
         });
         assert_eq!(got, frame(1, 64));
+        nic.flush();
         assert_eq!(wire.take_sent(), vec![frame(1, 64)]);
         assert!(nic.receive(now).is_none());
         // Both descriptors went back to hardware.
@@ -1681,6 +1758,7 @@ mod tests {
         assert!(nic.transmit(now).is_none());
         let counters = nic.counters();
         assert_eq!((counters.tx_frames, counters.tx_ring_full, counters.rx_errors), (8, 1, 1));
+        nic.flush();
         assert_eq!(wire.take_sent().len(), 7);
         assert!(nic.transmit(now).is_some());
     }
@@ -1739,6 +1817,8 @@ mod tests {
             assert!(iterations < 100_000, "stalled at {} bytes", received.len());
             iface_a.poll(now, &mut nic_a, &mut sockets_a);
             iface_b.poll(now, &mut nic_b, &mut sockets_b);
+            nic_a.flush();
+            nic_b.flush();
 
             let socket = sockets_a.get_mut::<tcp::Socket>(client);
             if socket.can_send() && sent < TOTAL {
@@ -1854,6 +1934,7 @@ mod tests {
             assert!(nic.send_raw(&tcp_frame(100)));
         }
         assert!(!nic.send_raw(&tcp_frame(100)), "ring full");
+        nic.flush();
         let sent = wire.take_sent();
         assert_eq!((sent.len(), wire.offloaded.get()), (6, 6));
         assert!(sent.iter().all(|f| smoltcp_accepts(f)));
@@ -1867,6 +1948,7 @@ mod tests {
         options[14] = 0x46;
         options[16..18].copy_from_slice(&144u16.to_be_bytes());
         assert!(nic.send_raw(&options));
+        nic.flush();
         let sent = wire.take_sent();
         assert_eq!(wire.offloaded.get(), 6, "the last frame went out without offload");
         assert!(smoltcp_accepts(sent.last().unwrap()), "the driver's own sum");

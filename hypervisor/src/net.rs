@@ -156,6 +156,7 @@ impl Net {
             }
             result = PollResult::SocketStateChanged;
         }
+        self.nic.flush();
         let served = self.serve_listener();
         let soon = self.iface.poll_delay(now(), &self.sockets).is_some_and(|d| d.total_micros() == 0);
         result == PollResult::SocketStateChanged || served || soon
@@ -553,6 +554,7 @@ impl Net {
             }
             sent += 1;
         }
+        self.nic.flush();
         let elapsed = clock::uptime_us() - start;
         Ok(Reply::data(
             Obj::new()
