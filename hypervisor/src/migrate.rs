@@ -171,6 +171,8 @@ struct Incoming {
 /// Migration state of this host.
 pub struct Migrator {
     vendor: [u8; 12],
+    /// For the verify read's share of the expected downtime.
+    hash_ns_per_page: u64,
     listen_port: Option<u16>,
     listener: Option<TcpHandle>,
     out: Option<Outgoing>,
@@ -208,11 +210,13 @@ fn report_obj(vm: &str, peer: &str, r: &Report) -> Obj {
 }
 
 impl Migrator {
-    /// Migration for a host whose CPU vendor is `vendor`; listening on the
-    /// default port once the network is up.
-    pub fn new(vendor: [u8; 12]) -> Self {
+    /// Migration for a host whose CPU vendor is `vendor`, whose memory
+    /// digest hashes a page in `hash_ns_per_page` (measured at boot);
+    /// listening on the default port once the network is up.
+    pub fn new(vendor: [u8; 12], hash_ns_per_page: u64) -> Self {
         Migrator {
             vendor,
+            hash_ns_per_page,
             listen_port: Some(MIGRATION_PORT),
             listener: None,
             out: None,
@@ -283,6 +287,7 @@ impl Migrator {
                     verify,
                     // 4 MiB of previously sent pages for deltas, on the heap.
                     delta_cache_pages: 1024,
+                    verify_cost_us: mem_bytes / PAGE_SIZE as u64 * self.hash_ns_per_page / 1000,
                     ..SourceConfig::default()
                 };
                 let hello = Hello {

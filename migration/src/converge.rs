@@ -4,7 +4,11 @@
 //!
 //! - Stop and copy as soon as sending the remaining dirty pages, and the
 //!   bytes still queued for the link, at the measured bandwidth fits the
-//!   downtime budget.
+//!   downtime budget, less the fixed work of the pause (the verify read of
+//!   all memory). That work may take at most half the budget: when it
+//!   needs more, the transfer still gets half, and the pause will exceed
+//!   the budget by what the fixed work overruns (the expected downtime
+//!   says so from the first round on).
 //! - At `max_rounds`, Abort gives up; Force and Throttle stop and copy
 //!   anyway, accepting a longer downtime (so the default always finishes).
 //! - A guest whose dirty rate exceeded 90% of the bandwidth for two rounds
@@ -64,6 +68,9 @@ pub struct Inputs {
     pub bandwidth_bytes_per_s: u64,
     /// Allowed pause.
     pub downtime_budget_us: u64,
+    /// Work of the pause that does not depend on the dirty pages (the
+    /// verify digest of all memory), estimated.
+    pub fixed_pause_us: u64,
     /// Current throttle (percent).
     pub throttle: u8,
     /// Consecutive rounds, this one included, that were [`is_hot`].
@@ -86,9 +93,21 @@ pub fn is_hot(dirty_bytes_per_s: u64, bandwidth_bytes_per_s: u64) -> bool {
     u128::from(dirty_bytes_per_s) * 10 > u128::from(bandwidth_bytes_per_s) * 9
 }
 
+/// The part of the budget left for sending the rest: the budget less the
+/// fixed work of the pause, but never less than half of it.
+pub fn transfer_budget_us(i: &Inputs) -> u64 {
+    let half = i.downtime_budget_us / 2;
+    i.downtime_budget_us.saturating_sub(i.fixed_pause_us).max(half)
+}
+
+/// Whether the rest fits the transfer budget.
+fn fits(i: &Inputs) -> bool {
+    transfer_time_us(i.remaining_pages, i.backlog_bytes, i.bandwidth_bytes_per_s) <= transfer_budget_us(i)
+}
+
 /// The decision for `i`.
 pub fn decide(i: &Inputs) -> Decision {
-    if transfer_time_us(i.remaining_pages, i.backlog_bytes, i.bandwidth_bytes_per_s) <= i.downtime_budget_us {
+    if fits(i) {
         return Decision::StopAndCopy;
     }
     let out_of_rounds = i.round.saturating_add(1) >= i.max_rounds;
@@ -106,7 +125,7 @@ pub fn decide(i: &Inputs) -> Decision {
 
 /// Why [`decide`] chose `StopAndCopy` for `i`, for the report.
 pub fn stop_reason(i: &Inputs) -> &'static str {
-    if transfer_time_us(i.remaining_pages, i.backlog_bytes, i.bandwidth_bytes_per_s) <= i.downtime_budget_us {
+    if fits(i) {
         "budget"
     } else if i.round.saturating_add(1) >= i.max_rounds {
         "round limit"
@@ -128,9 +147,27 @@ mod tests {
             backlog_bytes: 0,
             bandwidth_bytes_per_s: 1_000_000_000,
             downtime_budget_us: 300_000,
+            fixed_pause_us: 0,
             throttle: 0,
             hot_rounds: 0,
         }
+    }
+
+    #[test]
+    fn the_verify_read_comes_out_of_the_budget_but_leaves_the_transfer_half() {
+        let mut i = inputs(Policy::Throttle);
+        i.remaining_pages = 48_828; // 200 ms at 1 GB/s
+        assert_eq!(decide(&i), Decision::StopAndCopy);
+        i.fixed_pause_us = 80_000; // 256 MiB verified: 220 ms left, 200 fit
+        assert_eq!(transfer_budget_us(&i), 220_000);
+        assert_eq!(decide(&i), Decision::StopAndCopy);
+        i.fixed_pause_us = 120_000; // 180 ms left: 200 do not fit
+        assert_eq!(decide(&i), Decision::Continue);
+        i.fixed_pause_us = 320_000; // 1 GiB verified: more than the budget alone
+        assert_eq!(transfer_budget_us(&i), 150_000, "the transfer keeps half");
+        i.remaining_pages = 36_621; // 149.99 ms
+        assert_eq!(decide(&i), Decision::StopAndCopy);
+        assert_eq!(stop_reason(&i), "budget");
     }
 
     #[test]

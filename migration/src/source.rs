@@ -77,6 +77,10 @@ pub struct SourceConfig {
     /// Pages kept for delta encoding (0 disables deltas). Extension to the
     /// brief's field list.
     pub delta_cache_pages: usize,
+    /// How long the verify read of all memory will take at the pause
+    /// (the host measures its hashing speed), counted into the expected
+    /// downtime and the stop-and-copy decision when `verify` is on.
+    pub verify_cost_us: u64,
     /// Most pages per PageBatch frame (1..=`MAX_BATCH_PAGES`). Smaller
     /// frames let both sides interleave their engine with the network in
     /// finer steps: the destination handles a frame only once all of it
@@ -94,6 +98,7 @@ impl Default for SourceConfig {
             verify: true,
             delta_cache_pages: 4096, // 16 MiB
             batch_pages: 64,         // 256 KiB
+            verify_cost_us: 0,
         }
     }
 }
@@ -153,8 +158,8 @@ pub struct Report {
     /// `"round limit"`, or `"not converging"` (policy Force).
     pub stop_reason: &'static str,
     /// The pause the stop-and-copy decision expected: the last dirty pages
-    /// and the queued bytes at the measured bandwidth (it leaves out the
-    /// verify digest and the round trips of the switchover).
+    /// and the queued bytes at the measured bandwidth, plus the verify read
+    /// (`verify_cost_us`); it leaves out the switchover's round trips.
     pub expected_downtime_us: u64,
 }
 
@@ -200,7 +205,8 @@ pub struct Status {
     pub dirty_rate_pages_per_s: u64,
     /// Last measured bandwidth.
     pub bandwidth_bytes_per_s: u64,
-    /// Pause needed to send `pages_remaining` at that bandwidth.
+    /// Pause needed to send `pages_remaining` at that bandwidth, plus the
+    /// verify read.
     pub expected_downtime_us: u64,
     /// Current throttle, percent.
     pub throttle: u8,
@@ -528,6 +534,7 @@ impl Source {
             backlog_bytes: self.backlog,
             bandwidth_bytes_per_s: self.bandwidth,
             downtime_budget_us: self.config.downtime_budget_us,
+            fixed_pause_us: self.fixed_pause_us(),
             throttle: self.throttle,
             hot_rounds: self.hot_rounds,
         };
@@ -544,7 +551,7 @@ impl Source {
             }
             Decision::StopAndCopy => {
                 self.report.stop_reason = converge::stop_reason(&inputs);
-                self.report.expected_downtime_us = converge::transfer_time_us(dirty, self.backlog, self.bandwidth);
+                self.report.expected_downtime_us = self.expected_downtime_us(dirty);
                 self.out.push_back(SourceAction::PauseVm);
                 self.phase = Phase::Pausing;
             }
@@ -735,6 +742,21 @@ impl Source {
         }
     }
 
+    /// The pause's work that does not depend on the dirty pages.
+    fn fixed_pause_us(&self) -> u64 {
+        if self.config.verify {
+            self.config.verify_cost_us
+        } else {
+            0
+        }
+    }
+
+    /// The pause sending `pages` (after the queued bytes) would take, with
+    /// the verify read.
+    fn expected_downtime_us(&self, pages: u64) -> u64 {
+        converge::transfer_time_us(pages, self.backlog, self.bandwidth).saturating_add(self.fixed_pause_us())
+    }
+
     /// Progress snapshot.
     pub fn status(&self) -> Status {
         let stage = match self.phase {
@@ -753,7 +775,7 @@ impl Source {
             pages_remaining: self.remaining,
             dirty_rate_pages_per_s: self.dirty_rate,
             bandwidth_bytes_per_s: self.bandwidth,
-            expected_downtime_us: converge::transfer_time_us(self.remaining, self.backlog, self.bandwidth),
+            expected_downtime_us: self.expected_downtime_us(self.remaining),
             throttle: self.throttle,
         }
     }
@@ -856,6 +878,10 @@ mod tests {
         let want = converge::transfer_time_us(300, handed / 4, delivered);
         assert_eq!(s.status().expected_downtime_us, want);
         assert!(want > 1_500_000);
+        s.config.verify_cost_us = 70_000;
+        assert_eq!(s.status().expected_downtime_us, want + 70_000, "the verify read is part of the pause");
+        s.config.verify = false;
+        assert_eq!(s.status().expected_downtime_us, want, "but only when there is one");
         assert!(!drain(&mut s, &mem, 1_000_020).contains(&SourceAction::PauseVm));
     }
 
