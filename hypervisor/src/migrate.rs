@@ -22,15 +22,11 @@ use migration::{GuestMemory as MigMemory, PAGE_SIZE, PROTOCOL_VERSION};
 
 use crate::arch::clock;
 use crate::arch::guest_memory::GuestMemory;
-use crate::net::{Net, TcpHandle, TcpState};
+use crate::net::{Net, TcpHandle, TcpState, BULK_RECEIVE_BUFFER, BULK_SEND_BUFFER};
 use crate::vm::Manager;
 
-/// Socket buffers for the migration stream. The receiving side's buffer is
-/// four times the sending side's: the destination reads everything on every
-/// poll, so its window can never close, and smoltcp 0.12 (which has no
-/// persist timer) can never stall on a lost window update.
-const SEND_BUFFER: usize = 1024 * 1024;
-const RECEIVE_BUFFER: usize = 4 * SEND_BUFFER;
+/// Buffer for the direction of a migration socket that carries only
+/// control records (the stream's buffers are `net::BULK_*`).
 const CONTROL_BUFFER: usize = 64 * 1024;
 /// An incoming migration that hears nothing for this long is dropped.
 const INCOMING_IDLE_US: u64 = 30_000_000;
@@ -265,7 +261,7 @@ impl Migrator {
                 }
                 let mem_bytes = vms.begin_migration(&vm)?;
                 let peer = format!("{}.{}.{}.{}:{port}", ip[0], ip[1], ip[2], ip[3]);
-                let socket = match net.tcp_connect(ip, port, CONTROL_BUFFER, SEND_BUFFER) {
+                let socket = match net.tcp_connect(ip, port, CONTROL_BUFFER, BULK_SEND_BUFFER) {
                     Ok(s) => {
                         net.tcp_liveness(s, KEEP_ALIVE_MS, LINK_TIMEOUT_MS);
                         s
@@ -462,7 +458,7 @@ impl Migrator {
         if self.inc.is_none() {
             match (self.listen_port, self.listener) {
                 (Some(port), None) => {
-                    self.listener = net.tcp_listen(port, RECEIVE_BUFFER, CONTROL_BUFFER).ok();
+                    self.listener = net.tcp_listen(port, BULK_RECEIVE_BUFFER, CONTROL_BUFFER).ok();
                     if let Some(h) = self.listener {
                         net.tcp_liveness(h, KEEP_ALIVE_MS, LINK_TIMEOUT_MS);
                     }

@@ -90,7 +90,7 @@ fn main() -> Result<()> {
     ok(a.console(), "ping 10.77.0.12 1")?;
     // The link's TCP goodput, measured now, in this run, for the ratio.
     ok(b.console(), "net bench listen")?;
-    ok(a.console(), "net bench send 10.77.0.12 32")?;
+    ok(a.console(), "net bench send 10.77.0.12 128")?;
     std::thread::sleep(Duration::from_millis(500));
     let bench = ok(b.console(), "net bench result")?;
     let bench_mb_s: f64 = bench["mb_per_s"].as_str().unwrap_or("0").parse().unwrap_or(0.0);
