@@ -95,7 +95,6 @@ pub fn start(boot: BootInfo, reserved: &[(u64, u64)]) -> ! {
         crc32c: if crc.instruction { "crc32 instruction" } else { "tables" },
         crc32c_instruction_cycles: crc.instruction_cycles,
         crc32c_tables_cycles: crc.tables_cycles,
-        page_hash_ns: page_hash_ns(),
     };
     log::info!(
         "migration CRC32C: {} (64 KiB: instruction {} cycles, tables {})",
@@ -137,7 +136,7 @@ pub fn start(boot: BootInfo, reserved: &[(u64, u64)]) -> ! {
     if net.is_none() {
         log::info!("no e1000 found: networking off");
     }
-    let migrator = Migrator::new(cpu.vendor, routines.page_hash_ns);
+    let migrator = Migrator::new(cpu.vendor);
     let mut machine = Machine {
         cpu,
         processors,
@@ -150,23 +149,6 @@ pub fn start(boot: BootInfo, reserved: &[(u64, u64)]) -> ! {
     };
     serial::write_str("hypervisor ready\r\n");
     console_loop(&mut machine)
-}
-
-/// Nanoseconds `migration::page_hash` takes per page here (best of three
-/// runs over 16 pages), for the verify read's share of a pause.
-fn page_hash_ns() -> u64 {
-    let pages = alloc::vec![[0x5Au8; migration::PAGE_SIZE]; 16];
-    let best = (0..3)
-        .map(|_| {
-            let t = clock::rdtsc();
-            for (gfn, page) in pages.iter().enumerate() {
-                core::hint::black_box(migration::page_hash(gfn as u64, page));
-            }
-            clock::rdtsc() - t
-        })
-        .min()
-        .unwrap_or(0);
-    best * 1_000_000_000 / 16 / clock::tsc_hz().max(1)
 }
 
 fn count_processors(boot: &BootInfo) -> u32 {

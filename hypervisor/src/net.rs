@@ -246,8 +246,10 @@ impl Net {
             }
             !done
         });
-        let mut socket =
-            tcp::Socket::new(tcp::SocketBuffer::new(vec![0; BULK_RECEIVE_BUFFER]), tcp::SocketBuffer::new(vec![0; 4096]));
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; BULK_RECEIVE_BUFFER]),
+            tcp::SocketBuffer::new(vec![0; 4096]),
+        );
         if socket.listen(port).is_ok() {
             let handle = self.sockets.add(socket);
             let t = clock::uptime_us();

@@ -46,8 +46,6 @@ pub struct Routines {
     pub crc32c_instruction_cycles: u64,
     /// The same with the portable tables.
     pub crc32c_tables_cycles: u64,
-    /// Nanoseconds to hash one page for the memory digest.
-    pub page_hash_ns: u64,
 }
 
 /// Memory figures for `mem`.
@@ -360,8 +358,7 @@ fn cpuinfo(host: &dyn Host) -> Reply {
             .with(
                 "crc32c_cycles_64k",
                 Obj::new().with("instruction", r.crc32c_instruction_cycles).with("tables", r.crc32c_tables_cycles),
-            )
-            .with("page_hash_ns", r.page_hash_ns),
+            ),
     )
 }
 
@@ -451,7 +448,6 @@ mod tests {
                 crc32c: "tables",
                 crc32c_instruction_cycles: 900_000,
                 crc32c_tables_cycles: 150_000,
-                page_hash_ns: 1200,
             }
         }
         fn processors(&self) -> u32 {
