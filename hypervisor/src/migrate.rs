@@ -334,7 +334,10 @@ impl Migrator {
                     .with("dirty_rate_pages_per_s", s.dirty_rate_pages_per_s)
                     .with("bandwidth_bytes_per_s", s.bandwidth_bytes_per_s)
                     // Unknown (null) until a round has measured the bandwidth.
-                    .with("expected_downtime_us", (s.expected_downtime_us != u64::MAX).then_some(s.expected_downtime_us))
+                    .with(
+                        "expected_downtime_us",
+                        (s.expected_downtime_us != u64::MAX).then_some(s.expected_downtime_us),
+                    )
                     .with("throttle", s.throttle)
                     .with("share", out.share)
                     .with("queued_bytes", out.pending.len())

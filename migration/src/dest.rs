@@ -334,9 +334,10 @@ impl Destination {
                     mem.write_page(gfn, &ZERO_PAGE);
                     crate::page_hash(gfn, &ZERO_PAGE)
                 }
-                PageDataRef::Full(data) => {
+                PageDataRef::Full(data, hash) => {
+                    // The hash was checked against the data when parsed.
                     mem.write_page(gfn, data);
-                    crate::page_hash(gfn, data)
+                    hash
                 }
                 PageDataRef::Delta(d) => {
                     mem.read_page(gfn, &mut self.scratch);
@@ -394,7 +395,7 @@ mod tests {
 
     fn hello() -> Hello {
         Hello {
-            protocol_version: 1,
+            protocol_version: PROTOCOL_VERSION,
             cpu_vendor: VENDOR,
             features: 0b101,
             vm: VmConfig { name: "vm".into(), mem_bytes: 4 * 4096, vcpus: 1, page_size: 4096 },
@@ -622,9 +623,18 @@ mod tests {
     fn bad_crc_in_a_page_batch_fails_and_destroys() {
         let (mut d, mut mem) = accepted();
         let mut bytes = round0(1);
-        bytes[16 + 6 + 9 + 9 + 100] ^= 1; // inside page 1's data
+        bytes[16 + 6 + 9 + 9] ^= 1; // page 1's hash: the CRC covers it
         d.on_bytes(&bytes, &mut mem);
         assert_failed_with_error(&mut d, "CRC32C");
+    }
+
+    #[test]
+    fn corrupted_page_data_fails_its_hash_and_destroys() {
+        let (mut d, mut mem) = accepted();
+        let mut bytes = round0(1);
+        bytes[16 + 6 + 9 + 17 + 100] ^= 1; // inside page 1's data
+        d.on_bytes(&bytes, &mut mem);
+        assert_failed_with_error(&mut d, "page 0x1 does not match its hash");
     }
 
     #[test]

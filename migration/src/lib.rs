@@ -23,7 +23,7 @@
 //! 0        4        6        8            12           16
 //! +--------+--------+--------+------------+------------+-----------------+
 //! | magic  |version | type   | length     | crc32c     | payload ...     |
-//! | "HIVM" |  u16=1 |  u16   | u32 <= lim | of payload | (length bytes)  |
+//! | "HIVM" |  u16=2 |  u16   | u32 <= lim | of payload*| (length bytes)  |
 //! +--------+--------+--------+------------+------------+-----------------+
 //! ```
 //!
@@ -35,10 +35,14 @@
 //!  1 Hello       <= 71       A→B      8 Verify       8       A→B
 //!  2 Accept      0           B→A      9 Ready        0       B→A
 //!  3 Reject      <= 258      B→A     10 Commit       0       A→B
-//!  4 PageBatch   <= 1050886  A→B     11 Resumed      0       B→A
+//!  4 PageBatch   <= 1052934  A→B     11 Resumed      0       B→A
 //!  5 RoundEnd    36          A→B     12 Cancel       <= 258  both
 //!  6 VcpuState   <= 4096     A→B     13 Error        <= 258  both
 //! ```
+//!
+//! `*` A PageBatch's CRC leaves out the data of its full pages, each of
+//! which carries its own 64-bit `page_hash`, checked before any page of
+//! the batch is written ([`record::frame_crc`]).
 //!
 //! Unknown types are errors: every record is mandatory to understand.
 //! Payload layouts are in [`record`], the delta encoding in [`delta`].

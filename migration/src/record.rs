@@ -13,7 +13,7 @@
 //! PageBatch    round u32 | count u16 (<= 256) | page*count
 //!   page       gfn u64 | kind u8 | body
 //!     kind 0   Zero:  no body (the page is all zeros)
-//!     kind 1   Full:  [u8; 4096]
+//!     kind 1   Full:  hash u64 | [u8; 4096]           (hash = `page_hash(gfn, page)`)
 //!     kind 2   Delta: len u16 (<= 2048) | [u8; len]   (see `delta`)
 //! RoundEnd     round u32 | pages_sent u64 | bytes_sent u64
 //!              | dirty_pages_remaining u64 | duration_us u64
@@ -21,6 +21,12 @@
 //! DeviceState  the state bytes (<= 64 KiB)
 //! Verify       digest u64
 //! ```
+//!
+//! The frame CRC32C covers a PageBatch's payload except the 4096 data bytes
+//! of its full pages ([`frame_crc`]): those are checked against the hash
+//! that precedes them, which the destination needs anyway for the memory
+//! digest. Under emulation CRC32C cost two thirds of the source engine's
+//! time and half the destination's; the hash costs a sixth of the CRC.
 
 use alloc::boxed::Box;
 use alloc::string::String;
@@ -28,7 +34,7 @@ use alloc::vec::Vec;
 
 use crate::delta::{self, MAX_DELTA};
 use crate::wire::{Frame, Reader, RecordType, WireError, Writer};
-use crate::PAGE_SIZE;
+use crate::{crc, page_hash, PAGE_SIZE};
 
 /// Longest VM name, in bytes.
 pub const MAX_NAME: usize = 32;
@@ -46,7 +52,7 @@ pub const MAX_DEVICE_STATE: u32 = 64 * 1024;
 pub(crate) const HELLO_MAX_LEN: u32 = 2 + 12 + 8 + 8 + 4 + 4 + 1 + 32;
 pub(crate) const REASON_RECORD_MAX_LEN: u32 = 2 + REASON_MAX;
 pub(crate) const ROUND_END_LEN: u32 = 4 + 4 * 8;
-const PAGE_MAX_LEN: u32 = 8 + 1 + 4096;
+const PAGE_MAX_LEN: u32 = 8 + 1 + 8 + 4096;
 pub(crate) const PAGE_BATCH_MAX_LEN: u32 = 4 + 2 + BATCH_MAX * PAGE_MAX_LEN;
 
 const KIND_ZERO: u8 = 0;
@@ -101,7 +107,7 @@ impl From<PageDataRef<'_>> for PageData {
     fn from(d: PageDataRef<'_>) -> Self {
         match d {
             PageDataRef::Zero => PageData::Zero,
-            PageDataRef::Full(page) => PageData::Full(Box::new(*page)),
+            PageDataRef::Full(page, _) => PageData::Full(Box::new(*page)),
             PageDataRef::Delta(d) => PageData::Delta(d.to_vec()),
         }
     }
@@ -130,8 +136,8 @@ pub struct PageBatch {
 pub enum PageDataRef<'a> {
     /// All zeros.
     Zero,
-    /// The whole page.
-    Full(&'a [u8; PAGE_SIZE]),
+    /// The whole page, and its `page_hash` (checked).
+    Full(&'a [u8; PAGE_SIZE], u64),
     /// XOR against the previously sent version, already validated.
     Delta(&'a [u8]),
 }
@@ -159,7 +165,7 @@ impl<'a> PageBatchView<'a> {
         }
         let body = r.rest();
         for _ in 0..count {
-            next_page(&mut r)?;
+            next_page(&mut r, true)?;
         }
         r.finish()?;
         Ok(PageBatchView { round, count, body })
@@ -178,24 +184,35 @@ impl<'a> PageBatchView<'a> {
     /// The pages in order: guest frame number and contents.
     pub fn pages(&self) -> impl Iterator<Item = (u64, PageDataRef<'a>)> + 'a {
         let mut r = Reader::new(self.body);
-        // `parse` checked every page, so none fails here.
-        (0..self.count).map_while(move |_| next_page(&mut r).ok())
+        // `parse` checked every page (hashes and deltas), so none fails
+        // here and none is checked again.
+        (0..self.count).map_while(move |_| next_page(&mut r, false).ok())
     }
 }
 
-/// Reads one page record.
-fn next_page<'a>(r: &mut Reader<'a>) -> Result<(u64, PageDataRef<'a>), WireError> {
+/// Reads one page record; with `check`, verifies full pages against their
+/// hash and deltas against the page.
+fn next_page<'a>(r: &mut Reader<'a>, check: bool) -> Result<(u64, PageDataRef<'a>), WireError> {
     let gfn = r.u64("gfn")?;
     let data = match r.u8("page kind")? {
         KIND_ZERO => PageDataRef::Zero,
-        KIND_FULL => PageDataRef::Full(r.array_ref("page data")?),
+        KIND_FULL => {
+            let hash = r.u64("page hash")?;
+            let data = r.array_ref("page data")?;
+            if check && page_hash(gfn, data) != hash {
+                return Err(WireError::PageHash { gfn });
+            }
+            PageDataRef::Full(data, hash)
+        }
         KIND_DELTA => {
             let len = usize::from(r.u16("delta length")?);
             if len > MAX_DELTA {
                 return Err(WireError::DeltaTooLong(len));
             }
             let d = r.take(len, "delta")?;
-            delta::validate(d)?;
+            if check {
+                delta::validate(d)?;
+            }
             PageDataRef::Delta(d)
         }
         k => return Err(WireError::BadPageKind(k)),
@@ -294,6 +311,48 @@ fn is_zero(page: &[u8; PAGE_SIZE]) -> bool {
     page.as_chunks::<8>().0.iter().all(|w| *w == [0; 8])
 }
 
+/// The CRC32C a frame of type `kind` carries for `payload`: of the whole
+/// payload, except for PageBatch, where the data of each full page is left
+/// out (its hash covers it). Defined for any bytes: where the page records
+/// stop making sense, the rest of the payload is covered whole.
+pub fn frame_crc(kind: RecordType, payload: &[u8]) -> u32 {
+    if kind != RecordType::PageBatch {
+        return crc::crc32c(payload);
+    }
+    let u16_at = |at: usize| payload.get(at..at + 2).and_then(|b| b.try_into().ok()).map_or(0, u16::from_le_bytes);
+    let count = u16_at(4);
+    let mut crc = 0;
+    let mut at = 0;
+    let covered = |crc: &mut u32, from: usize, to: usize| {
+        *crc = crc::update(*crc, payload.get(from..to.min(payload.len())).unwrap_or_default());
+    };
+    covered(&mut crc, 0, 6);
+    at += 6;
+    for _ in 0..count {
+        let Some(&kind) = payload.get(at + 8) else { break };
+        match kind {
+            KIND_FULL => {
+                covered(&mut crc, at, at + 17); // gfn, kind, hash
+                at += 17 + PAGE_SIZE;
+            }
+            KIND_DELTA => {
+                let len = usize::from(u16_at(at + 9));
+                covered(&mut crc, at, at + 11 + len);
+                at += 11 + len;
+            }
+            _ => {
+                covered(&mut crc, at, at + 9);
+                at += 9;
+            }
+        }
+        if at >= payload.len() {
+            break;
+        }
+    }
+    covered(&mut crc, at, payload.len());
+    crc
+}
+
 /// Which encoding [`PageBatchWriter::push_page`] chose.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PageKind {
@@ -349,6 +408,7 @@ impl PageBatchWriter {
     /// Adds a full page.
     pub fn push_full(&mut self, gfn: u64, data: &[u8; PAGE_SIZE]) -> Result<(), WireError> {
         self.start(gfn, KIND_FULL)?;
+        self.w.u64(page_hash(gfn, data));
         self.w.bytes(data);
         Ok(())
     }
@@ -540,7 +600,7 @@ mod tests {
 
     fn hello() -> Hello {
         Hello {
-            protocol_version: 1,
+            protocol_version: crate::PROTOCOL_VERSION,
             cpu_vendor: *b"GenuineIntel",
             features: 0xF00D,
             vm: VmConfig { name: "web-1".into(), mem_bytes: 1 << 30, vcpus: 4, page_size: 4096 },
@@ -690,5 +750,43 @@ mod tests {
         ));
         assert_eq!(clip_reason(&"é".repeat(200)).len(), 256);
         assert_eq!(clip_reason(&"éa".repeat(100)).len(), 255);
+    }
+
+    #[test]
+    fn the_frame_crc_leaves_out_full_page_data_only() {
+        // batch(): a zero page, a full page (data at 6+9+17..), a delta.
+        let f = payload_of(&Record::PageBatch(batch()));
+        let crc = frame_crc(RecordType::PageBatch, &f.payload);
+        let data_at = 6 + 9 + 17;
+        let delta_at = data_at + PAGE_SIZE;
+        for (at, covered) in [
+            (0, true),             // round
+            (6, true),             // zero page's gfn
+            (6 + 9 + 8, true),     // full page's kind
+            (6 + 9 + 9, true),     // its hash
+            (data_at, false),      // its data
+            (delta_at - 1, false), // the end of its data
+            (delta_at, true),      // the delta page's gfn
+            (f.payload.len() - 1, true),
+        ] {
+            let mut p = f.payload.clone();
+            p[at] ^= 0x40;
+            assert_eq!(frame_crc(RecordType::PageBatch, &p) != crc, covered, "byte {at}");
+        }
+        // Other records: the whole payload, plain CRC32C.
+        let v = payload_of(&Record::VcpuState(vec![7; 100]));
+        assert_eq!(frame_crc(RecordType::VcpuState, &v.payload), crc::crc32c(&v.payload));
+        // Any bytes have a CRC, however malformed.
+        for len in 0..40 {
+            frame_crc(RecordType::PageBatch, &vec![1; len]);
+        }
+    }
+
+    #[test]
+    fn a_full_page_must_match_its_hash() {
+        let mut f = payload_of(&Record::PageBatch(batch()));
+        f.payload[6 + 9 + 17 + 17] ^= 1;
+        assert_eq!(Record::decode(&f), Err(WireError::PageHash { gfn: u64::MAX }));
+        assert_eq!(PageBatchView::parse(&f.payload).err(), Some(WireError::PageHash { gfn: u64::MAX }));
     }
 }

@@ -789,7 +789,7 @@ mod tests {
 
     fn hello(pages: u64) -> Hello {
         Hello {
-            protocol_version: 1,
+            protocol_version: PROTOCOL_VERSION,
             cpu_vendor: *b"GenuineIntel",
             features: 0,
             vm: VmConfig { name: "vm".into(), mem_bytes: pages * 4096, vcpus: 1, page_size: 4096 },

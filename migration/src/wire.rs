@@ -4,10 +4,11 @@
 //! ```text
 //! offset size field
 //!      0    4 magic        0x4D56_4948 (bytes "HIVM")
-//!      4    2 version      PROTOCOL_VERSION (1)
+//!      4    2 version      PROTOCOL_VERSION (2)
 //!      6    2 record type  RecordType (0 is never valid)
 //!      8    4 length       payload bytes, <= the type's limit <= MAX_PAYLOAD
-//!     12    4 crc          CRC32C of the payload
+//!     12    4 crc          CRC32C of the payload (`record::frame_crc`: a
+//!                          PageBatch's leaves out full-page data)
 //!     16    … payload
 //! ```
 //! All integers little-endian. The decoder validates magic, version, type
@@ -20,12 +21,11 @@ use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::crc;
-
 /// `"HIVM"` read as a little-endian `u32`.
 pub const MAGIC: u32 = 0x4D56_4948;
-/// The only protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The only protocol version this crate speaks (version 1 covered full
+/// pages with the frame CRC and sent no page hash).
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 16;
 /// Upper bound on any payload: 1 MiB of pages plus 64 KiB of slack.
@@ -148,6 +148,11 @@ pub enum WireError {
     DeltaTooLong(usize),
     /// A delta skip or literal run that ends beyond the page (offset reached).
     DeltaPastPage(usize),
+    /// A full page whose contents do not match the hash sent with it.
+    PageHash {
+        /// The page.
+        gfn: u64,
+    },
 }
 
 impl fmt::Display for WireError {
@@ -172,6 +177,7 @@ impl fmt::Display for WireError {
             Self::BadPageKind(k) => write!(f, "page encoding {k}"),
             Self::DeltaTooLong(n) => write!(f, "delta of {n} bytes"),
             Self::DeltaPastPage(at) => write!(f, "delta run ends at offset {at}, past the page"),
+            Self::PageHash { gfn } => write!(f, "page {gfn:#x} does not match its hash (corrupted in transit)"),
         }
     }
 }
@@ -312,7 +318,7 @@ impl FrameDecoder {
             _ => return Ok(()),
         }
         if let Some((h, payload)) = self.body.take() {
-            let actual = crc::crc32c(&payload);
+            let actual = crate::record::frame_crc(h.kind, &payload);
             if actual != h.crc {
                 return Err(WireError::BadCrc { expected: h.crc, actual });
             }
@@ -372,7 +378,7 @@ impl Writer {
             len: payload.len() as u64,
             max,
         })?;
-        let header = Header { kind, len, crc: crc::crc32c(payload) };
+        let header = Header { kind, len, crc: crate::record::frame_crc(kind, payload) };
         if let Some(h) = self.buf.get_mut(..HEADER_LEN) {
             h.copy_from_slice(&header.encode());
         }
@@ -433,6 +439,7 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crc;
 
     fn frame(kind: u16, payload: &[u8]) -> Vec<u8> {
         let mut v = Vec::new();
@@ -488,8 +495,8 @@ mod tests {
     #[test]
     fn other_version_is_rejected() {
         let mut f = frame(2, &[]);
-        f[4] = 2;
-        assert_eq!(FrameDecoder::new().push(&f), Err(WireError::BadVersion(2)));
+        f[4] = 1; // version 1 covered full pages with the CRC, not a hash
+        assert_eq!(FrameDecoder::new().push(&f), Err(WireError::BadVersion(1)));
     }
 
     #[test]

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use migration::crc::crc32c;
 use migration::delta::MAX_DELTA;
 use migration::dest::MAX_VCPUS;
-use migration::record::{MAX_BATCH_PAGES, MAX_DEVICE_STATE, MAX_NAME, MAX_REASON, MAX_VCPU_STATE};
+use migration::record::{frame_crc, MAX_BATCH_PAGES, MAX_DEVICE_STATE, MAX_NAME, MAX_REASON, MAX_VCPU_STATE};
 use migration::wire::{HEADER_LEN, MAGIC};
 use migration::{
     DestAction, DestState, Destination, FrameDecoder, GuestMemory, Hello, Page, PageBatch, PageData, Policy, Record,
@@ -842,6 +842,7 @@ const RECORD_ERRORS: &[(&str, &str)] = &[
     ("page encoding", "record/bad-page-kind"),
     ("delta of", "record/delta-too-long"),
     ("past the page", "record/delta-past-page"),
+    ("does not match its hash", "record/page-hash"),
 ];
 const PROTOCOL_ERRORS: &[(&str, &str)] = &[
     ("unexpected", "proto/unexpected-record"),
@@ -1307,7 +1308,10 @@ fn field_offsets(kind: u16, body: &[u8]) -> Vec<(usize, usize)> {
             while at + 9 <= body.len() && f.len() < 64 {
                 f.extend([(at, 8), (at + 8, 1)]);
                 match body[at + 8] {
-                    1 => at += 9 + PAGE_SIZE,
+                    1 => {
+                        f.push((at + 9, 8)); // the page's hash
+                        at += 17 + PAGE_SIZE;
+                    }
                     2 => {
                         f.push((at + 9, 2));
                         let len = u16_at(at + 9);
@@ -1329,8 +1333,14 @@ fn field_offsets(kind: u16, body: &[u8]) -> Vec<(usize, usize)> {
     }
 }
 
+/// Rewrites a frame's CRC as the protocol defines it for its type (a
+/// PageBatch's leaves out full-page data, which the page hashes cover).
 fn fix_crc(data: &mut [u8], start: usize, end: usize) {
-    let crc = crc32c(&data[start + HEADER_LEN..end]);
+    let payload = &data[start + HEADER_LEN..end];
+    let crc = match RecordType::from_wire(u16::from_le_bytes([data[start + 6], data[start + 7]])) {
+        Ok(kind) => frame_crc(kind, payload),
+        Err(_) => crc32c(payload),
+    };
     data[start + 12..start + 16].copy_from_slice(&crc.to_le_bytes());
 }
 
@@ -1874,6 +1884,7 @@ fn fuzz_destination_bounded() {
         "record/trailing-bytes",
         "record/bad-page-kind",
         "record/delta-past-page",
+        "record/page-hash",
         "proto/unexpected-record",
         "proto/batch-of-wrong-round",
         "proto/round-page-count",
@@ -1906,7 +1917,8 @@ fn regression_inputs() {
         v
     };
     let raw = |kind: u16, payload: &[u8]| {
-        let mut v = header(kind, payload.len() as u32, crc32c(payload));
+        let crc = RecordType::from_wire(kind).map_or_else(|_| crc32c(payload), |k| frame_crc(k, payload));
+        let mut v = header(kind, payload.len() as u32, crc);
         v.extend_from_slice(payload);
         v
     };
@@ -1946,6 +1958,8 @@ fn regression_inputs() {
         p[38] = 33; // checked before the name is read
         raw(1, &p)
     };
+    // A full page (kind 1) whose hash (8 zero bytes) is not its data's.
+    let wrong_hash = [&[1u8][..], &[0; 8], &[0xAB; PAGE_SIZE]].concat();
     let valid = handmade_stream(4, 1, true, 2, 3, 99);
     let mut after_commit = valid.clone();
     after_commit.extend(b"garbage after the commit");
@@ -1960,8 +1974,8 @@ fn regression_inputs() {
         ("15 header bytes", header(1, 0, 0)[..15].to_vec(), Some("open/await-hello")),
         ("HTTP request", b"GET / HTTP/1.1\r\nHost: b\r\n\r\n".to_vec(), Some("wire/bad-magic")),
         (
-            "version 2",
-            [&MAGIC.to_le_bytes()[..], &[2u8, 0][..], &header(1, 0, 0)[6..]].concat(),
+            "version 1",
+            [&MAGIC.to_le_bytes()[..], &[1u8, 0][..], &header(1, 0, 0)[6..]].concat(),
             Some("wire/bad-version"),
         ),
         ("Hello one byte too long", header(1, 72, 0), Some("wire/too-long")),
@@ -1997,6 +2011,11 @@ fn regression_inputs() {
             Some("record/delta-past-page"),
         ),
         ("delta of 2049 bytes", with_hello(&raw(4, &batch_payload(&[(0, &[2, 1, 8])]))), Some("record/delta-too-long")),
+        (
+            "full page with a wrong hash",
+            with_hello(&raw(4, &batch_payload(&[(0, &wrong_hash)]))),
+            Some("record/page-hash"),
+        ),
         ("gfn beyond the VM", with_hello(&raw(4, &batch_payload(&[(4, &[0])]))), Some("proto/gfn-beyond-vm")),
         ("gfn u64::MAX", with_hello(&raw(4, &batch_payload(&[(u64::MAX, &[0])]))), Some("proto/gfn-beyond-vm")),
         ("Verify of 7 bytes", with_hello(&raw(8, &[0; 7])), Some("record/truncated")),
