@@ -313,44 +313,28 @@ fn is_zero(page: &[u8; PAGE_SIZE]) -> bool {
 
 /// The CRC32C a frame of type `kind` carries for `payload`: of the whole
 /// payload, except for PageBatch, where the data of each full page is left
-/// out (its hash covers it). Defined for any bytes: where the page records
-/// stop making sense, the rest of the payload is covered whole.
+/// out (its hash covers it). Defined for any bytes: from the first page
+/// record that does not parse, the rest of the payload is covered whole.
 pub fn frame_crc(kind: RecordType, payload: &[u8]) -> u32 {
     if kind != RecordType::PageBatch {
         return crc::crc32c(payload);
     }
-    let u16_at = |at: usize| payload.get(at..at + 2).and_then(|b| b.try_into().ok()).map_or(0, u16::from_le_bytes);
-    let count = u16_at(4);
-    let mut crc = 0;
-    let mut at = 0;
-    let covered = |crc: &mut u32, from: usize, to: usize| {
-        *crc = crc::update(*crc, payload.get(from..to.min(payload.len())).unwrap_or_default());
+    let mut r = Reader::new(payload);
+    let count = match (r.u32("round"), r.u16("page count")) {
+        (Ok(_), Ok(count)) => count,
+        _ => 0,
     };
-    covered(&mut crc, 0, 6);
-    at += 6;
+    let (mut crc, mut from) = (0, 0);
     for _ in 0..count {
-        let Some(&kind) = payload.get(at + 8) else { break };
-        match kind {
-            KIND_FULL => {
-                covered(&mut crc, at, at + 17); // gfn, kind, hash
-                at += 17 + PAGE_SIZE;
-            }
-            KIND_DELTA => {
-                let len = usize::from(u16_at(at + 9));
-                covered(&mut crc, at, at + 11 + len);
-                at += 11 + len;
-            }
-            _ => {
-                covered(&mut crc, at, at + 9);
-                at += 9;
-            }
-        }
-        if at >= payload.len() {
-            break;
+        let Ok((_, page)) = next_page(&mut r, false) else { break };
+        if let PageDataRef::Full(..) = page {
+            let data_end = payload.len() - r.rest().len();
+            let data_start = data_end - PAGE_SIZE;
+            crc = crc::update(crc, payload.get(from..data_start).unwrap_or_default());
+            from = data_end;
         }
     }
-    covered(&mut crc, at, payload.len());
-    crc
+    crc::update(crc, payload.get(from..).unwrap_or_default())
 }
 
 /// Which encoding [`PageBatchWriter::push_page`] chose.
