@@ -613,6 +613,20 @@ impl TxRing {
         (self.tail + 1) % self.descs.count != self.clean
     }
 
+    /// Whether a slot is free; if none is, hands hardware the filled slots
+    /// first (they cannot complete before TDT moves past them), and counts
+    /// a full ring if that frees none.
+    fn make_room(&mut self, regs: &mut impl Registers) -> bool {
+        if !self.has_room() {
+            self.ring(regs);
+        }
+        let room = self.has_room();
+        if !room {
+            self.ring_full += 1;
+        }
+        room
+    }
+
     /// Whether the slot after the tail is free too (for a context).
     fn has_room_for_two(&self) -> bool {
         (self.tail + 2) % self.descs.count != self.clean
@@ -995,11 +1009,7 @@ impl<R: Registers> E1000<R> {
         if frame.is_empty() || frame.len() > TX_MAX_FRAME {
             return false;
         }
-        if !self.tx.has_room() {
-            self.tx.ring(&mut self.regs);
-        }
-        if !self.tx.has_room() {
-            self.tx.ring_full += 1;
+        if !self.tx.make_room(&mut self.regs) {
             return false;
         }
         self.tx.send_with(&mut self.regs, frame.len(), |buf| {
@@ -1112,12 +1122,7 @@ impl<R: Registers> phy::Device for E1000<R> {
     }
 
     fn transmit(&mut self, _timestamp: Instant) -> Option<Self::TxToken<'_>> {
-        if !self.tx.has_room() {
-            // Slots filled but not handed over cannot complete.
-            self.tx.ring(&mut self.regs);
-        }
-        if !self.tx.has_room() {
-            self.tx.ring_full += 1;
+        if !self.tx.make_room(&mut self.regs) {
             return None;
         }
         Some(E1000TxToken { tx: &mut self.tx, regs: &mut self.regs })
