@@ -244,8 +244,8 @@ fn serve_network(machine: &mut Machine, share: Option<u8>) -> bool {
         clock::uptime_us() + period_us * p / (100 - p)
     });
     let mut worked = false;
+    let mut t = clock::uptime_us();
     loop {
-        let t = clock::uptime_us();
         let mut busy = net.poll();
         let polled = clock::uptime_us();
         busy |= machine.migrator.poll(net, &mut machine.vms);
@@ -254,9 +254,10 @@ fn serve_network(machine: &mut Machine, share: Option<u8>) -> bool {
         machine.cpu_time.migration_us += migrated - polled;
         worked |= busy;
         let Some(until) = until else { return worked };
-        if !busy || clock::uptime_us() >= until || serial::has_input() {
+        if !busy || migrated >= until || serial::has_input() {
             return worked;
         }
+        t = migrated;
     }
 }
 
