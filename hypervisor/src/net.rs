@@ -35,8 +35,9 @@ pub const BLAST_ETHERTYPE: u16 = 0x88B5;
 const EGRESS_BURST: usize = 64;
 /// Socket buffers for bulk transfers, `net bench` and migration alike (so
 /// their goodputs compare). The sender's bounds what is in flight: a
-/// 256 KiB one held `net bench` to about 117 MB/s, 1 MiB gave up to
-/// 207 MB/s. The receiver's is four times larger and read on every poll,
+/// 256 KiB one held `net bench` to about 117 MB/s; with 1 MiB, 128 MiB
+/// runs gave 120–220 MB/s (4 MiB did no better). The receiver's is four
+/// times larger and read on every poll,
 /// so its window never closes (smoltcp 0.12 has no persist timer and could
 /// stall on a lost window update).
 pub const BULK_SEND_BUFFER: usize = 1 << 20;

@@ -23,6 +23,19 @@ pub fn rdtsc() -> u64 {
 
 /// Measures the TSC frequency over one PIT window, three times, and keeps
 /// the median. Returns the frequency in Hz.
+/// The fewest TSC cycles `f` took in three runs (the boot's choices
+/// between two implementations of a routine).
+pub fn best_of_three(mut f: impl FnMut()) -> u64 {
+    (0..3)
+        .map(|_| {
+            let t = rdtsc();
+            f();
+            rdtsc() - t
+        })
+        .min()
+        .unwrap_or(u64::MAX)
+}
+
 pub fn calibrate() -> u64 {
     let mut runs = [measure_once(), measure_once(), measure_once()];
     runs.sort_unstable();

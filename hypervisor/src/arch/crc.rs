@@ -28,20 +28,18 @@ pub struct Choice {
 /// (`migration::crc::install` checks).
 pub fn init() -> Choice {
     let buf = vec![0x5Au8; 64 * 1024];
-    let best = |f: &dyn Fn() -> u32| {
-        (0..3)
-            .map(|_| {
-                let t = clock::rdtsc();
-                core::hint::black_box(f());
-                clock::rdtsc() - t
-            })
-            .min()
-            .unwrap_or(u64::MAX)
-    };
     // Nothing is installed yet, so this runs the tables.
-    let tables_cycles = best(&|| migration::crc::crc32c(&buf));
+    let tables_cycles = clock::best_of_three(|| {
+        core::hint::black_box(migration::crc::crc32c(&buf));
+    });
     let sse42 = cpu::cpuid(1, 0)[2] & (1 << 20) != 0;
-    let instruction_cycles = if sse42 { best(&|| update(0, &buf)) } else { 0 };
+    let instruction_cycles = if sse42 {
+        clock::best_of_three(|| {
+            core::hint::black_box(update(0, &buf));
+        })
+    } else {
+        0
+    };
     let instruction = sse42 && instruction_cycles < tables_cycles && migration::crc::install(update);
     Choice { instruction, instruction_cycles, tables_cycles }
 }

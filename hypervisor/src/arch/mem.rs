@@ -75,14 +75,10 @@ pub fn calibrate(scratch: &mut [u8]) -> (&'static str, u64, u64) {
     let (a, b) = scratch.split_at_mut(half);
     let mut time = |rep: bool| {
         USE_REP.store(rep, Ordering::Relaxed);
-        let mut best = u64::MAX;
-        for _ in 0..3 {
-            let t0 = clock::rdtsc();
+        clock::best_of_three(|| {
             b.copy_from_slice(a);
             a.copy_from_slice(b);
-            best = best.min(clock::rdtsc() - t0);
-        }
-        best
+        })
     };
     let looped = time(false);
     let rep = time(true);
