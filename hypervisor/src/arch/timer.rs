@@ -91,11 +91,10 @@ pub fn unmask_irq(irq: u8) {
     }
 }
 
-/// Unmasks `irq` if its handler masked it (cheap when it did not).
-pub fn rearm_irq(irq: u8) {
-    if MASKED.load(Ordering::Relaxed) & (1 << u32::from(irq & 15)) != 0 {
-        unmask_irq(irq);
-    }
+/// Whether `irq`'s handler has run and masked the line since the driver
+/// last unmasked it (see [`unmask_irq`]).
+pub fn irq_masked(irq: u8) -> bool {
+    MASKED.load(Ordering::Relaxed) & (1 << u32::from(irq & 15)) != 0
 }
 
 fn end_of_interrupt() {
