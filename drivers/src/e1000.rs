@@ -67,12 +67,28 @@ pub struct Config {
     /// own check goes 2 bytes per step). Frames that fail are dropped and
     /// counted in `rx_bad_checksum`.
     pub tcp_tx_checksum: bool,
+    /// TCP segmentation offload (manual 3.5; needs `tcp_tx_checksum`):
+    /// smoltcp is told the MTU is [`tso_frame_limit`] and hands over TCP
+    /// segments of up to 64 KiB, which the NIC cuts into wire-MTU frames,
+    /// so the stack's per-segment work is done once per 44 frames at MTU
+    /// 1500. Transmit buffers grow from 16 to 64 KiB. The MSS smoltcp
+    /// announces grows with it: peers must not have a larger MTU than this
+    /// host (they are on the same link, so they do not).
+    pub tso: bool,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Self { rx_descriptors: 256, tx_descriptors: 256, mtu: 1500, tcp_tx_checksum: true }
+        Self { rx_descriptors: 256, tx_descriptors: 256, mtu: 1500, tcp_tx_checksum: true, tso: true }
     }
+}
+
+/// The frame size smoltcp is told with segmentation offload at IP MTU
+/// `mtu`: the headers plus the most whole wire-MTU segments that fit one
+/// transmit descriptor, so that no cut leaves a runt behind.
+pub fn tso_frame_limit(mtu: usize) -> usize {
+    let mss = mtu - 40;
+    TCP_HEADERS + (TSO_MAX_FRAME - TCP_HEADERS) / mss * mss
 }
 
 /// Traffic and error counters; see [`E1000::counters`].
@@ -96,6 +112,12 @@ pub struct Counters {
     pub rx_oversize: u64,
     /// Transmit attempts refused because the ring was full.
     pub tx_ring_full: u64,
+    /// Frames over the wire MTU handed to segmentation offload (each
+    /// also counts once in `tx_frames`).
+    pub tx_segmented: u64,
+    /// Frames over the wire MTU that could not be segmented (not a whole
+    /// IPv4 TCP segment, or no free slot for the context), dropped.
+    pub tx_dropped: u64,
     /// IPv4 TCP frames with a bad checksum, dropped by the driver.
     pub rx_bad_checksum: u64,
 }
@@ -204,6 +226,10 @@ const TXD_DATA_CMD: u8 = TXD_CMD | TXD_DEXT;
 const TXD_DTYP_DATA: u8 = 1 << 4;
 /// POPTS.TXSM: insert the TCP/UDP checksum the context describes.
 const TXD_POPTS_TXSM: u8 = 1 << 1;
+/// POPTS.IXSM: insert the IPv4 header checksum (needed per segment cut).
+const TXD_POPTS_IXSM: u8 = 1 << 0;
+/// TSE in TUCMD and DCMD: TCP segmentation (manual 3.5).
+const TXD_TSE: u8 = 1 << 2;
 /// Transmit descriptor status: descriptor done.
 const TXD_DD: u8 = 1 << 0;
 
@@ -211,6 +237,12 @@ const TXD_DD: u8 = 1 << 0;
 const BUFFER_SIZE: usize = 16384;
 /// Largest frame one legacy transmit descriptor may carry (manual 3.3.3).
 const TX_MAX_FRAME: usize = 16288;
+/// Size of each transmit buffer with TCP segmentation offload.
+const TSO_BUFFER_SIZE: usize = 65536;
+/// Largest frame handed to segmentation: the descriptor's 16-bit length.
+const TSO_MAX_FRAME: usize = 65535;
+/// Ethernet + IPv4 + TCP headers without options.
+const TCP_HEADERS: usize = ETH_HEADER + 40;
 const ETH_HEADER: usize = 14;
 /// Received frames may carry a VLAN tag on top of MTU + header.
 const VLAN_TAG: usize = 4;
@@ -304,19 +336,20 @@ impl<D> Ring<D> {
     }
 }
 
-/// Allocates a ring of `count` descriptors and one BUFFER_SIZE buffer per
-/// descriptor; `set_addr` writes a buffer's device address into its
+/// Allocates a ring of `count` descriptors and one `buffer_size` buffer
+/// per descriptor; `set_addr` writes a buffer's device address into its
 /// descriptor.
 fn alloc_ring<D>(
     dma: &mut impl Dma,
     count: usize,
+    buffer_size: usize,
     set_addr: impl Fn(*mut D, u64),
 ) -> Result<(Ring<D>, Vec<Buffer>), E1000Error> {
     let ring = alloc(dma, count * core::mem::size_of::<D>())?;
     let descs = Ring { base: ring.virt.cast::<D>(), phys: ring.phys, count };
     let mut buffers = Vec::with_capacity(count);
     for index in 0..count {
-        let buf = alloc(dma, BUFFER_SIZE)?;
+        let buf = alloc(dma, buffer_size)?;
         set_addr(descs.slot(index), buf.phys);
         buffers.push(buf);
     }
@@ -480,6 +513,23 @@ struct TxRing {
     offload: bool,
     /// The checksum context last loaded into the NIC.
     context: Option<TcpContext>,
+    /// Longer frames are cut by the NIC (`Some(wire frame limit)`), or
+    /// there is no segmentation (`None`).
+    segment_above: Option<usize>,
+    /// Largest frame a slot takes.
+    max_frame: usize,
+    segmented: u64,
+    dropped: u64,
+}
+
+/// What a TCP segmentation context tells the NIC besides the checksum
+/// offsets: the header length copied into every frame, the payload per
+/// frame, and the payload in all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Segmentation {
+    header_len: u8,
+    mss: u16,
+    payload_len: u32,
 }
 
 /// Where the TCP checksum of an IPv4 frame starts and goes (byte offsets
@@ -590,6 +640,39 @@ fn prepare_tcp_checksum(frame: &mut [u8]) -> Option<TcpContext> {
     })
 }
 
+/// For an Ethernet frame carrying one whole IPv4 TCP segment too long for
+/// the wire (IP MTU `mtu`): makes its headers the template the NIC copies
+/// into every frame it cuts (manual 3.5.1: IP checksum zero, as the NIC
+/// sums the header with it; TCP checksum seeded with the pseudo-header
+/// sum without the length, which the NIC adds per frame), and returns the
+/// contexts. `None` when the frame cannot be segmented.
+fn prepare_segmentation(frame: &mut [u8], mtu: usize) -> Option<(TcpContext, Segmentation)> {
+    let (ihl, total) = ipv4_tcp(frame)?;
+    let tcp_start = ETH_HEADER + ihl;
+    let tcp_header = usize::from(*frame.get(tcp_start + 12)? >> 4) * 4;
+    let header_len = tcp_start + tcp_header;
+    let fragment = be16(frame, ETH_HEADER + 6)? & 0x3FFF != 0;
+    if ihl < 20 || tcp_header < 20 || fragment || ETH_HEADER + total != frame.len() || header_len >= frame.len() {
+        return None;
+    }
+    let mss = mtu.checked_sub(ihl + tcp_header).filter(|&m| m > 0)?;
+    frame.get_mut(ETH_HEADER + 10..ETH_HEADER + 12)?.fill(0);
+    let seed = fold(pseudo_header_sum(frame, 0)).to_be_bytes();
+    frame.get_mut(tcp_start + 16..tcp_start + 18)?.copy_from_slice(&seed);
+    let tcp = TcpContext {
+        ip_start: u8::try_from(ETH_HEADER).ok()?,
+        ip_end: u16::try_from(tcp_start - 1).ok()?,
+        tcp_start: u8::try_from(tcp_start).ok()?,
+        tcp_checksum: u8::try_from(tcp_start + 16).ok()?,
+    };
+    let seg = Segmentation {
+        header_len: u8::try_from(header_len).ok()?,
+        mss: u16::try_from(mss).ok()?,
+        payload_len: u32::try_from(frame.len() - header_len).ok()?,
+    };
+    Some((tcp, seg))
+}
+
 impl TxRing {
     /// Frees the slots hardware has finished with (DD set).
     fn reclaim(&mut self) {
@@ -606,30 +689,42 @@ impl TxRing {
         }
     }
 
-    /// Whether a slot is free (after reclaiming). One slot always stays
-    /// empty so that TDT never catches up with TDH.
-    fn has_room(&mut self) -> bool {
-        self.reclaim();
-        (self.tail + 1) % self.descs.count != self.clean
+    /// Free slots, without reclaiming. One slot always stays empty so that
+    /// TDT never catches up with TDH.
+    fn free(&self) -> usize {
+        (self.clean + self.descs.count - self.tail - 1) % self.descs.count
     }
 
-    /// Whether a slot is free; if none is, hands hardware the filled slots
-    /// first (they cannot complete before TDT moves past them), and counts
-    /// a full ring if that frees none.
-    fn make_room(&mut self, regs: &mut impl Registers) -> bool {
-        if !self.has_room() {
+    /// Whether a slot is free (after reclaiming).
+    fn has_room(&mut self) -> bool {
+        self.reclaim();
+        self.free() > 0
+    }
+
+    /// Whether `slots` slots are free; if not, hands hardware the filled
+    /// slots first (they cannot complete before TDT moves past them), and
+    /// counts a full ring if that frees too few.
+    fn make_room(&mut self, regs: &mut impl Registers, slots: usize) -> bool {
+        self.reclaim();
+        if self.free() < slots {
             self.ring(regs);
+            self.reclaim();
         }
-        let room = self.has_room();
+        let room = self.free() >= slots;
         if !room {
             self.ring_full += 1;
         }
         room
     }
 
-    /// Whether the slot after the tail is free too (for a context).
-    fn has_room_for_two(&self) -> bool {
-        (self.tail + 2) % self.descs.count != self.clean
+    /// Slots a frame from smoltcp may need: with segmentation, a long
+    /// segment takes a context slot too.
+    fn slots_per_frame(&self) -> usize {
+        if self.segment_above.is_some() {
+            2
+        } else {
+            1
+        }
     }
 
     /// The CPU pointer of slot `index`'s buffer.
@@ -637,39 +732,47 @@ impl TxRing {
         self.buffers.get(index).map_or(core::ptr::null_mut(), |b| b.virt.as_ptr())
     }
 
-    /// Writes a TCP/IPv4 checksum context descriptor (manual 3.3.6) into the
-    /// free slot `index`: IP header from `ip_start` to `ip_end`, TCP from
-    /// `tcp_start` to the end of the frame, checksum at `tcp_checksum`.
-    fn write_context(&mut self, index: usize, c: TcpContext) {
+    /// Writes a TCP/IPv4 context descriptor (manual 3.3.6) into the free
+    /// slot `index`: IP header from `ip_start` to `ip_end`, TCP from
+    /// `tcp_start` to the end of the frame, checksum at `tcp_checksum`;
+    /// with `seg`, also TSE, the payload length, header length and MSS.
+    fn write_context(&mut self, index: usize, c: TcpContext, seg: Option<Segmentation>) {
         let fields = u64::from(c.ip_start)
             | u64::from(c.ip_start + 10) << 8
             | u64::from(c.ip_end) << 16
             | u64::from(c.tcp_start) << 32
             | u64::from(c.tcp_checksum) << 40;
+        // PAYLEN is bits 0-19 of the second quadword (length and the low
+        // nibble of cso); HDRLEN and MSS take the css and special fields.
+        let (cmd, payload, header_len, mss) = match seg {
+            Some(s) => (TXD_CONTEXT_CMD | TXD_TSE, s.payload_len, s.header_len, s.mss),
+            None => (TXD_CONTEXT_CMD, 0, 0, 0),
+        };
         let desc = self.descs.slot(index);
         // SAFETY: the slot is free, so the driver owns the descriptor until
         // TDT moves past it. Its buffer is not referenced.
         unsafe {
             addr_of_mut!((*desc).addr).write_volatile(fields);
-            addr_of_mut!((*desc).length).write_volatile(0);
-            addr_of_mut!((*desc).cso).write_volatile(0);
-            addr_of_mut!((*desc).cmd).write_volatile(TXD_CONTEXT_CMD);
+            addr_of_mut!((*desc).length).write_volatile(u16::try_from(payload & 0xFFFF).unwrap_or(0));
+            addr_of_mut!((*desc).cso).write_volatile(u8::try_from(payload >> 16 & 0xF).unwrap_or(0));
+            addr_of_mut!((*desc).cmd).write_volatile(cmd);
             addr_of_mut!((*desc).status).write_volatile(0);
-            addr_of_mut!((*desc).css).write_volatile(0);
-            addr_of_mut!((*desc).special).write_volatile(0);
+            addr_of_mut!((*desc).css).write_volatile(header_len);
+            addr_of_mut!((*desc).special).write_volatile(mss);
         }
     }
 
     /// Lets `fill` write a `length`-byte frame into the slot at the tail and
     /// hands it to hardware. Callers check `has_room` and
-    /// `0 < length <= TX_MAX_FRAME` first.
+    /// `0 < length <= max_frame` first. A frame over the wire MTU is cut
+    /// by the NIC if it can be, else dropped and counted.
     fn send_with<T>(&mut self, regs: &mut impl Registers, length: usize, fill: impl FnOnce(&mut [u8]) -> T) -> T {
         let index = self.tail;
-        let length = length.min(TX_MAX_FRAME);
+        let length = length.min(self.max_frame);
         let (result, phys) = match self.buffers.get(index) {
             Some(buf) => {
-                // SAFETY: each transmit buffer is BUFFER_SIZE (> TX_MAX_FRAME)
-                // bytes of DMA memory owned by this ring; the slot is free, so
+                // SAFETY: each transmit buffer is at least `max_frame` bytes
+                // of DMA memory owned by this ring; the slot is free, so
                 // hardware is not reading it.
                 let bytes = unsafe { core::slice::from_raw_parts_mut(buf.virt.as_ptr(), length) };
                 (fill(bytes), buf.phys)
@@ -685,15 +788,33 @@ impl TxRing {
             // SAFETY: as above; `fill` has returned, so nothing else holds
             // the buffer.
             let frame = unsafe { core::slice::from_raw_parts_mut(self.buffer_ptr(index), length) };
-            if let Some(context) = prepare_tcp_checksum(frame) {
+            if let Some(wire) = self.segment_above.filter(|&wire| length > wire) {
+                match prepare_segmentation(frame, wire - ETH_HEADER) {
+                    Some((context, seg)) if self.free() >= 2 => {
+                        let next = (index + 1) % self.descs.count;
+                        self.buffers.swap(index, next);
+                        self.write_context(index, context, Some(seg));
+                        // Bochs keeps one context for both kinds (QEMU two):
+                        // the next checksum-only frame loads its own again.
+                        self.context = None;
+                        index = next;
+                        data = (TXD_DATA_CMD | TXD_TSE, TXD_DTYP_DATA, TXD_POPTS_TXSM | TXD_POPTS_IXSM);
+                        self.segmented += 1;
+                    }
+                    _ => {
+                        self.dropped += 1;
+                        return result;
+                    }
+                }
+            } else if let Some(context) = prepare_tcp_checksum(frame) {
                 if self.context == Some(context) {
                     data = (TXD_DATA_CMD, TXD_DTYP_DATA, TXD_POPTS_TXSM);
-                } else if self.has_room_for_two() {
+                } else if self.free() >= 2 {
                     // The context takes this slot; the frame's buffer moves
                     // with it to the next.
                     let next = (index + 1) % self.descs.count;
                     self.buffers.swap(index, next);
-                    self.write_context(index, context);
+                    self.write_context(index, context, None);
                     self.context = Some(context);
                     index = next;
                     data = (TXD_DATA_CMD, TXD_DTYP_DATA, TXD_POPTS_TXSM);
@@ -844,8 +965,11 @@ impl<R: Registers> E1000<R> {
         }
         regs.write(reg::RXCSUM, 0);
 
+        if config.tso && !config.tcp_tx_checksum {
+            return Err(E1000Error::BadConfig("tso needs tcp_tx_checksum"));
+        }
         let rx = Self::alloc_rx(dma, config.rx_descriptors, config.mtu, config.tcp_tx_checksum)?;
-        let tx = Self::alloc_tx(dma, config.tx_descriptors, config.tcp_tx_checksum)?;
+        let tx = Self::alloc_tx(dma, config)?;
 
         let mut nic = Self { regs, mac, mtu: config.mtu, rx, tx, hw_dropped: 0, hw_errors: 0, hw_oversize: 0 };
         nic.program();
@@ -892,7 +1016,7 @@ impl<R: Registers> E1000<R> {
     }
 
     fn alloc_rx(dma: &mut impl Dma, count: usize, mtu: usize, verify_tcp: bool) -> Result<RxRing, E1000Error> {
-        let (descs, buffers) = alloc_ring(dma, count, |desc: *mut RxDesc, phys| {
+        let (descs, buffers) = alloc_ring(dma, count, BUFFER_SIZE, |desc: *mut RxDesc, phys| {
             // SAFETY: the ring memory is ours and not yet visible to hardware.
             unsafe { addr_of_mut!((*desc).addr).write_volatile(phys) }
         })?;
@@ -916,8 +1040,10 @@ impl<R: Registers> E1000<R> {
         })
     }
 
-    fn alloc_tx(dma: &mut impl Dma, count: usize, offload: bool) -> Result<TxRing, E1000Error> {
-        let (descs, buffers) = alloc_ring(dma, count, |desc: *mut TxDesc, phys| {
+    fn alloc_tx(dma: &mut impl Dma, config: Config) -> Result<TxRing, E1000Error> {
+        let (buffer_size, max_frame) =
+            if config.tso { (TSO_BUFFER_SIZE, TSO_MAX_FRAME) } else { (BUFFER_SIZE, TX_MAX_FRAME) };
+        let (descs, buffers) = alloc_ring(dma, config.tx_descriptors, buffer_size, |desc: *mut TxDesc, phys| {
             // SAFETY: the ring memory is ours and not yet visible to hardware.
             unsafe { addr_of_mut!((*desc).addr).write_volatile(phys) }
         })?;
@@ -931,8 +1057,12 @@ impl<R: Registers> E1000<R> {
             frames: 0,
             bytes: 0,
             ring_full: 0,
-            offload,
+            offload: config.tcp_tx_checksum,
             context: None,
+            segment_above: config.tso.then_some(config.mtu + ETH_HEADER),
+            max_frame,
+            segmented: 0,
+            dropped: 0,
         })
     }
 
@@ -957,6 +1087,9 @@ impl<R: Registers> E1000<R> {
     pub fn set_mtu(&mut self, mtu: usize) -> Result<(), E1000Error> {
         check_mtu(mtu)?;
         self.mtu = mtu;
+        if let Some(wire) = self.tx.segment_above.as_mut() {
+            *wire = mtu + ETH_HEADER;
+        }
         self.rx.max_frame = mtu + ETH_HEADER + VLAN_TAG;
         let rctl = self.regs.read(reg::RCTL);
         let rctl = if mtu > STANDARD_MTU { rctl | reg::RCTL_LPE } else { rctl & !reg::RCTL_LPE };
@@ -997,6 +1130,8 @@ impl<R: Registers> E1000<R> {
             rx_errors: self.rx.errors + self.hw_errors,
             rx_oversize: self.rx.oversize + self.hw_oversize,
             tx_ring_full: self.tx.ring_full,
+            tx_segmented: self.tx.segmented,
+            tx_dropped: self.tx.dropped,
             rx_bad_checksum: self.rx.bad_checksum,
         }
     }
@@ -1004,20 +1139,23 @@ impl<R: Registers> E1000<R> {
     /// Queues one raw Ethernet frame (without FCS; the NIC appends it).
     /// Returns `false` (and counts `tx_ring_full` if that is why) when the
     /// ring is full, or the frame is empty or longer than 16288 bytes (the
-    /// legacy descriptor limit).
+    /// legacy descriptor limit), or (with segmentation, counted in
+    /// `tx_dropped`) longer than the MTU allows and not a TCP segment the
+    /// NIC can cut.
     pub fn send_raw(&mut self, frame: &[u8]) -> bool {
         if frame.is_empty() || frame.len() > TX_MAX_FRAME {
             return false;
         }
-        if !self.tx.make_room(&mut self.regs) {
+        if !self.tx.make_room(&mut self.regs, 1) {
             return false;
         }
+        let dropped = self.tx.dropped;
         self.tx.send_with(&mut self.regs, frame.len(), |buf| {
             if let Some(dst) = buf.get_mut(..frame.len()) {
                 dst.copy_from_slice(frame);
             }
         });
-        true
+        self.tx.dropped == dropped
     }
 
     /// Counts and drops received frames of `ethertype` instead of delivering
@@ -1078,7 +1216,7 @@ impl<R: Registers> phy::TxToken for E1000TxToken<'_, R> {
     where
         F: FnOnce(&mut [u8]) -> T,
     {
-        let fits = len > 0 && len <= TX_MAX_FRAME;
+        let fits = len > 0 && len <= self.tx.max_frame;
         if fits && self.tx.has_room() {
             return self.tx.send_with(self.regs, len, f);
         }
@@ -1122,7 +1260,7 @@ impl<R: Registers> phy::Device for E1000<R> {
     }
 
     fn transmit(&mut self, _timestamp: Instant) -> Option<Self::TxToken<'_>> {
-        if !self.tx.make_room(&mut self.regs) {
+        if !self.tx.make_room(&mut self.regs, self.tx.slots_per_frame()) {
             return None;
         }
         Some(E1000TxToken { tx: &mut self.tx, regs: &mut self.regs })
@@ -1131,7 +1269,8 @@ impl<R: Registers> phy::Device for E1000<R> {
     fn capabilities(&self) -> DeviceCapabilities {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ethernet;
-        caps.max_transmission_unit = self.mtu + ETH_HEADER;
+        caps.max_transmission_unit =
+            if self.tx.segment_above.is_some() { tso_frame_limit(self.mtu) } else { self.mtu + ETH_HEADER };
         caps.max_burst_size = Some(self.rx.descs.count.min(self.tx.descs.count) / 2);
         if self.tx.offload {
             // The NIC completes what the driver seeds; the driver checks
@@ -1259,11 +1398,22 @@ mod tests {
         context: std::cell::Cell<Option<u64>>,
         /// Data descriptors sent with the extended format.
         offloaded: std::cell::Cell<u64>,
+        /// The last segmentation context: payload length, header length
+        /// and MSS.
+        segmentation: std::cell::Cell<Option<(usize, usize, usize)>>,
+        /// Frames cut from segmentation descriptors.
+        cut: std::cell::Cell<u64>,
     }
 
     impl FakeWire {
         fn new(regs: &FakeRegs) -> Self {
-            FakeWire { regs: regs.clone(), context: std::cell::Cell::new(None), offloaded: std::cell::Cell::new(0) }
+            FakeWire {
+                regs: regs.clone(),
+                context: std::cell::Cell::new(None),
+                offloaded: std::cell::Cell::new(0),
+                segmentation: std::cell::Cell::new(None),
+                cut: std::cell::Cell::new(0),
+            }
         }
 
         fn ring(&self, low: u32, high: u32, len: u32, index: u32) -> *mut u8 {
@@ -1334,6 +1484,19 @@ mod tests {
                             frames.push(std::slice::from_raw_parts(buffer, usize::from(length)).to_vec());
                         }
                         (TXD_CONTEXT_CMD, 0) => self.context.set(Some(addr)),
+                        // The context's DTYP nibble is 0; the low one holds
+                        // PAYLEN's top bits.
+                        (c, paylen_high) if c == TXD_CONTEXT_CMD | TXD_TSE && paylen_high & 0xF0 == 0 => {
+                            self.context.set(Some(addr));
+                            let payload = usize::from(length) | usize::from(paylen_high & 0xF) << 16;
+                            let mss = desc.add(14).cast::<u16>().read_volatile();
+                            self.segmentation.set(Some((payload, usize::from(popts), usize::from(mss))));
+                        }
+                        (c, TXD_DTYP_DATA) if c == TXD_DATA_CMD | TXD_TSE => {
+                            let frame = std::slice::from_raw_parts(addr as *const u8, usize::from(length));
+                            assert_eq!(popts, TXD_POPTS_TXSM | TXD_POPTS_IXSM);
+                            frames.extend(self.cut_segment(frame));
+                        }
                         (TXD_DATA_CMD, TXD_DTYP_DATA) => {
                             let mut frame = std::slice::from_raw_parts(addr as *const u8, usize::from(length)).to_vec();
                             if popts & TXD_POPTS_TXSM != 0 {
@@ -1353,8 +1516,51 @@ mod tests {
         }
     }
 
+    impl FakeWire {
+        /// What QEMU's `xmit_seg` does with a segmentation descriptor:
+        /// every MSS of payload behind a copy of the header, with the IP
+        /// length and ID, the TCP sequence number and flags, and both
+        /// checksums made right for that frame.
+        fn cut_segment(&self, frame: &[u8]) -> Vec<Vec<u8>> {
+            let ctx = self.context.get().expect("segmentation without a context");
+            let (payload, header_len, mss) = self.segmentation.get().expect("segmentation without TSE context");
+            let (ip_start, ip_end) = ((ctx & 0xFF) as usize, (ctx >> 16 & 0xFFFF) as usize);
+            let (tcp_start, tcp_sum) = ((ctx >> 32 & 0xFF) as usize, (ctx >> 40 & 0xFF) as usize);
+            assert_eq!(frame.len(), header_len + payload, "PAYLEN");
+            let header = &frame[..header_len];
+            let chunks: Vec<&[u8]> = frame[header_len..].chunks(mss).collect();
+            let mut out = Vec::new();
+            for (i, chunk) in chunks.iter().enumerate() {
+                let mut f = [header, chunk].concat();
+                let ip_len = f.len() - ip_start;
+                f[ip_start + 2..ip_start + 4].copy_from_slice(&(ip_len as u16).to_be_bytes());
+                let id = be16(&f, ip_start + 4).unwrap().wrapping_add(i as u16);
+                f[ip_start + 4..ip_start + 6].copy_from_slice(&id.to_be_bytes());
+                let seq = u32::from_be_bytes(f[tcp_start + 4..tcp_start + 8].try_into().unwrap());
+                f[tcp_start + 4..tcp_start + 8].copy_from_slice(&seq.wrapping_add((i * mss) as u32).to_be_bytes());
+                if i + 1 < chunks.len() {
+                    f[tcp_start + 13] &= !0x09; // PSH, FIN only on the last
+                }
+                let seeded = u64::from(be16(&f, tcp_sum).unwrap()) + (f.len() - tcp_start) as u64;
+                f[tcp_sum..tcp_sum + 2].copy_from_slice(&fold(seeded).to_be_bytes());
+                finish_checksum(&mut f, tcp_sum, tcp_start);
+                let ip_sum = !fold(ones_sum(&f[ip_start..=ip_end]));
+                f[ip_start + 10..ip_start + 12].copy_from_slice(&ip_sum.to_be_bytes());
+                out.push(f);
+            }
+            self.cut.set(self.cut.get() + out.len() as u64);
+            out
+        }
+    }
+
     fn config(descriptors: usize) -> Config {
-        Config { rx_descriptors: descriptors, tx_descriptors: descriptors, mtu: 1500, tcp_tx_checksum: true }
+        Config {
+            rx_descriptors: descriptors,
+            tx_descriptors: descriptors,
+            mtu: 1500,
+            tcp_tx_checksum: true,
+            tso: false,
+        }
     }
 
     fn nic_with(regs: &FakeRegs, dma: &mut HeapDma, config: Config) -> E1000<FakeRegs> {
@@ -1425,7 +1631,8 @@ mod tests {
         let regs = FakeRegs::new(MAC_A);
         let mut dma = HeapDma::default();
         let _nic = nic_with(&regs, &mut dma, Config::default());
-        assert_eq!(dma.allocated, 2 * 4096 + 512 * 16384);
+        // 256 receive buffers of 16 KiB, 256 transmit buffers of 64 KiB.
+        assert_eq!(dma.allocated, 2 * 4096 + 256 * 16384 + 256 * 65536);
     }
 
     #[test]
@@ -1433,9 +1640,12 @@ mod tests {
         for (rx, tx, mtu) in [(0, 8, 1500), (12, 8, 1500), (8, 8192, 1500), (8, 8, 575), (8, 8, 9001)] {
             let regs = FakeRegs::new(MAC_A);
             let mut dma = HeapDma::default();
-            let config = Config { rx_descriptors: rx, tx_descriptors: tx, mtu, tcp_tx_checksum: true };
+            let config = Config { rx_descriptors: rx, tx_descriptors: tx, mtu, tcp_tx_checksum: true, tso: false };
             assert!(matches!(E1000::new(regs, &mut dma, config), Err(E1000Error::BadConfig(_))));
         }
+        let no_checksums = Config { tcp_tx_checksum: false, tso: true, ..config(8) };
+        let result = E1000::new(FakeRegs::new(MAC_A), &mut HeapDma::default(), no_checksums);
+        assert_eq!(result.err(), Some(E1000Error::BadConfig("tso needs tcp_tx_checksum")));
     }
 
     #[test]
@@ -1726,11 +1936,17 @@ mod tests {
     fn smoltcp_capabilities_report_ethernet_mtu_and_burst() {
         let regs = FakeRegs::new(MAC_A);
         let mut dma = HeapDma::default();
-        let nic = nic_with(&regs, &mut dma, Config::default());
+        let nic = nic_with(&regs, &mut dma, Config { tso: false, ..Config::default() });
         let caps = nic.capabilities();
         assert_eq!(caps.medium, Medium::Ethernet);
         assert_eq!(caps.max_transmission_unit, 1514);
         assert_eq!(caps.max_burst_size, Some(128));
+        // With segmentation, smoltcp sees whole wire segments up to 64 KiB.
+        let mut nic = nic_with(&regs, &mut dma, Config::default());
+        assert_eq!(nic.capabilities().max_transmission_unit, 14 + 40 + 44 * 1460);
+        nic.set_mtu(9000).unwrap();
+        assert_eq!(nic.capabilities().max_transmission_unit, 14 + 40 + 7 * 8960);
+        assert_eq!(tso_frame_limit(576), 14 + 40 + 122 * 536);
     }
 
     #[test]
@@ -1791,16 +2007,17 @@ mod tests {
         tcp::Socket::new(tcp::SocketBuffer::new(vec![0; 64 * 1024]), tcp::SocketBuffer::new(vec![0; 64 * 1024]))
     }
 
-    #[test]
-    fn smoltcp_tcp_transfers_one_mebibyte_between_two_nics() {
+    /// Moves 1 MiB from A to B over smoltcp and the fake wire; returns A's
+    /// wire (for its offload counts) and A's counters.
+    fn transfer_one_mebibyte(config: Config) -> (FakeWire, Counters) {
         const TOTAL: usize = 1 << 20;
         let payload: Vec<u8> = (0..TOTAL).map(|i| (i % 251) as u8).collect();
 
         let (regs_a, regs_b) = (FakeRegs::new(MAC_A), FakeRegs::new(MAC_B));
         let (wire_a, wire_b) = (FakeWire::new(&regs_a), FakeWire::new(&regs_b));
         let (mut dma_a, mut dma_b) = (HeapDma::default(), HeapDma::default());
-        let mut nic_a = nic_with(&regs_a, &mut dma_a, Config::default());
-        let mut nic_b = nic_with(&regs_b, &mut dma_b, Config::default());
+        let mut nic_a = nic_with(&regs_a, &mut dma_a, config);
+        let mut nic_b = nic_with(&regs_b, &mut dma_b, config);
         let mut iface_a = interface(&mut nic_a, [10, 0, 0, 1]);
         let mut iface_b = interface(&mut nic_b, [10, 0, 0, 2]);
 
@@ -1847,10 +2064,27 @@ mod tests {
         assert!(received == payload, "payload corrupted");
         let (ca, cb) = (nic_a.counters(), nic_b.counters());
         assert!(ca.tx_bytes >= TOTAL as u64 && cb.rx_bytes >= TOTAL as u64);
-        assert_eq!(ca.rx_errors + cb.rx_errors + ca.rx_oversize + cb.rx_oversize, 0);
+        assert_eq!(ca.rx_errors + cb.rx_errors + ca.rx_oversize + cb.rx_oversize + cb.rx_bad_checksum, 0);
+        (wire_a, ca)
+    }
+
+    #[test]
+    fn smoltcp_tcp_transfers_one_mebibyte_with_checksum_offload() {
+        let (wire, counters) = transfer_one_mebibyte(Config { tso: false, ..Config::default() });
         // The segments' checksums were left to the (fake) NIC, and B's
-        // smoltcp, which checks every one in software, accepted them all.
-        assert!(wire_a.offloaded.get() as usize > TOTAL / 1460, "{} offloaded", wire_a.offloaded.get());
+        // driver, which checks every one, accepted them all.
+        assert!(wire.offloaded.get() > (1 << 20) / 1460, "{} offloaded", wire.offloaded.get());
+        assert_eq!(counters.tx_segmented, 0);
+    }
+
+    #[test]
+    fn smoltcp_tcp_transfers_one_mebibyte_with_segmentation_offload() {
+        let (wire, counters) = transfer_one_mebibyte(Config::default());
+        // smoltcp handed over segments of up to 44 wire frames, the (fake)
+        // NIC cut them, and B took every frame.
+        assert!(counters.tx_segmented > 0 && counters.tx_segmented < 40, "{} segmented", counters.tx_segmented);
+        assert!(wire.cut.get() > (1 << 20) / 1460, "{} frames cut", wire.cut.get());
+        assert_eq!(counters.tx_dropped, 0);
     }
 
     /// Whether smoltcp accepts the TCP checksum of an Ethernet + IPv4 frame
@@ -1926,6 +2160,46 @@ mod tests {
         arp[12..14].copy_from_slice(&[0x08, 0x06]);
         assert_eq!(prepare_tcp_checksum(&mut arp), None);
         assert_eq!(prepare_tcp_checksum(&mut [0x08, 0x00]), None, "short frames are left alone");
+    }
+
+    #[test]
+    fn long_tcp_segments_are_cut_by_the_nic_into_valid_wire_frames() {
+        let regs = FakeRegs::new(MAC_A);
+        let wire = FakeWire::new(&regs);
+        let mut dma = HeapDma::default();
+        let mut nic = nic_with(&regs, &mut dma, Config { tso: true, ..config(8) });
+        let mut long = tcp_frame(3 * 1460 + 100);
+        long[47] |= 0x09; // PSH and FIN: only the last frame keeps them
+        assert!(nic.send_raw(&long));
+        nic.flush();
+        let sent = wire.take_sent();
+        assert_eq!(sent.iter().map(Vec::len).collect::<Vec<_>>(), [1514, 1514, 1514, 154]);
+        let mut payload = Vec::new();
+        for (i, f) in sent.iter().enumerate() {
+            let ip = Ipv4Packet::new_checked(&f[14..]).unwrap();
+            assert!(ip.verify_checksum(), "IP checksum of frame {i}");
+            assert!(smoltcp_accepts(f), "TCP checksum of frame {i}");
+            let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+            assert_eq!(tcp.seq_number().0 as usize, i * 1460);
+            assert_eq!((tcp.psh(), tcp.fin()), (i == 3, i == 3));
+            payload.extend_from_slice(tcp.payload());
+        }
+        assert_eq!(payload, long[54..]);
+        assert_eq!(nic.counters().tx_segmented, 1);
+        // Over the MTU but not TCP: the NIC could not cut it, so it is
+        // dropped and counted, not sent as a giant.
+        let mut udp = tcp_frame(2000);
+        udp[23] = 17;
+        assert!(!nic.send_raw(&udp));
+        // A segment with no slot left for its context waits for none either.
+        for _ in 0..6 {
+            assert!(nic.send_raw(&frame(0, 60)));
+        }
+        assert!(!nic.send_raw(&tcp_frame(2000)));
+        nic.flush();
+        assert_eq!(wire.take_sent().len(), 6);
+        let c = nic.counters();
+        assert_eq!((c.tx_segmented, c.tx_dropped), (1, 2));
     }
 
     #[test]

@@ -205,8 +205,7 @@ fn console_loop(machine: &mut Machine) -> ! {
                 }
             } else if !busy {
                 let t = clock::uptime_us();
-                x86_64::instructions::interrupts::enable_and_hlt();
-                x86_64::instructions::interrupts::disable();
+                timer::wait_for_interrupt();
                 machine.cpu_time.idle_us += clock::uptime_us() - t;
             }
             continue;

@@ -430,7 +430,9 @@ impl Net {
                     .with("rx_errors", c.rx_errors)
                     .with("rx_oversize", c.rx_oversize)
                     .with("rx_bad_checksum", c.rx_bad_checksum)
-                    .with("tx_ring_full", c.tx_ring_full),
+                    .with("tx_ring_full", c.tx_ring_full)
+                    .with("tx_segmented", c.tx_segmented)
+                    .with("tx_dropped", c.tx_dropped),
             )
     }
 
@@ -516,7 +518,14 @@ impl Net {
         let mut established_at = 0u64;
         let mut retries = 0;
         let outcome = loop {
-            self.poll();
+            let busy = self.poll();
+            let socket = self.sockets.get::<tcp::Socket>(handle);
+            if !busy && !socket.can_send() && socket.send_queue() > 0 {
+                // The buffer is full and in flight: sleep until a frame (an
+                // ACK) or a tick instead of spinning, which would take the
+                // shared CPU from the receiver and its emulator.
+                timer::wait_for_interrupt();
+            }
             let t = clock::uptime_us();
             if t > deadline {
                 break Err(format!("timed out after {} of {total} bytes", sent));

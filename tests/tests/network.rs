@@ -96,11 +96,12 @@ fn lab_64_mib_arrive_intact_at_mtu_1500_and_9000() {
     let st = ok(b.console(), "net status", REPLY);
     assert_eq!(st["mtu"], 9000);
     // The TCP segments used the jumbo MTU (TCP's MSS follows `net mtu`):
-    // 64 MiB in 1460-byte segments would be 46k frames.
+    // 64 MiB in 1460-byte segments would be 46k frames, 1514 bytes each;
+    // the tail of a segment cut by the NIC may be short.
     let count = |c: &Value, k: &str| c[k].as_u64().unwrap();
     let frames = count(&st["counters"], "rx_frames") - count(&before, "rx_frames");
     let bytes = count(&st["counters"], "rx_bytes") - count(&before, "rx_bytes");
-    assert!(bytes / frames > 8000, "{frames} frames for {bytes} bytes: TCP ignored MTU 9000");
+    assert!(bytes / frames > 6000, "{frames} frames for {bytes} bytes: TCP ignored MTU 9000");
 }
 
 #[test]

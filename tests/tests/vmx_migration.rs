@@ -121,6 +121,10 @@ fn a_vm_live_migrates_between_two_vmx_hosts() {
     assert_eq!(report["verified"], true, "{report}");
     assert!(report["rounds"].as_array().is_some_and(|r| !r.is_empty()), "{report}");
     assert!(report["downtime_us"].as_u64().unwrap() > 0, "{report}");
+    // A's stream left through Bochs's e1000 segmentation offload.
+    let counters = ok(a.console(), "net status")["counters"].clone();
+    println!("host A's NIC after the migration: {counters}");
+    assert!(counters["tx_segmented"].as_u64().unwrap() > 0, "{counters}");
 
     // Gone from A, running on B, still ticking and intact.
     let e = a.console().json("vm info m", SLOW).unwrap();

@@ -73,6 +73,13 @@ pub fn service_pending() {
     x86_64::instructions::interrupts::disable();
 }
 
+/// Sleeps until the next interrupt (a frame, a timer tick, a console
+/// byte), then disables interrupts again.
+pub fn wait_for_interrupt() {
+    x86_64::instructions::interrupts::enable_and_hlt();
+    x86_64::instructions::interrupts::disable();
+}
+
 /// Unmasks PIC line `irq` (a PCI device's interrupt line), and the cascade
 /// line when it is on the slave PIC.
 pub fn unmask_irq(irq: u8) {
