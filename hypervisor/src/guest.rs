@@ -87,6 +87,12 @@ pub mod st {
     pub const CURSOR: u64 = 0x138;
     /// PRNG state.
     pub const RNG: u64 = 0x140;
+    /// Guest TSC at which the guest wants to run again when it executes
+    /// `HLT` (its next heartbeat or page write). The guest has no
+    /// interrupts: the hypervisor treats `HLT` as "wait until this TSC",
+    /// and resumes it at the first host tick past it, or at once when a
+    /// request (verify, crash) is pending.
+    pub const WAKE_TSC: u64 = 0x148;
 }
 
 /// Port the guest's heartbeat goes out on (`OUT 0xE0, AL`).

@@ -175,13 +175,14 @@ fn count_processors(boot: &BootInfo) -> u32 {
 }
 
 /// The main loop: console input first, then the network, then one time
-/// slice of the next running VM; with nothing to do, sleep until an
-/// interrupt.
+/// slice of the next running VM that is not halted; with nothing to do,
+/// sleep until an interrupt (a halted guest waits for its wake time, at the
+/// first timer tick past it).
 ///
 /// While a migration runs, the CPU is shared: the network and the
 /// migration get up to `share / (100 - share)` timer periods of work (one
 /// period at the default 50 %), then a VM runs until the next tick (1 ms at
-/// [`timer::MIGRATION_HZ`]) without being cut short by the NIC. Otherwise a
+/// [`timer::FAST_HZ`]) without being cut short by the NIC. Otherwise a
 /// VM runs until any host interrupt, so a frame is served as soon as it
 /// arrives.
 fn console_loop(machine: &mut Machine) -> ! {
@@ -192,9 +193,10 @@ fn console_loop(machine: &mut Machine) -> ! {
     loop {
         let Some(byte) = serial::try_read() else {
             let share = machine.migrator.cpu_share();
-            timer::set_hz(if share.is_some() { timer::MIGRATION_HZ } else { timer::HZ });
+            let fast = share.is_some() || machine.vms.any_running();
+            timer::set_hz(if fast { timer::FAST_HZ } else { timer::HZ });
             let busy = serve_network(machine, share);
-            if machine.vms.any_running() {
+            if machine.vms.any_ready() {
                 let t = clock::uptime_us();
                 machine.vms.run_slice(if share.is_some() { Slice::UntilTick } else { Slice::UntilInterrupt });
                 let ran = clock::uptime_us();
@@ -237,7 +239,7 @@ fn console_loop(machine: &mut Machine) -> ! {
 /// was work.
 fn serve_network(machine: &mut Machine, share: Option<u8>) -> bool {
     let Some(net) = machine.net.as_mut() else { return false };
-    let period_us = 1_000_000 / timer::MIGRATION_HZ;
+    let period_us = 1_000_000 / timer::FAST_HZ;
     let until = share.map(|p| {
         let p = u64::from(p.min(95));
         clock::uptime_us() + period_us * p / (100 - p)

@@ -140,3 +140,42 @@ fn guest_verify_and_digests() {
     std::thread::sleep(Duration::from_millis(500));
     assert_ne!(ok(c, "vm digest v")["digest"], d1.as_str(), "a writing guest changes its memory");
 }
+
+/// A guest waiting for its next heartbeat or page write executes `HLT`,
+/// and the host runs it again at its wake time: an idle guest leaves the
+/// CPU to the host (`uptime`'s `cpu`), and a paced guest still writes at
+/// its rate and ticks on time.
+#[test]
+fn halting_guests_give_the_cpu_back_and_keep_their_pace() {
+    let mut h = host();
+    let c = h.console();
+    ok(c, "vm create idle mem=16");
+    ok(c, "vm create paced mem=16 workload=random rate=500");
+    ok(c, "vm start idle");
+    ok(c, "vm start paced");
+    std::thread::sleep(Duration::from_millis(500));
+    let cpu = |c: &mut Console| {
+        let u = ok(c, "uptime");
+        (u["uptime_us"].as_u64().unwrap(), u["cpu"]["vms_us"].as_u64().unwrap())
+    };
+    let writes = |c: &mut Console| ok(c, "vm info paced")["writes"].as_u64().unwrap();
+    let (t0, v0, w0, k0) = {
+        let (t, v) = cpu(c);
+        (t, v, writes(c), ticks(c, "idle"))
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    let (t1, v1) = cpu(c);
+    let (w1, k1) = (writes(c), ticks(c, "idle"));
+    let wall_s = (t1 - t0) as f64 / 1e6;
+    let vm_share = (v1 - v0) as f64 / (t1 - t0) as f64;
+    let rate = (w1 - w0) as f64 / wall_s;
+    println!("two halting guests: {:.0} % of the CPU in VMs; paced guest {rate:.0} writes/s; idle guest {} ticks in {wall_s:.1} s", vm_share * 100.0, k1 - k0);
+    // A spinning guest pair took all of it (vms_us = wall time).
+    assert!(vm_share < 0.5, "VMs took {:.0} % of the CPU", vm_share * 100.0);
+    assert!(rate > 400.0 && rate < 600.0, "paced guest wrote {rate:.0} pages/s, not 500");
+    assert!((k1 - k0) as f64 >= 9.0 * wall_s, "idle guest ticked {} times in {wall_s:.1} s", k1 - k0);
+    let info = ok(c, "vm info idle");
+    assert!(info["exits"]["hlt"].as_u64().unwrap() > 0, "{info}");
+    let v = ok(c, "vm verify paced");
+    assert_eq!(v["bad_pages"], 0, "{v}");
+}

@@ -1,7 +1,8 @@
 //! The host's periodic timer: 8259 PICs remapped to vectors 0x20-0x2F, PIT
-//! channel 0 at 100 Hz on IRQ 0 (1000 Hz while a migration shares the CPU
-//! with the VMs, see [`set_hz`]), and COM1's receive interrupt on IRQ 4 (it
-//! only wakes the console loop from `hlt`; bytes are read by polling).
+//! channel 0 at 100 Hz on IRQ 0 (1000 Hz while VMs run or a migration
+//! shares the CPU with them, see [`set_hz`]), and COM1's receive interrupt
+//! on IRQ 4 (it only wakes the console loop from `hlt`; bytes are read by
+//! polling).
 //!
 //! While a guest runs, the same interrupts make it exit (SVM INTR intercept,
 //! VMX external-interrupt exiting), which is how VMs share the CPU.
@@ -13,11 +14,12 @@ use x86_64::structures::idt::InterruptStackFrame;
 
 /// First vector of the master PIC.
 pub const PIC_BASE: u8 = 0x20;
-/// Timer frequency when no migration is running.
+/// Timer frequency with no VM running and no migration.
 pub const HZ: u64 = 100;
-/// Timer frequency while a migration runs: VM slices of 1 ms, so the
-/// migration gets the CPU back often enough to keep the link busy.
-pub const MIGRATION_HZ: u64 = 1000;
+/// Timer frequency while VMs run or a migration runs: a halted guest wakes
+/// at the first tick past its wake time, and a migration gets the CPU back
+/// from a VM after 1 ms, often enough to keep the link busy.
+pub const FAST_HZ: u64 = 1000;
 const PIT_HZ: u64 = 1_193_182;
 
 static TICKS: AtomicU64 = AtomicU64::new(0);

@@ -7,6 +7,10 @@
 //! of the next page write; R14 = now. All other state is in guest memory, so
 //! a copy of the memory and these registers is a copy of the guest.
 //!
+//! Between heartbeats and page writes the guest stores the TSC of the next
+//! one in `st::WAKE_TSC` and executes `HLT`; the hypervisor runs it again
+//! then (see `guest::st::WAKE_TSC`), so an idle guest takes almost no CPU.
+//!
 //! With a `rate`, writes are paced by the TSC. A guest that falls more than
 //! 1 ms behind (descheduled, or throttled by a migration) drops the missed
 //! writes instead of catching up, as a CPU-bound workload would: taking CPU
@@ -80,7 +84,16 @@ g_write:
     call g_write_page
     jmp g_main
 g_idle:
-    pause
+    mov rax, r12
+    cmp qword ptr [rbx + {workload}], 0
+    je g_sleep
+    cmp qword ptr [rbx + {rate}], 0
+    je g_sleep
+    cmp r13, rax
+    cmovb rax, r13
+g_sleep:
+    mov [rbx + {wake_tsc}], rax
+    hlt
     jmp g_main
 
 g_pick:
@@ -221,6 +234,7 @@ guest_image_end:
     verify_req = const hypervisor::guest::cfg::VERIFY_REQ,
     crash_req = const hypervisor::guest::cfg::CRASH_REQ,
     ticks = const hypervisor::guest::st::TICKS,
+    wake_tsc = const hypervisor::guest::st::WAKE_TSC,
     writes = const hypervisor::guest::st::WRITES,
     check_errors = const hypervisor::guest::st::CHECK_ERRORS,
     in_flight = const hypervisor::guest::st::IN_FLIGHT,

@@ -29,6 +29,9 @@ const HOST_RESERVE: u64 = 8 << 20;
 const VERIFY_TIMEOUT_US: u64 = 60_000_000;
 /// Page numbers listed in a `vm dirty` reply.
 const DIRTY_LIST: usize = 16;
+/// Period of the throttle's duty cycle (see `Vm::throttled`): ten 1 ms
+/// slices, so a throttled guest misses whole slices.
+const THROTTLE_PERIOD_US: u64 = 10_000;
 
 /// What ends a VM's time slice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -178,13 +181,14 @@ struct Vm {
     migrating: bool,
     /// Percent of CPU time taken away (migration auto-converge).
     throttle: u8,
-    /// A throttled VM does not run before this time.
-    throttled_until_us: u64,
     /// Commit was sent but the destination never confirmed: kept paused.
     in_doubt: bool,
     /// Paused by the operator when its migration began: it stays paused
     /// if the migration fails, and arrives paused if it succeeds.
     paused_before_migration: bool,
+    /// The guest executed `HLT` and waits for its wake time
+    /// (`guest::st::WAKE_TSC`): it does not run, and takes no CPU.
+    halted: bool,
 }
 
 /// All VMs of this host.
@@ -214,29 +218,30 @@ impl Manager {
     }
 
     /// Whether any VM wants the CPU.
+    /// Whether any VM is running (halted or not).
     pub fn any_running(&self) -> bool {
         self.vms.iter().any(|vm| vm.state == VmState::Running)
     }
 
-    /// Runs the next running VM (round robin) for one time slice. A
-    /// throttled VM sits out wall time in proportion to what it ran: at a
-    /// throttle of `p` percent, `p / (100 - p)` of each slice.
+    /// Whether a running VM has work (is not halted until later).
+    pub fn any_ready(&mut self) -> bool {
+        let now = clock::uptime_us();
+        self.vms.iter_mut().any(|vm| vm.state == VmState::Running && !vm.throttled(now) && vm.ready())
+    }
+
+    /// Runs the next running VM (round robin) that is neither throttled nor
+    /// halted for one time slice.
     pub fn run_slice(&mut self, slice: Slice) {
         let n = self.vms.len();
         let now = clock::uptime_us();
         for step in 0..n {
             let i = (self.next + step) % n;
             let vm = &mut self.vms[i];
-            if vm.state != VmState::Running || now < vm.throttled_until_us {
+            if vm.state != VmState::Running || vm.throttled(now) || !vm.ready() {
                 continue;
             }
             self.next = i + 1;
             vm.run_until(|_| false, u64::MAX, slice);
-            if vm.throttle > 0 {
-                let end = clock::uptime_us();
-                let off = (end - now) * u64::from(vm.throttle) / u64::from(100 - vm.throttle);
-                vm.throttled_until_us = end + off;
-            }
             return;
         }
     }
@@ -301,7 +306,7 @@ impl Manager {
         }
     }
 
-    /// Sets a migrating VM's throttle (percent of CPU time taken away).
+    /// Sets a migrating VM's throttle (percent of wall time it sits out).
     pub fn set_throttle(&mut self, name: &str, percent: u8) {
         if let Ok(vm) = self.find(name) {
             vm.throttle = percent.min(95);
@@ -537,8 +542,8 @@ impl Manager {
             pml_log: DirtyBitmap::new(bytes / 4096),
             migrating: false,
             throttle: 0,
-            throttled_until_us: 0,
             in_doubt: false,
+            halted: false,
             paused_before_migration: false,
         };
         let reply = Obj::new()
@@ -625,6 +630,28 @@ impl Vm {
         Ok(Reply::data(Obj::new().with("name", self.name.as_str()).with("state", self.state.name())))
     }
 
+    /// Whether the VM sits out this part of its throttle period: at a
+    /// throttle of `p` percent, the first `p` percent of every
+    /// [`THROTTLE_PERIOD_US`] of wall time, whether it would run or halt
+    /// (as QEMU's cpu-throttle sleeps the vCPU). Taking only the time it
+    /// runs would not slow a guest that halts between paced writes.
+    fn throttled(&self, now_us: u64) -> bool {
+        now_us % THROTTLE_PERIOD_US < THROTTLE_PERIOD_US * u64::from(self.throttle) / 100
+    }
+
+    /// Whether the vCPU may run: it is not halted, or its wake time has
+    /// come, or a request (verify, crash) waits for it.
+    fn ready(&mut self) -> bool {
+        if self.halted {
+            let request =
+                self.status(cfg::VERIFY_REQ) != self.status(st::VERIFY_DONE) || self.status(cfg::CRASH_REQ) != 0;
+            if request || self.vcpu.guest_tsc(clock::rdtsc()) >= self.status(st::WAKE_TSC) {
+                self.halted = false;
+            }
+        }
+        !self.halted
+    }
+
     fn stop(&mut self, why: String) {
         log::warn!("VM '{}' stopped: {why}", self.name);
         self.state = VmState::Stopped(why);
@@ -659,6 +686,14 @@ impl Vm {
                     if deadline_us == u64::MAX && slice_over {
                         return done(self);
                     }
+                }
+                // The guest waits for its wake time: the slice ends and
+                // the CPU goes to the host or another VM. (Waiting for a
+                // deadline, it runs on and halts again.)
+                VmExit::Hlt if deadline_us == u64::MAX => {
+                    self.handle_exit(exit);
+                    self.halted = true;
+                    return done(self);
                 }
                 other => self.handle_exit(other),
             }
