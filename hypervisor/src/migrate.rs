@@ -32,6 +32,12 @@ const CONTROL_BUFFER: usize = 64 * 1024;
 const INCOMING_IDLE_US: u64 = 30_000_000;
 /// Stop pulling records from the source while this much is still unsent.
 const MAX_PENDING: usize = 1024 * 1024;
+/// Most stream bytes the destination takes per poll, so that the network
+/// is polled in between (B acknowledges what arrived and gives the NIC its
+/// receive buffers back) every 1-2 ms of work under TCG, not only after
+/// the whole socket buffer: an ACK held back past A's retransmission
+/// timeout (smoltcp: 10 ms at least) makes A send the window again.
+const RECEIVE_SLICE: usize = 256 * 1024;
 /// A migration connection probes an idle peer this often...
 const KEEP_ALIVE_MS: u64 = 1_000;
 /// ...and is aborted when the peer has sent nothing for this long (a cut
@@ -381,7 +387,7 @@ impl Migrator {
             o.connected = true;
         }
         let source = &mut o.source;
-        busy |= net.tcp_recv_with(o.socket, |bytes| source.on_bytes(bytes, now)) > 0;
+        busy |= net.tcp_recv_with(o.socket, usize::MAX, |bytes| source.on_bytes(bytes, now)) > 0;
         let lost = matches!(
             state,
             TcpState::Closed | TcpState::CloseWait | TcpState::TimeWait | TcpState::Closing | TcpState::LastAck
@@ -508,12 +514,14 @@ impl Migrator {
         let received = match i.vm.as_deref() {
             // Straight from the socket's buffer into the skeleton's memory.
             Some(name) => vms
-                .with_memory(name, |m| net.tcp_recv_with(socket, |bytes| dest.on_bytes(bytes, &mut Mem(m))))
+                .with_memory(name, |m| {
+                    net.tcp_recv_with(socket, RECEIVE_SLICE, |bytes| dest.on_bytes(bytes, &mut Mem(m)))
+                })
                 .unwrap_or_else(|_| {
                     dest.on_abort("the incoming VM went away");
                     0
                 }),
-            None => net.tcp_recv_with(socket, |bytes| dest.on_bytes(bytes, &mut NoMemory)),
+            None => net.tcp_recv_with(socket, RECEIVE_SLICE, |bytes| dest.on_bytes(bytes, &mut NoMemory)),
         };
         if received > 0 {
             busy = true;

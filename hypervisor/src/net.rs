@@ -331,15 +331,17 @@ impl Net {
         self.sockets.get_mut::<tcp::Socket>(h).send_slice(data).unwrap_or(0)
     }
 
-    /// Hands everything received so far to `f`, straight from the socket's
-    /// buffer (in at most two pieces when it wraps); returns the byte count.
-    pub fn tcp_recv_with(&mut self, h: SocketHandle, mut f: impl FnMut(&[u8])) -> usize {
+    /// Hands up to `max` bytes of what was received to `f`, straight from
+    /// the socket's buffer (in at most two pieces when it wraps); returns
+    /// the byte count.
+    pub fn tcp_recv_with(&mut self, h: SocketHandle, max: usize, mut f: impl FnMut(&[u8])) -> usize {
         let socket = self.sockets.get_mut::<tcp::Socket>(h);
         let mut total = 0;
-        while socket.can_recv() {
+        while socket.can_recv() && total < max {
             match socket.recv(|d| {
-                f(d);
-                (d.len(), d.len())
+                let n = d.len().min(max - total);
+                f(&d[..n]);
+                (n, n)
             }) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => total += n,
