@@ -75,11 +75,17 @@ pub struct Config {
     /// announces grows with it: peers must not have a larger MTU than this
     /// host (they are on the same link, so they do not).
     pub tso: bool,
+    /// Receive coalescing (software LRO, as Linux's GRO; needs
+    /// `tcp_tx_checksum`, whose receive check it builds on): consecutive
+    /// in-order segments of one TCP flow waiting in the ring are handed to
+    /// smoltcp as one segment of up to 64 KiB, so its per-segment work is
+    /// done once per many frames. Costs one copy of the merged payloads.
+    pub lro: bool,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Self { rx_descriptors: 256, tx_descriptors: 256, mtu: 1500, tcp_tx_checksum: true, tso: true }
+        Self { rx_descriptors: 256, tx_descriptors: 256, mtu: 1500, tcp_tx_checksum: true, tso: true, lro: true }
     }
 }
 
@@ -120,6 +126,9 @@ pub struct Counters {
     pub tx_dropped: u64,
     /// IPv4 TCP frames with a bad checksum, dropped by the driver.
     pub rx_bad_checksum: u64,
+    /// Frames merged into the segment before them by receive coalescing
+    /// (each also counts in `rx_frames`).
+    pub rx_coalesced: u64,
 }
 
 /// Errors of [`E1000::new`] and [`E1000::set_mtu`].
@@ -383,6 +392,49 @@ struct RxRing {
     diverted: Diverted,
     /// Time of the latest `receive` call, for the diverted frames.
     now_us: u64,
+    /// Receive coalescing on (`Config::lro`).
+    lro: bool,
+    /// The segment coalescing built, and the descriptors it came from.
+    merged: Vec<u8>,
+    merged_parts: Vec<(usize, usize)>,
+    coalesced: u64,
+}
+
+/// The received bytes in receive buffer `index`.
+fn received(buffers: &[Buffer], index: usize, length: usize) -> &[u8] {
+    match buffers.get(index) {
+        // SAFETY: each receive buffer is BUFFER_SIZE bytes of DMA memory
+        // owned by the ring; the length is clamped to that, and hardware
+        // does not write the buffer while the driver owns the descriptor.
+        Some(buf) => unsafe { core::slice::from_raw_parts(buf.virt.as_ptr(), length.min(BUFFER_SIZE)) },
+        None => &[],
+    }
+}
+
+/// Most bytes of one coalesced frame: the IPv4 total length is 16 bits.
+const LRO_MAX_FRAME: usize = ETH_HEADER + 65535;
+
+/// What receive coalescing needs of a frame: IPv4 without options, not a
+/// fragment, carrying TCP without options, flags ACK (and maybe PSH), a
+/// payload, and no bytes after the segment. Returns the TCP sequence number
+/// and the payload length.
+fn lro_segment(frame: &[u8]) -> Option<(u32, usize)> {
+    let (ihl, total) = ipv4_tcp(frame)?;
+    let tcp = frame.get(ETH_HEADER + 20..ETH_HEADER + 40)?;
+    let fragment = be16(frame, ETH_HEADER + 6)? & 0x3FFF != 0;
+    let plain_flags = tcp[13] & !0x08 == 0x10; // ACK, perhaps PSH
+    if ihl != 20 || tcp[12] >> 4 != 5 || fragment || !plain_flags || ETH_HEADER + total != frame.len() {
+        return None;
+    }
+    let payload = total.checked_sub(40).filter(|&n| n > 0)?;
+    Some((u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]), payload))
+}
+
+/// Whether `next` continues the flow of `first`: the same addresses and
+/// ports, and its sequence number is `seq`.
+fn lro_continues(first: &[u8], next: &[u8], seq: u32) -> bool {
+    let flow = ETH_HEADER + 12..ETH_HEADER + 24; // addresses, then ports
+    first.get(flow.clone()) == next.get(flow) && lro_segment(next).is_some_and(|(s, _)| s == seq)
 }
 
 /// Frames of the diverted EtherType seen since the last
@@ -405,20 +457,7 @@ impl RxRing {
     fn next_good(&mut self) -> Option<(usize, usize)> {
         for _ in 0..self.descs.count {
             let index = self.next;
-            let desc = self.descs.slot(index);
-            // SAFETY: `desc` is a valid descriptor in our ring; hardware may
-            // write it concurrently, hence the volatile read.
-            let status = unsafe { addr_of!((*desc).status).read_volatile() };
-            if status & RXD_DD == 0 {
-                return None;
-            }
-            // Read the rest of the descriptor (and later the buffer) only
-            // after seeing DD.
-            fence(Ordering::Acquire);
-            // SAFETY: as above; DD is set so hardware is done with it.
-            let (length, errors) = unsafe {
-                (usize::from(addr_of!((*desc).length).read_volatile()), addr_of!((*desc).errors).read_volatile())
-            };
+            let (status, length, errors) = self.completed(index)?;
             if status & RXD_EOP == 0 {
                 if !self.discarding {
                     self.errors += 1;
@@ -451,19 +490,105 @@ impl RxRing {
 
     /// The received bytes of descriptor `index`.
     fn frame(&self, index: usize, length: usize) -> &[u8] {
-        match self.buffers.get(index) {
-            // SAFETY: each receive buffer is BUFFER_SIZE bytes of DMA memory
-            // owned by this ring; the length is clamped to that, and hardware
-            // does not write the buffer while the driver owns the descriptor.
-            Some(buf) => unsafe { core::slice::from_raw_parts(buf.virt.as_ptr(), length.min(BUFFER_SIZE)) },
-            None => &[],
-        }
+        received(&self.buffers, index, length)
     }
 
     /// Counts a frame handed to the caller.
     fn delivered(&mut self, length: usize) {
         self.frames += 1;
         self.bytes += length as u64;
+    }
+
+    /// Status, length and errors of descriptor `at` once hardware has
+    /// completed it (DD set); `None` while hardware still owns it.
+    fn completed(&self, at: usize) -> Option<(u8, usize, u8)> {
+        let desc = self.descs.slot(at);
+        // SAFETY: `desc` is a valid descriptor in our ring; hardware may
+        // write it concurrently, hence the volatile read.
+        let status = unsafe { addr_of!((*desc).status).read_volatile() };
+        if status & RXD_DD == 0 {
+            return None;
+        }
+        // Read the rest of the descriptor (and later the buffer) only
+        // after seeing DD.
+        fence(Ordering::Acquire);
+        // SAFETY: as above; DD is set so hardware is done with it.
+        let (length, errors) = unsafe {
+            (usize::from(addr_of!((*desc).length).read_volatile()), addr_of!((*desc).errors).read_volatile())
+        };
+        Some((status, length, errors))
+    }
+
+    /// Receive coalescing: if the good frame at `index` (the next in the
+    /// ring) is a plain TCP segment and the frames completed right after it
+    /// continue its flow in order, builds one segment of them all in
+    /// `merged` (the first one's headers with the new total length and IP
+    /// checksum, and the last one's ACK number, window and PSH) and
+    /// returns true; the parts wait in `merged_parts` until the segment is
+    /// consumed, then go back in ring order. The first frame that does not
+    /// continue the flow (or is not a whole good frame) stays in the ring.
+    fn coalesce(&mut self, index: usize, length: usize) -> bool {
+        let Some((seq, payload)) = lro_segment(self.frame(index, length)) else { return false };
+        let mut next_seq = seq.wrapping_add(u32::try_from(payload).unwrap_or(0));
+        let mut parts = core::mem::take(&mut self.merged_parts);
+        parts.clear();
+        parts.push((index, length));
+        let mut total = length;
+        let mut at = index;
+        loop {
+            at = (at + 1) % self.descs.count;
+            let Some((status, len, errors)) = self.completed(at) else { break };
+            let whole = status & RXD_EOP != 0 && errors == 0 && len > TCP_HEADERS && len <= self.max_frame;
+            if at == index || !whole || total + len - TCP_HEADERS > LRO_MAX_FRAME {
+                break;
+            }
+            let part = self.frame(at, len);
+            if !lro_continues(self.frame(index, length), part, next_seq) || (self.verify_tcp && !tcp_checksum_ok(part))
+            {
+                break;
+            }
+            if parts.len() == 1 {
+                self.merged.clear();
+                self.merged.extend_from_slice(received(&self.buffers, index, length));
+            }
+            let part = received(&self.buffers, at, len);
+            let tcp = ETH_HEADER + 20;
+            // The newest ACK number and window, and PSH if any part had it.
+            let mut fields = [0u8; 8];
+            fields.copy_from_slice(&part[tcp + 8..tcp + 16]);
+            self.merged.extend_from_slice(&part[TCP_HEADERS..]);
+            self.merged[tcp + 8..tcp + 12].copy_from_slice(&fields[..4]);
+            self.merged[tcp + 13] |= fields[5] & 0x08;
+            self.merged[tcp + 14..tcp + 16].copy_from_slice(&fields[6..]);
+            next_seq = next_seq.wrapping_add(u32::try_from(len - TCP_HEADERS).unwrap_or(0));
+            total += len - TCP_HEADERS;
+            parts.push((at, len));
+        }
+        let merged = parts.len() > 1;
+        if merged {
+            let ip = ETH_HEADER;
+            let ip_len = u16::try_from(self.merged.len() - ETH_HEADER).unwrap_or(u16::MAX);
+            self.merged[ip + 2..ip + 4].copy_from_slice(&ip_len.to_be_bytes());
+            self.merged[ip + 10..ip + 12].fill(0);
+            let sum = !fold(ones_sum(&self.merged[ip..ip + 20]));
+            self.merged[ip + 10..ip + 12].copy_from_slice(&sum.to_be_bytes());
+            self.coalesced += parts.len() as u64 - 1;
+        } else {
+            parts.clear();
+        }
+        self.merged_parts = parts;
+        merged
+    }
+
+    /// Counts and recycles the frames of a consumed coalesced segment.
+    fn delivered_merged(&mut self) {
+        let parts = core::mem::take(&mut self.merged_parts);
+        for &(index, length) in &parts {
+            self.delivered(length);
+            self.recycle(index);
+        }
+        self.merged_parts = parts;
+        self.merged_parts.clear();
     }
 
     /// Clears descriptor `index` and marks it for return to hardware.
@@ -968,7 +1093,10 @@ impl<R: Registers> E1000<R> {
         if config.tso && !config.tcp_tx_checksum {
             return Err(E1000Error::BadConfig("tso needs tcp_tx_checksum"));
         }
-        let rx = Self::alloc_rx(dma, config.rx_descriptors, config.mtu, config.tcp_tx_checksum)?;
+        if config.lro && !config.tcp_tx_checksum {
+            return Err(E1000Error::BadConfig("lro needs tcp_tx_checksum"));
+        }
+        let rx = Self::alloc_rx(dma, config.rx_descriptors, config.mtu, config.tcp_tx_checksum, config.lro)?;
         let tx = Self::alloc_tx(dma, config)?;
 
         let mut nic = Self { regs, mac, mtu: config.mtu, rx, tx, hw_dropped: 0, hw_errors: 0, hw_oversize: 0 };
@@ -1015,7 +1143,13 @@ impl<R: Registers> E1000<R> {
         regs.write(reg::IMS, reg::ICR_RXT0 | reg::ICR_RXO | reg::ICR_RXDMT0 | reg::ICR_LSC);
     }
 
-    fn alloc_rx(dma: &mut impl Dma, count: usize, mtu: usize, verify_tcp: bool) -> Result<RxRing, E1000Error> {
+    fn alloc_rx(
+        dma: &mut impl Dma,
+        count: usize,
+        mtu: usize,
+        verify_tcp: bool,
+        lro: bool,
+    ) -> Result<RxRing, E1000Error> {
         let (descs, buffers) = alloc_ring(dma, count, BUFFER_SIZE, |desc: *mut RxDesc, phys| {
             // SAFETY: the ring memory is ours and not yet visible to hardware.
             unsafe { addr_of_mut!((*desc).addr).write_volatile(phys) }
@@ -1037,6 +1171,10 @@ impl<R: Registers> E1000<R> {
             divert: None,
             diverted: Diverted::default(),
             now_us: 0,
+            lro,
+            merged: Vec::new(),
+            merged_parts: Vec::new(),
+            coalesced: 0,
         })
     }
 
@@ -1133,6 +1271,7 @@ impl<R: Registers> E1000<R> {
             tx_segmented: self.tx.segmented,
             tx_dropped: self.tx.dropped,
             rx_bad_checksum: self.rx.bad_checksum,
+            rx_coalesced: self.rx.coalesced,
         }
     }
 
@@ -1190,6 +1329,8 @@ pub struct E1000RxToken<'a> {
     rx: &'a mut RxRing,
     index: usize,
     length: usize,
+    /// The frame is the coalesced segment in `rx.merged`.
+    merged: bool,
 }
 
 /// smoltcp transmit token: borrows the transmit ring and the registers.
@@ -1203,9 +1344,14 @@ impl phy::RxToken for E1000RxToken<'_> {
     where
         F: FnOnce(&[u8]) -> T,
     {
+        // Given back to hardware at the next receive()/transmit() call.
+        if self.merged {
+            let result = f(&self.rx.merged);
+            self.rx.delivered_merged();
+            return result;
+        }
         let result = f(self.rx.frame(self.index, self.length));
         self.rx.delivered(self.length);
-        // Given back to hardware at the next receive()/transmit() call.
         self.rx.recycle(self.index);
         result
     }
@@ -1253,8 +1399,9 @@ impl<R: Registers> phy::Device for E1000<R> {
             self.rx.flush(&mut self.regs);
         }
         let (index, length) = found?;
+        let merged = self.rx.lro && self.rx.coalesce(index, length);
         Some((
-            E1000RxToken { rx: &mut self.rx, index, length },
+            E1000RxToken { rx: &mut self.rx, index, length, merged },
             E1000TxToken { tx: &mut self.tx, regs: &mut self.regs },
         ))
     }
@@ -1560,6 +1707,7 @@ mod tests {
             mtu: 1500,
             tcp_tx_checksum: true,
             tso: false,
+            lro: false,
         }
     }
 
@@ -1640,12 +1788,15 @@ mod tests {
         for (rx, tx, mtu) in [(0, 8, 1500), (12, 8, 1500), (8, 8192, 1500), (8, 8, 575), (8, 8, 9001)] {
             let regs = FakeRegs::new(MAC_A);
             let mut dma = HeapDma::default();
-            let config = Config { rx_descriptors: rx, tx_descriptors: tx, mtu, tcp_tx_checksum: true, tso: false };
+            let config = Config { rx_descriptors: rx, tx_descriptors: tx, mtu, ..config(8) };
             assert!(matches!(E1000::new(regs, &mut dma, config), Err(E1000Error::BadConfig(_))));
         }
         let no_checksums = Config { tcp_tx_checksum: false, tso: true, ..config(8) };
         let result = E1000::new(FakeRegs::new(MAC_A), &mut HeapDma::default(), no_checksums);
         assert_eq!(result.err(), Some(E1000Error::BadConfig("tso needs tcp_tx_checksum")));
+        let no_checksums = Config { tcp_tx_checksum: false, lro: true, ..config(8) };
+        let result = E1000::new(FakeRegs::new(MAC_A), &mut HeapDma::default(), no_checksums);
+        assert_eq!(result.err(), Some(E1000Error::BadConfig("lro needs tcp_tx_checksum")));
     }
 
     #[test]
@@ -2008,8 +2159,8 @@ mod tests {
     }
 
     /// Moves 1 MiB from A to B over smoltcp and the fake wire; returns A's
-    /// wire (for its offload counts) and A's counters.
-    fn transfer_one_mebibyte(config: Config) -> (FakeWire, Counters) {
+    /// wire (for its offload counts) and both NICs' counters.
+    fn transfer_one_mebibyte(config: Config) -> (FakeWire, Counters, Counters) {
         const TOTAL: usize = 1 << 20;
         let payload: Vec<u8> = (0..TOTAL).map(|i| (i % 251) as u8).collect();
 
@@ -2065,12 +2216,12 @@ mod tests {
         let (ca, cb) = (nic_a.counters(), nic_b.counters());
         assert!(ca.tx_bytes >= TOTAL as u64 && cb.rx_bytes >= TOTAL as u64);
         assert_eq!(ca.rx_errors + cb.rx_errors + ca.rx_oversize + cb.rx_oversize + cb.rx_bad_checksum, 0);
-        (wire_a, ca)
+        (wire_a, ca, cb)
     }
 
     #[test]
     fn smoltcp_tcp_transfers_one_mebibyte_with_checksum_offload() {
-        let (wire, counters) = transfer_one_mebibyte(Config { tso: false, ..Config::default() });
+        let (wire, counters, _) = transfer_one_mebibyte(Config { tso: false, lro: false, ..Config::default() });
         // The segments' checksums were left to the (fake) NIC, and B's
         // driver, which checks every one, accepted them all.
         assert!(wire.offloaded.get() > (1 << 20) / 1460, "{} offloaded", wire.offloaded.get());
@@ -2079,12 +2230,87 @@ mod tests {
 
     #[test]
     fn smoltcp_tcp_transfers_one_mebibyte_with_segmentation_offload() {
-        let (wire, counters) = transfer_one_mebibyte(Config::default());
+        let (wire, counters, b) = transfer_one_mebibyte(Config::default());
         // smoltcp handed over segments of up to 44 wire frames, the (fake)
-        // NIC cut them, and B took every frame.
+        // NIC cut them, and B took every frame, merging most back into
+        // large segments for its smoltcp.
         assert!(counters.tx_segmented > 0 && counters.tx_segmented < 40, "{} segmented", counters.tx_segmented);
         assert!(wire.cut.get() > (1 << 20) / 1460, "{} frames cut", wire.cut.get());
         assert_eq!(counters.tx_dropped, 0);
+        assert!(b.rx_coalesced > b.rx_frames / 2, "{} of {} frames coalesced", b.rx_coalesced, b.rx_frames);
+    }
+
+    /// A plain TCP segment of flow `port` (ACK set, PSH as given) carrying
+    /// `payload` bytes at sequence number `seq`, acknowledging `ack`, with
+    /// a valid checksum.
+    fn segment(port: u16, seq: u32, payload: usize, ack: u32, psh: bool) -> Vec<u8> {
+        let mut f = tcp_frame(payload);
+        f[34..36].copy_from_slice(&port.to_be_bytes());
+        f[38..42].copy_from_slice(&seq.to_be_bytes());
+        f[42..46].copy_from_slice(&ack.to_be_bytes());
+        f[47] = if psh { 0x18 } else { 0x10 };
+        f[48..50].copy_from_slice(&ack.to_be_bytes()[2..]); // a window that changes
+        for (i, b) in f[54..].iter_mut().enumerate() {
+            *b = (seq as usize + i) as u8;
+        }
+        assert!(prepare_tcp_checksum(&mut f).is_some());
+        finish_checksum(&mut f, 50, 34);
+        f
+    }
+
+    #[test]
+    fn in_order_segments_of_one_flow_are_coalesced_and_the_rest_left_alone() {
+        let regs = FakeRegs::new(MAC_A);
+        let wire = FakeWire::new(&regs);
+        let mut dma = HeapDma::default();
+        let mut nic = nic_with(&regs, &mut dma, Config { lro: true, ..config(16) });
+        let now = Instant::from_millis(0);
+        let frames = [
+            segment(7000, 100, 1000, 1, false),
+            segment(7000, 1100, 1000, 2, true),
+            segment(7000, 2100, 500, 3, false),
+            segment(7001, 2600, 100, 4, false), // another flow
+            segment(7000, 5000, 100, 5, false), // a gap
+            segment(7000, 5100, 100, 6, false),
+        ];
+        for f in &frames {
+            assert!(wire.inject(f));
+        }
+        let take = |nic: &mut E1000<FakeRegs>| {
+            let (rx, _) = nic.receive(now).expect("a frame");
+            phy::RxToken::consume(rx, <[u8]>::to_vec)
+        };
+        let merged = take(&mut nic);
+        let ip = Ipv4Packet::new_checked(&merged[14..]).unwrap();
+        assert!(ip.verify_checksum());
+        let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+        assert_eq!((tcp.seq_number().0, tcp.ack_number().0, tcp.window_len(), tcp.psh()), (100, 3, 3, true));
+        let expect: Vec<u8> = frames[..3].iter().flat_map(|f| f[54..].to_vec()).collect();
+        assert_eq!(tcp.payload(), &expect[..]);
+        assert_eq!(take(&mut nic), frames[3], "another flow");
+        let merged = take(&mut nic);
+        assert_eq!(merged.len(), 54 + 200, "after the gap, the next two");
+        assert!(nic.receive(now).is_none());
+        let c = nic.counters();
+        assert_eq!((c.rx_frames, c.rx_coalesced), (6, 3));
+        // Every descriptor went back to hardware, in order.
+        nic.flush();
+        assert_eq!(regs.get(reg::RDT), 5);
+        // Segments with other flags, or a bad checksum, are not merged.
+        let mut fin = segment(7000, 5200, 100, 7, false);
+        fin[47] |= 0x01;
+        assert!(prepare_tcp_checksum(&mut fin).is_some());
+        finish_checksum(&mut fin, 50, 34);
+        let next = segment(7000, 5300, 100, 8, false);
+        let mut bad = segment(7000, 5400, 100, 9, false);
+        *bad.last_mut().unwrap() ^= 1;
+        for f in [&fin, &next, &bad] {
+            assert!(wire.inject(f));
+        }
+        assert_eq!(take(&mut nic), fin);
+        assert_eq!(take(&mut nic), next);
+        assert!(nic.receive(now).is_none(), "the bad one is dropped");
+        assert_eq!(nic.counters().rx_bad_checksum, 1);
     }
 
     /// Whether smoltcp accepts the TCP checksum of an Ethernet + IPv4 frame

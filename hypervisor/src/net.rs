@@ -432,6 +432,7 @@ impl Net {
                     .with("rx_errors", c.rx_errors)
                     .with("rx_oversize", c.rx_oversize)
                     .with("rx_bad_checksum", c.rx_bad_checksum)
+                    .with("rx_coalesced", c.rx_coalesced)
                     .with("tx_ring_full", c.tx_ring_full)
                     .with("tx_segmented", c.tx_segmented)
                     .with("tx_dropped", c.tx_dropped),

@@ -18,6 +18,14 @@ fn ok(c: &mut Console, cmd: &str, t: Duration) -> Value {
     v
 }
 
+/// Frames the lab's switch dropped toward host B (its TAP's queue was
+/// full: B's emulator did not read them in time).
+fn tap_drops(lab: &Lab) -> u64 {
+    let out = lab.ip(&["-s", "-j", "link", "show", "tap2"]).unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v[0]["stats64"]["tx"]["dropped"].as_u64().unwrap()
+}
+
 fn rate(v: &Value) -> f64 {
     v["mb_per_s"].as_str().unwrap().parse().unwrap()
 }
@@ -45,10 +53,19 @@ fn tcp_goodput_against_raw_frame_throughput() {
         let (mut tcp_rates, mut raw_rates) = (Vec::new(), Vec::new());
         for _ in 0..3 {
             ok(b.console(), "net bench listen", REPLY);
+            let (a0, drops0) = (ok(a.console(), "net status", REPLY), tap_drops(&lab));
             ok(a.console(), &format!("net bench send 10.77.0.12 {mib}"), LONG);
             std::thread::sleep(Duration::from_millis(500));
             let tcp = ok(b.console(), "net bench result", REPLY);
             assert_eq!(tcp["intact"], true);
+            let a1 = ok(a.console(), "net status", REPLY);
+            let sent_bytes =
+                a1["counters"]["tx_bytes"].as_u64().unwrap() - a0["counters"]["tx_bytes"].as_u64().unwrap();
+            println!(
+                "network_bench MTU {mtu} TCP run: A sent {:.3}x the payload (headers and retransmissions); the bridge dropped {} frames toward B",
+                sent_bytes as f64 / f64::from(mib << 20),
+                tap_drops(&lab) - drops0
+            );
             let before = ok(b.console(), "net blast result", REPLY);
             let sent = ok(a.console(), &format!("net blast 52:54:00:77:00:02 {mib}"), LONG);
             std::thread::sleep(Duration::from_millis(500));
