@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{bail, Context, Result};
-use boot::{HostConfig, Nic};
+use boot::{Emulator, HostConfig, Nic};
 
 /// Address of the management interface inside the lab namespace.
 pub const MGMT_IP: &str = "10.77.0.1";
@@ -100,7 +100,12 @@ impl Lab {
         self.ip(&["tuntap", "add", &tap, "mode", "tap"])?;
         self.ip(&["link", "set", &tap, "master", "br0", "up"])?;
         let mac = format!("52:54:00:77:00:{:02x}", self.taps);
-        Ok(HostConfig { nic: Some(Nic::Tap { ifname: tap, mac }), netns: Some(self.ns.clone()), ..base.clone() })
+        let mut config = base.clone();
+        // A gdbstub per QEMU host for scripts/guest-profile.py.
+        if let (Ok(dir), Emulator::Qemu) = (std::env::var("LAB_GDB"), config.emulator) {
+            config.qemu_args.extend([String::from("-gdb"), format!("unix:{dir}/{tap}.sock,server=on,wait=off")]);
+        }
+        Ok(HostConfig { nic: Some(Nic::Tap { ifname: tap, mac }), netns: Some(self.ns.clone()), ..config })
     }
 
     /// Sets the MTU of the bridge, its ports and the management interface.
