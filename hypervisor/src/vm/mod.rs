@@ -179,7 +179,8 @@ struct Vm {
     /// Being migrated out: lifecycle commands are refused until the
     /// migration ends.
     migrating: bool,
-    /// Percent of CPU time taken away (migration auto-converge).
+    /// Percent of wall time the VM sits out (migration auto-converge; see
+    /// `Vm::throttled`).
     throttle: u8,
     /// Commit was sent but the destination never confirmed: kept paused.
     in_doubt: bool,
@@ -217,7 +218,6 @@ impl Manager {
         }
     }
 
-    /// Whether any VM wants the CPU.
     /// Whether any VM is running (halted or not).
     pub fn any_running(&self) -> bool {
         self.vms.iter().any(|vm| vm.state == VmState::Running)
