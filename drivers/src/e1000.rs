@@ -493,6 +493,16 @@ impl RxRing {
         received(&self.buffers, index, length)
     }
 
+    /// The received bytes of descriptor `index`, to edit in place.
+    fn frame_mut(&mut self, index: usize, length: usize) -> &mut [u8] {
+        match self.buffers.get(index) {
+            // SAFETY: as in `received`; `&mut self` makes this the only
+            // reference into the ring's buffers.
+            Some(buf) => unsafe { core::slice::from_raw_parts_mut(buf.virt.as_ptr(), length.min(BUFFER_SIZE)) },
+            None => &mut [],
+        }
+    }
+
     /// Counts a frame handed to the caller.
     fn delivered(&mut self, length: usize) {
         self.frames += 1;
@@ -645,6 +655,8 @@ struct TxRing {
     max_frame: usize,
     segmented: u64,
     dropped: u64,
+    /// The MSS each peer announced (with segmentation).
+    peers: PeerMss,
 }
 
 /// What a TCP segmentation context tells the NIC besides the checksum
@@ -766,12 +778,13 @@ fn prepare_tcp_checksum(frame: &mut [u8]) -> Option<TcpContext> {
 }
 
 /// For an Ethernet frame carrying one whole IPv4 TCP segment too long for
-/// the wire (IP MTU `mtu`): makes its headers the template the NIC copies
+/// the wire (IP MTU `mtu`; the peer's MSS if it announced one): makes its
+/// headers the template the NIC copies
 /// into every frame it cuts (manual 3.5.1: IP checksum zero, as the NIC
 /// sums the header with it; TCP checksum seeded with the pseudo-header
 /// sum without the length, which the NIC adds per frame), and returns the
 /// contexts. `None` when the frame cannot be segmented.
-fn prepare_segmentation(frame: &mut [u8], mtu: usize) -> Option<(TcpContext, Segmentation)> {
+fn prepare_segmentation(frame: &mut [u8], mtu: usize, peer_mss: Option<u16>) -> Option<(TcpContext, Segmentation)> {
     let (ihl, total) = ipv4_tcp(frame)?;
     let tcp_start = ETH_HEADER + ihl;
     let tcp_header = usize::from(*frame.get(tcp_start + 12)? >> 4) * 4;
@@ -780,7 +793,11 @@ fn prepare_segmentation(frame: &mut [u8], mtu: usize) -> Option<(TcpContext, Seg
     if ihl < 20 || tcp_header < 20 || fragment || ETH_HEADER + total != frame.len() || header_len >= frame.len() {
         return None;
     }
-    let mss = mtu.checked_sub(ihl + tcp_header).filter(|&m| m > 0)?;
+    let wire_mss = mtu.checked_sub(ihl + tcp_header)?;
+    let mss = peer_mss.map_or(wire_mss, |p| wire_mss.min(usize::from(p)));
+    if mss == 0 {
+        return None;
+    }
     frame.get_mut(ETH_HEADER + 10..ETH_HEADER + 12)?.fill(0);
     let seed = fold(pseudo_header_sum(frame, 0)).to_be_bytes();
     frame.get_mut(tcp_start + 16..tcp_start + 18)?.copy_from_slice(&seed);
@@ -796,6 +813,64 @@ fn prepare_segmentation(frame: &mut [u8], mtu: usize) -> Option<(TcpContext, Seg
         payload_len: u32::try_from(frame.len() - header_len).ok()?,
     };
     Some((tcp, seg))
+}
+
+/// For an IPv4 TCP SYN: the offset of its MSS option's value. `None` for
+/// anything else, or a SYN without the option.
+fn syn_mss_at(frame: &[u8]) -> Option<usize> {
+    let (ihl, total) = ipv4_tcp(frame)?;
+    let tcp = ETH_HEADER + ihl;
+    if *frame.get(tcp + 13)? & 0x02 == 0 {
+        return None;
+    }
+    let end = (tcp + usize::from(*frame.get(tcp + 12)? >> 4) * 4).min(ETH_HEADER + total).min(frame.len());
+    let mut at = tcp + 20;
+    while at < end {
+        match frame[at] {
+            0 => return None,
+            1 => at += 1,
+            2 if frame.get(at + 1) == Some(&4) && at + 4 <= end => return Some(at + 2),
+            _ => at += usize::from(*frame.get(at + 1)?).max(2),
+        }
+    }
+    None
+}
+
+/// Most peers whose MSS segmentation remembers.
+const MAX_PEERS: usize = 64;
+
+/// With segmentation smoltcp announces and expects MSSes of whole 64 KiB
+/// segments, while the wire carries honest ones: the driver announces its
+/// wire MSS in every SYN it sends, and hands smoltcp the most whole
+/// segments of the peer's MSS that fit 64 KiB in every SYN it receives,
+/// remembering the peer's own for cutting. Two hosts with different MTUs
+/// on one link thus cut to the smaller.
+#[derive(Default)]
+struct PeerMss {
+    peers: Vec<([u8; 4], u16)>,
+}
+
+impl PeerMss {
+    /// The MSS `peer` announced, if it sent a SYN.
+    fn get(&self, peer: [u8; 4]) -> Option<u16> {
+        self.peers.iter().find(|(ip, _)| *ip == peer).map(|&(_, mss)| mss)
+    }
+
+    /// Notes the MSS of a received SYN and rewrites it for smoltcp (whose
+    /// TCP checksum is not checked after the driver's).
+    fn learn(&mut self, frame: &mut [u8], wire_mss: usize) {
+        let Some(at) = syn_mss_at(frame) else { return };
+        let Some(announced) = be16(frame, at) else { return };
+        let peer = [frame[26], frame[27], frame[28], frame[29]];
+        self.peers.retain(|(ip, _)| *ip != peer);
+        if self.peers.len() == MAX_PEERS {
+            self.peers.remove(0);
+        }
+        self.peers.push((peer, announced));
+        let cut = usize::from(announced).min(wire_mss).max(1);
+        let whole = (TSO_MAX_FRAME - TCP_HEADERS) / cut * cut;
+        frame[at..at + 2].copy_from_slice(&u16::try_from(whole).unwrap_or(u16::MAX).to_be_bytes());
+    }
 }
 
 impl TxRing {
@@ -913,8 +988,18 @@ impl TxRing {
             // SAFETY: as above; `fill` has returned, so nothing else holds
             // the buffer.
             let frame = unsafe { core::slice::from_raw_parts_mut(self.buffer_ptr(index), length) };
-            if let Some(wire) = self.segment_above.filter(|&wire| length > wire) {
-                match prepare_segmentation(frame, wire - ETH_HEADER) {
+            if let (Some(wire), Some(at)) = (self.segment_above, syn_mss_at(frame)) {
+                // Announce the MSS the wire carries, not smoltcp's.
+                let honest = u16::try_from(wire - TCP_HEADERS).unwrap_or(u16::MAX);
+                let announced = be16(frame, at).unwrap_or(honest);
+                frame[at..at + 2].copy_from_slice(&announced.min(honest).to_be_bytes());
+            }
+            // Cut what the wire, or the peer's MSS, does not take whole.
+            let peer_mss = frame.get(30..34).and_then(|ip| self.peers.get(<[u8; 4]>::try_from(ip).ok()?));
+            let limit =
+                self.segment_above.map(|wire| peer_mss.map_or(wire, |m| wire.min(TCP_HEADERS + usize::from(m))));
+            if let Some(wire) = self.segment_above.filter(|_| limit.is_some_and(|l| length > l)) {
+                match prepare_segmentation(frame, wire - ETH_HEADER, peer_mss) {
                     Some((context, seg)) if self.free() >= 2 => {
                         let next = (index + 1) % self.descs.count;
                         self.buffers.swap(index, next);
@@ -1201,6 +1286,7 @@ impl<R: Registers> E1000<R> {
             max_frame,
             segmented: 0,
             dropped: 0,
+            peers: PeerMss::default(),
         })
     }
 
@@ -1399,6 +1485,9 @@ impl<R: Registers> phy::Device for E1000<R> {
             self.rx.flush(&mut self.regs);
         }
         let (index, length) = found?;
+        if let Some(wire) = self.tx.segment_above {
+            self.tx.peers.learn(self.rx.frame_mut(index, length), wire - TCP_HEADERS);
+        }
         let merged = self.rx.lro && self.rx.coalesce(index, length);
         Some((
             E1000RxToken { rx: &mut self.rx, index, length, merged },
@@ -2161,14 +2250,19 @@ mod tests {
     /// Moves 1 MiB from A to B over smoltcp and the fake wire; returns A's
     /// wire (for its offload counts) and both NICs' counters.
     fn transfer_one_mebibyte(config: Config) -> (FakeWire, Counters, Counters) {
+        transfer_one_mebibyte_between(config, config)
+    }
+
+    /// [`transfer_one_mebibyte`] with each NIC configured on its own.
+    fn transfer_one_mebibyte_between(config_a: Config, config_b: Config) -> (FakeWire, Counters, Counters) {
         const TOTAL: usize = 1 << 20;
         let payload: Vec<u8> = (0..TOTAL).map(|i| (i % 251) as u8).collect();
 
         let (regs_a, regs_b) = (FakeRegs::new(MAC_A), FakeRegs::new(MAC_B));
         let (wire_a, wire_b) = (FakeWire::new(&regs_a), FakeWire::new(&regs_b));
         let (mut dma_a, mut dma_b) = (HeapDma::default(), HeapDma::default());
-        let mut nic_a = nic_with(&regs_a, &mut dma_a, config);
-        let mut nic_b = nic_with(&regs_b, &mut dma_b, config);
+        let mut nic_a = nic_with(&regs_a, &mut dma_a, config_a);
+        let mut nic_b = nic_with(&regs_b, &mut dma_b, config_b);
         let mut iface_a = interface(&mut nic_a, [10, 0, 0, 1]);
         let mut iface_b = interface(&mut nic_b, [10, 0, 0, 2]);
 
@@ -2238,6 +2332,53 @@ mod tests {
         assert!(wire.cut.get() > (1 << 20) / 1460, "{} frames cut", wire.cut.get());
         assert_eq!(counters.tx_dropped, 0);
         assert!(b.rx_coalesced > b.rx_frames / 2, "{} of {} frames coalesced", b.rx_coalesced, b.rx_frames);
+    }
+
+    #[test]
+    fn hosts_with_different_mtus_cut_to_the_smaller_mss() {
+        // A's frames at MTU 9000 would be dropped by B at 1500 (the fake,
+        // like the NIC without long-packet receive, refuses them): only the
+        // MSS B announced keeps A's cuts small enough.
+        let (wire, a, b) = transfer_one_mebibyte_between(Config { mtu: 9000, ..Config::default() }, Config::default());
+        assert!(wire.cut.get() > (1 << 20) / 1460 && a.tx_segmented > 0, "{a:?}");
+        assert_eq!(b.rx_oversize, 0, "{b:?}");
+    }
+
+    #[test]
+    fn syns_announce_the_wire_mss_and_smoltcp_sees_whole_segments_of_the_peers() {
+        let regs = FakeRegs::new(MAC_A);
+        let wire = FakeWire::new(&regs);
+        let mut dma = HeapDma::default();
+        let mut nic = nic_with(&regs, &mut dma, Config { tso: true, ..config(16) });
+        let syn = |mss: u16| {
+            let mut f = tcp_frame(0);
+            f.splice(54..54, [2, 4, 0, 0]);
+            f[56..58].copy_from_slice(&mss.to_be_bytes());
+            f[46] = 0x60; // data offset 6
+            f[47] = 0x02; // SYN
+            f[16..18].copy_from_slice(&44u16.to_be_bytes());
+            assert!(prepare_tcp_checksum(&mut f).is_some());
+            finish_checksum(&mut f, 50, 34);
+            f
+        };
+        // smoltcp's SYN says 64240; the wire hears 1460.
+        assert!(nic.send_raw(&syn(64240)));
+        nic.flush();
+        let sent = wire.take_sent();
+        assert_eq!(be16(&sent[0], 56), Some(1460));
+        assert!(smoltcp_accepts(&sent[0]));
+        // A peer at MSS 536 (10.0.0.1, the frame's source): smoltcp is told
+        // 122 of those, and segments to that peer are cut at 536.
+        assert!(wire.inject(&syn(536)));
+        let (rx, _) = nic.receive(Instant::from_millis(0)).expect("the SYN");
+        assert_eq!(be16(&phy::RxToken::consume(rx, <[u8]>::to_vec), 56), Some(122 * 536));
+        let mut long = tcp_frame(3000);
+        long[30..34].copy_from_slice(&[10, 0, 0, 1]);
+        long[26..30].copy_from_slice(&[10, 0, 0, 2]);
+        assert!(nic.send_raw(&long));
+        nic.flush();
+        let sizes: Vec<usize> = wire.take_sent().iter().map(Vec::len).collect();
+        assert_eq!(sizes, [590, 590, 590, 590, 590, 374]);
     }
 
     /// A plain TCP segment of flow `port` (ACK set, PSH as given) carrying

@@ -102,6 +102,13 @@ fn lab_64_mib_arrive_intact_at_mtu_1500_and_9000() {
     let frames = count(&st["counters"], "rx_frames") - count(&before, "rx_frames");
     let bytes = count(&st["counters"], "rx_bytes") - count(&before, "rx_bytes");
     assert!(bytes / frames > 6000, "{frames} frames for {bytes} bytes: TCP ignored MTU 9000");
+    // B back at 1500 on the 9000 link: A, which cuts its segments on the
+    // NIC, must cut them to the MSS B announces.
+    ok(b.console(), "net mtu 1500", REPLY);
+    let (tx, rx) = transfer(&mut a, &mut b, 16);
+    println!("network: A at MTU 9000 to B at 1500, 16 MiB: sender {tx} MB/s, receiver {rx} MB/s");
+    let st = ok(b.console(), "net status", REPLY);
+    assert_eq!(st["counters"]["rx_oversize"], 0, "{st}");
 }
 
 #[test]
