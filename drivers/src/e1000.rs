@@ -838,6 +838,10 @@ fn syn_mss_at(frame: &[u8]) -> Option<usize> {
 
 /// Most peers whose MSS segmentation remembers.
 const MAX_PEERS: usize = 64;
+/// Smallest MSS taken from a SYN: IPv4's default (RFC 1122). A forged SYN
+/// announcing a few bytes must not make the NIC cut a peer's segments
+/// into thousands of frames.
+const MIN_PEER_MSS: u16 = 536;
 
 /// With segmentation smoltcp announces and expects MSSes of whole 64 KiB
 /// segments, while the wire carries honest ones: the driver announces its
@@ -860,14 +864,14 @@ impl PeerMss {
     /// TCP checksum is not checked after the driver's).
     fn learn(&mut self, frame: &mut [u8], wire_mss: usize) {
         let Some(at) = syn_mss_at(frame) else { return };
-        let Some(announced) = be16(frame, at) else { return };
+        let Some(announced) = be16(frame, at).map(|m| m.max(MIN_PEER_MSS)) else { return };
         let peer = [frame[26], frame[27], frame[28], frame[29]];
         self.peers.retain(|(ip, _)| *ip != peer);
         if self.peers.len() == MAX_PEERS {
             self.peers.remove(0);
         }
         self.peers.push((peer, announced));
-        let cut = usize::from(announced).min(wire_mss).max(1);
+        let cut = usize::from(announced).min(wire_mss);
         let whole = (TSO_MAX_FRAME - TCP_HEADERS) / cut * cut;
         frame[at..at + 2].copy_from_slice(&u16::try_from(whole).unwrap_or(u16::MAX).to_be_bytes());
     }
@@ -2379,6 +2383,14 @@ mod tests {
         nic.flush();
         let sizes: Vec<usize> = wire.take_sent().iter().map(Vec::len).collect();
         assert_eq!(sizes, [590, 590, 590, 590, 590, 374]);
+        // A forged SYN announcing 8 bytes is taken as 536.
+        let mut tiny = syn(8);
+        tiny[26..30].copy_from_slice(&[10, 0, 0, 3]);
+        assert!(prepare_tcp_checksum(&mut tiny).is_some());
+        finish_checksum(&mut tiny, 50, 34);
+        assert!(wire.inject(&tiny));
+        let (rx, _) = nic.receive(Instant::from_millis(0)).expect("the SYN");
+        assert_eq!(be16(&phy::RxToken::consume(rx, <[u8]>::to_vec), 56), Some(122 * 536));
     }
 
     /// A plain TCP segment of flow `port` (ACK set, PSH as given) carrying
