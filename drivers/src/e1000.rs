@@ -71,9 +71,8 @@ pub struct Config {
     /// smoltcp is told the MTU is [`tso_frame_limit`] and hands over TCP
     /// segments of up to 64 KiB, which the NIC cuts into wire-MTU frames,
     /// so the stack's per-segment work is done once per 44 frames at MTU
-    /// 1500. Transmit buffers grow from 16 to 64 KiB. The MSS smoltcp
-    /// announces grows with it: peers must not have a larger MTU than this
-    /// host (they are on the same link, so they do not).
+    /// 1500. Transmit buffers grow from 16 to 64 KiB. The MSS on the wire
+    /// stays honest (see `PeerMss`).
     pub tso: bool,
     /// Receive coalescing (software LRO, as Linux's GRO; needs
     /// `tcp_tx_checksum`, whose receive check it builds on): consecutive
@@ -93,8 +92,13 @@ impl Default for Config {
 /// `mtu`: the headers plus the most whole wire-MTU segments that fit one
 /// transmit descriptor, so that no cut leaves a runt behind.
 pub fn tso_frame_limit(mtu: usize) -> usize {
-    let mss = mtu - 40;
-    TCP_HEADERS + (TSO_MAX_FRAME - TCP_HEADERS) / mss * mss
+    TCP_HEADERS + whole_segments(mtu - 40)
+}
+
+/// The most payload one segmentation frame carries as whole segments of
+/// `mss` bytes.
+fn whole_segments(mss: usize) -> usize {
+    (TSO_MAX_FRAME - TCP_HEADERS) / mss * mss
 }
 
 /// Traffic and error counters; see [`E1000::counters`].
@@ -878,8 +882,7 @@ impl PeerMss {
             self.peers.remove(0);
         }
         self.peers.push((peer, announced));
-        let cut = usize::from(announced).min(wire_mss);
-        let whole = (TSO_MAX_FRAME - TCP_HEADERS) / cut * cut;
+        let whole = whole_segments(usize::from(announced).min(wire_mss));
         frame[at..at + 2].copy_from_slice(&u16::try_from(whole).unwrap_or(u16::MAX).to_be_bytes());
     }
 }
@@ -936,6 +939,24 @@ impl TxRing {
         } else {
             1
         }
+    }
+
+    /// With segmentation: whether the NIC must cut `frame`, being longer
+    /// than the wire takes or, for a TCP segment, than its peer's MSS;
+    /// then the wire frame size and the peer's MSS if it announced one.
+    fn cut(&self, frame: &[u8]) -> Option<(usize, Option<u16>)> {
+        let wire = self.segment_above?;
+        // Nothing this short needs cutting, whatever the peer: skip the
+        // lookup for ACKs and other small frames.
+        if frame.len() <= TCP_HEADERS + usize::from(MIN_PEER_MSS) {
+            return None;
+        }
+        let peer_mss = match ipv4_tcp(frame) {
+            Some(_) => frame.get(30..34).and_then(|ip| self.peers.get(<[u8; 4]>::try_from(ip).ok()?)),
+            None => None,
+        };
+        let limit = peer_mss.map_or(wire, |m| wire.min(TCP_HEADERS + usize::from(m)));
+        (frame.len() > limit).then_some((wire, peer_mss))
     }
 
     /// The CPU pointer of slot `index`'s buffer.
@@ -1005,11 +1026,7 @@ impl TxRing {
                 let announced = be16(frame, at).unwrap_or(honest);
                 frame[at..at + 2].copy_from_slice(&announced.min(honest).to_be_bytes());
             }
-            // Cut what the wire, or the peer's MSS, does not take whole.
-            let peer_mss = frame.get(30..34).and_then(|ip| self.peers.get(<[u8; 4]>::try_from(ip).ok()?));
-            let limit =
-                self.segment_above.map(|wire| peer_mss.map_or(wire, |m| wire.min(TCP_HEADERS + usize::from(m))));
-            if let Some(wire) = self.segment_above.filter(|_| limit.is_some_and(|l| length > l)) {
+            if let Some((wire, peer_mss)) = self.cut(frame) {
                 match prepare_segmentation(frame, wire - ETH_HEADER, peer_mss) {
                     Some((context, seg)) if self.free() >= 2 => {
                         let next = (index + 1) % self.descs.count;
@@ -2390,6 +2407,14 @@ mod tests {
         nic.flush();
         let sizes: Vec<usize> = wire.take_sent().iter().map(Vec::len).collect();
         assert_eq!(sizes, [590, 590, 590, 590, 590, 374]);
+        // A frame that is not TCP is not cut to a peer's MSS, even where
+        // its bytes look like that peer's address.
+        let mut raw = frame(0, 1000);
+        raw[12..14].copy_from_slice(&0x88B5u16.to_be_bytes());
+        raw[30..34].copy_from_slice(&[10, 0, 0, 1]);
+        assert!(nic.send_raw(&raw));
+        nic.flush();
+        assert_eq!(wire.take_sent(), vec![raw]);
         // A forged SYN announcing 8 bytes is taken as 536.
         let mut tiny = syn(8);
         tiny[26..30].copy_from_slice(&[10, 0, 0, 3]);
