@@ -13,7 +13,7 @@ use hypervisor::shell::{Action, CpuTime, Fault, Host, MemInfo, Mode, Reply, Rout
 use hypervisor::vmcmd::VmCommand;
 use vmx::cpu::CpuReport;
 
-use crate::arch::{clock, cpu, crc, gdt, idt, mem, memory, power, serial, svm, timer};
+use crate::arch::{backtrace, clock, cpu, crc, gdt, idt, mem, memory, power, serial, svm, timer};
 use crate::migrate::Migrator;
 use crate::net::Net;
 use crate::vm::{Manager, Slice};
@@ -281,12 +281,23 @@ fn raise(fault: Fault) {
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     let mut w = serial::RawWriter;
+    let mut addresses = [0; backtrace::MAX_FRAMES];
+    let n = backtrace::return_addresses(&mut addresses);
+    let frames = &addresses[..n];
     if serial::JSON_EVENTS.load(Ordering::Relaxed) {
         let _ = write!(w, "{{\"event\":\"panic\",\"msg\":\"");
         let _ = write!(serial::JsonEscape(&mut w), "{info}");
-        let _ = write!(w, "\"}}\r\n");
+        let _ = write!(w, "\",\"backtrace\":[");
+        for (i, a) in frames.iter().enumerate() {
+            let _ = write!(w, "{}\"{a:#x}\"", if i == 0 { "" } else { "," });
+        }
+        let _ = write!(w, "]}}\r\n");
     } else {
-        let _ = write!(w, "\r\nKERNEL PANIC: {info}\r\n");
+        let _ = write!(w, "\r\nKERNEL PANIC: {info}\r\nbacktrace:");
+        for a in frames {
+            let _ = write!(w, " {a:#x}");
+        }
+        let _ = write!(w, "\r\n");
     }
     power::halt_forever()
 }

@@ -2,6 +2,7 @@
 //! pointer of the kernel lives below this module; each `unsafe` block names
 //! the invariant it relies on.
 
+pub mod backtrace;
 pub mod clock;
 pub mod cpu;
 pub mod crc;
