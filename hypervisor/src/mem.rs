@@ -15,7 +15,8 @@
 
 use core::arch::asm;
 
-/// Copies `n` bytes forward, 32 at a time, then the tail byte by byte.
+/// Copies `n` bytes forward, 64 at a time, then 8 at a time, then the
+/// tail byte by byte.
 ///
 /// # Safety
 /// `src..src+n` readable, `dst..dst+n` writable; if they overlap, `dst`
@@ -30,12 +31,13 @@ pub unsafe fn copy_forward(dst: *mut u8, src: *const u8, n: usize, rep: bool) {
         return;
     }
     // SAFETY: the caller's contract; every load of a 32-byte block happens
-    // before its stores, so a dst below an overlapping src is safe.
+    // before its stores, so a dst below an overlapping src is safe. Each
+    // loop tests its count at the bottom, so a pass is one translated block.
     unsafe {
         asm!(
-            "2:",
-            "cmp rcx, 32",
+            "cmp rcx, 64",
             "jb 3f",
+            "2:",
             "mov rax, [rsi]",
             "mov rdx, [rsi + 8]",
             "mov r8, [rsi + 16]",
@@ -44,19 +46,40 @@ pub unsafe fn copy_forward(dst: *mut u8, src: *const u8, n: usize, rep: bool) {
             "mov [rdi + 8], rdx",
             "mov [rdi + 16], r8",
             "mov [rdi + 24], r9",
-            "add rsi, 32",
-            "add rdi, 32",
-            "sub rcx, 32",
-            "jmp 2b",
+            "mov rax, [rsi + 32]",
+            "mov rdx, [rsi + 40]",
+            "mov r8, [rsi + 48]",
+            "mov r9, [rsi + 56]",
+            "mov [rdi + 32], rax",
+            "mov [rdi + 40], rdx",
+            "mov [rdi + 48], r8",
+            "mov [rdi + 56], r9",
+            "add rsi, 64",
+            "add rdi, 64",
+            "sub rcx, 64",
+            "cmp rcx, 64",
+            "jae 2b",
             "3:",
+            "cmp rcx, 8",
+            "jb 5f",
+            "6:",
+            "mov rax, [rsi]",
+            "mov [rdi], rax",
+            "add rsi, 8",
+            "add rdi, 8",
+            "sub rcx, 8",
+            "cmp rcx, 8",
+            "jae 6b",
+            "5:",
             "test rcx, rcx",
             "jz 4f",
+            "7:",
             "mov al, [rsi]",
             "mov [rdi], al",
             "inc rsi",
             "inc rdi",
             "dec rcx",
-            "jmp 3b",
+            "jnz 7b",
             "4:",
             inout("rdi") dst => _,
             inout("rsi") src => _,
@@ -162,7 +185,8 @@ pub unsafe fn copy(dst: *mut u8, src: *const u8, n: usize, rep: bool) {
 }
 
 /// `memcmp`: the difference of the first unequal bytes (as unsigned),
-/// or 0. Compares 8 bytes at a time, then byte by byte.
+/// or 0. Compares 32 bytes at a time, then 8, then byte by byte (and
+/// byte by byte within the first block that differs).
 ///
 /// # Safety
 /// `a..a+n` and `b..b+n` readable.
@@ -171,32 +195,59 @@ pub unsafe fn compare(a: *const u8, b: *const u8, n: usize) -> i32 {
     // SAFETY: the caller's contract; only loads inside the two ranges.
     unsafe {
         asm!(
-            "2:",
-            "cmp rcx, 8",
+            "cmp rcx, 32",
             "jb 3f",
+            "2:",
+            "mov rax, [rdi]",
+            "xor rax, [rsi]",
+            "mov rdx, [rdi + 8]",
+            "xor rdx, [rsi + 8]",
+            "or rax, rdx",
+            "mov rdx, [rdi + 16]",
+            "xor rdx, [rsi + 16]",
+            "or rax, rdx",
+            "mov rdx, [rdi + 24]",
+            "xor rdx, [rsi + 24]",
+            "or rax, rdx",
+            "jnz 7f",
+            "add rdi, 32",
+            "add rsi, 32",
+            "sub rcx, 32",
+            "cmp rcx, 32",
+            "jae 2b",
+            "3:",
+            "cmp rcx, 8",
+            "jb 5f",
+            "6:",
             "mov rax, [rdi]",
             "cmp rax, [rsi]",
-            "jne 5f",
+            "jne 8f",
             "add rdi, 8",
             "add rsi, 8",
             "sub rcx, 8",
-            "jmp 2b",
-            "5:",
+            "cmp rcx, 8",
+            "jae 6b",
+            "jmp 5f",
+            "7:",
+            "mov rcx, 32", // the difference is in these 32 bytes
+            "jmp 5f",
+            "8:",
             "mov rcx, 8", // the difference is in these 8 bytes
-            "3:",
+            "5:",
             "test rcx, rcx",
             "jz 4f",
+            "9:",
             "movzx eax, byte ptr [rdi]",
             "movzx edx, byte ptr [rsi]",
             "sub eax, edx",
-            "jnz 6f",
+            "jnz 19f",
             "inc rdi",
             "inc rsi",
             "dec rcx",
-            "jmp 3b",
+            "jnz 9b",
             "4:",
             "xor eax, eax",
-            "6:",
+            "19:",
             inout("rdi") a => _,
             inout("rsi") b => _,
             inout("rcx") n => _,
