@@ -1559,7 +1559,7 @@ mod tests {
     use smoltcp::iface::{Config as IfaceConfig, Interface, SocketSet};
     use smoltcp::phy::Device;
     use smoltcp::socket::tcp;
-    use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, Ipv4Packet, TcpPacket};
+    use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, IpProtocol, Ipv4Packet, TcpPacket, TcpSeqNumber};
     use std::alloc::Layout;
     use std::cell::RefCell;
     use std::collections::HashMap;
@@ -2347,7 +2347,7 @@ mod tests {
         (wire_a, ca, cb)
     }
 
-    /// Two smoltcp ends over the fake wire, plus A's last data segment.
+    /// Two smoltcp ends over the fake wire, plus the last segments each sent.
     struct Ends {
         nics: [E1000<FakeRegs>; 2],
         ifaces: [Interface; 2],
@@ -2357,6 +2357,8 @@ mod tests {
         _dma: [HeapDma; 2],
         now: Instant,
         last_data: Vec<u8>,
+        /// B's last TCP segment.
+        last_from_b: Vec<u8>,
     }
 
     impl Ends {
@@ -2367,7 +2369,16 @@ mod tests {
             let mut nics = [nic_with(&regs_a, &mut dma[0], config), nic_with(&regs_b, &mut dma[1], config)];
             let ifaces = [interface(&mut nics[0], [10, 0, 0, 1]), interface(&mut nics[1], [10, 0, 0, 2])];
             let sockets = [SocketSet::new(vec![]), SocketSet::new(vec![])];
-            Ends { nics, ifaces, sockets, wires, _dma: dma, now: Instant::from_millis(0), last_data: Vec::new() }
+            Ends {
+                nics,
+                ifaces,
+                sockets,
+                wires,
+                _dma: dma,
+                now: Instant::from_millis(0),
+                last_data: Vec::new(),
+                last_from_b: Vec::new(),
+            }
         }
 
         /// Polls both ends and moves frames until `done`.
@@ -2387,7 +2398,14 @@ mod tests {
                     }
                     self.wires[1].inject(f);
                 }
-                if sent.is_empty() && pump(&self.wires[1], &self.wires[0]) == 0 {
+                let back = self.wires[1].take_sent();
+                for f in &back {
+                    if Ipv4Packet::new_checked(&f[14..]).is_ok_and(|ip| ip.next_header() == IpProtocol::Tcp) {
+                        self.last_from_b.clone_from(f);
+                    }
+                    self.wires[0].inject(f);
+                }
+                if sent.is_empty() && back.is_empty() {
                     self.now += smoltcp::time::Duration::from_millis(1);
                 }
             }
@@ -2451,6 +2469,112 @@ mod tests {
         }
         // B lived on, did not take the forged bytes, and the stream went on.
         assert!(received == payload, "B's stream holds other bytes than A sent");
+    }
+
+    /// `frame` (IPv4 TCP) with its header fields and length made up from
+    /// `r` around their real values, and valid checksums again.
+    fn made_up_segment(frame: &[u8], r: &mut impl FnMut() -> u64) -> Vec<u8> {
+        let mut f = frame.to_vec();
+        let payload = tcp_payload_len(&f);
+        let keep = usize::try_from(r() % (payload as u64 + 1)).unwrap();
+        f.truncate(f.len() - payload + keep);
+        let ip_len = u16::try_from(f.len() - ETH_HEADER).unwrap();
+        let mut ip = Ipv4Packet::new_unchecked(&mut f[ETH_HEADER..]);
+        ip.set_total_len(ip_len);
+        ip.fill_checksum();
+        let (src, dst) = (IpAddress::Ipv4(ip.src_addr()), IpAddress::Ipv4(ip.dst_addr()));
+        let mut tcp = TcpPacket::new_checked(ip.payload_mut()).unwrap();
+        // Half the time the real number (a peer acknowledges what was
+        // sent), else within 4 KiB or 96 KiB of it: in, before and past
+        // the window.
+        let near = |n: TcpSeqNumber, r: &mut dyn FnMut() -> u64| {
+            let reach = [0, 0, 4096, 96 * 1024][usize::try_from(r() % 4).unwrap()];
+            TcpSeqNumber(n.0.wrapping_add((r() % (2 * reach + 1)) as i32 - reach as i32))
+        };
+        tcp.set_seq_number(near(tcp.seq_number(), r));
+        tcp.set_ack_number(near(tcp.ack_number(), r));
+        tcp.set_window_len(r() as u16);
+        // Rarely a flag that ends the connection, so most rounds run on.
+        tcp.set_fin(r().is_multiple_of(16));
+        tcp.set_syn(r().is_multiple_of(32));
+        tcp.set_rst(r().is_multiple_of(32));
+        tcp.set_psh(r().is_multiple_of(2));
+        tcp.set_ack(!r().is_multiple_of(16));
+        tcp.fill_checksum(&src, &dst);
+        f
+    }
+
+    /// Segments a peer makes up on an established connection (sequence
+    /// and acknowledgement numbers around the real ones, any window and
+    /// flags, shorter payloads; valid checksums, so they reach smoltcp)
+    /// crash neither end, and both still connect and move data after.
+    #[test]
+    fn made_up_segments_on_an_established_connection_crash_neither_end() {
+        let mut ends = Ends::new(Config::default());
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        let mut r = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for round in 0..200u16 {
+            let port = 5000 + round;
+            let client = ends.sockets[0].add(tcp_socket());
+            let server = ends.sockets[1].add(tcp_socket());
+            ends.sockets[1].get_mut::<tcp::Socket>(server).listen(port).unwrap();
+            let cx = ends.ifaces[0].context();
+            let local = 40000 + round;
+            ends.sockets[0]
+                .get_mut::<tcp::Socket>(client)
+                .connect(cx, (IpAddress::v4(10, 0, 0, 2), port), local)
+                .unwrap();
+            ends.exchange(|s| s[1].get::<tcp::Socket>(server).may_recv());
+            // Data that fills B's buffer but for up to 2 KiB, so windows
+            // are small, and real templates.
+            let size = 64 * 1024 - usize::try_from(r() % 2048).unwrap();
+            let data = vec![0x42u8; size];
+            assert_eq!(ends.sockets[0].get_mut::<tcp::Socket>(client).send_slice(&data), Ok(size));
+            ends.exchange(|s| s[1].get::<tcp::Socket>(server).recv_queue() == size);
+            let (to_b, to_a) = (ends.last_data.clone(), ends.last_from_b.clone());
+            for i in 0..100 {
+                let (template, wire) = if i % 2 == 0 { (&to_b, 1) } else { (&to_a, 0) };
+                assert!(ends.wires[wire].inject(&made_up_segment(template, &mut r)));
+                for e in 0..2 {
+                    let now = ends.now;
+                    ends.ifaces[e].poll(now, &mut ends.nics[e], &mut ends.sockets[e]);
+                    ends.nics[e].flush();
+                }
+                // The applications read now and then, opening windows
+                // the peer has not been told of yet.
+                if r().is_multiple_of(4) {
+                    for (e, h) in [(0, client), (1, server)] {
+                        let socket = ends.sockets[e].get_mut::<tcp::Socket>(h);
+                        while socket.recv(|d| (d.len(), d.len())).is_ok_and(|n| n > 0) {}
+                    }
+                }
+                // Half the time the ends hear each other's answers.
+                if r().is_multiple_of(2) {
+                    pump(&ends.wires[0], &ends.wires[1]);
+                    pump(&ends.wires[1], &ends.wires[0]);
+                } else {
+                    ends.wires[0].take_sent();
+                    ends.wires[1].take_sent();
+                }
+                ends.now += smoltcp::time::Duration::from_millis(r() % 300);
+            }
+            ends.sockets[0].remove(client);
+            ends.sockets[1].remove(server);
+        }
+        // Both ends still work: a fresh connection carries data.
+        let client = ends.sockets[0].add(tcp_socket());
+        let server = ends.sockets[1].add(tcp_socket());
+        ends.sockets[1].get_mut::<tcp::Socket>(server).listen(6000).unwrap();
+        let cx = ends.ifaces[0].context();
+        ends.sockets[0].get_mut::<tcp::Socket>(client).connect(cx, (IpAddress::v4(10, 0, 0, 2), 6000), 45000).unwrap();
+        ends.exchange(|s| s[0].get::<tcp::Socket>(client).may_send());
+        assert_eq!(ends.sockets[0].get_mut::<tcp::Socket>(client).send_slice(&[7; 1000]), Ok(1000));
+        ends.exchange(|s| s[1].get::<tcp::Socket>(server).recv_queue() == 1000);
     }
 
     #[test]
