@@ -1704,8 +1704,13 @@ impl<'a> Socket<'a> {
         }
 
         let window_start = self.remote_seq_no + self.rx_buffer.len();
+        // The window last offered, but never past the end of the buffer:
+        // a SYN|ACK's window is not scaled (RFC 7323, 2.2), yet
+        // `remote_last_win` is read as scaled, so after a SYN|ACK this
+        // would otherwise take bytes the buffer cannot hold.
         let window_end = if let Some(last_ack) = self.remote_last_ack {
-            last_ack + ((self.remote_last_win as usize) << self.remote_win_shift)
+            let offered = last_ack + ((self.remote_last_win as usize) << self.remote_win_shift);
+            offered.min(self.remote_seq_no + self.rx_buffer.capacity())
         } else {
             window_start
         };
@@ -2825,15 +2830,7 @@ impl<'a> Socket<'a> {
             .remote_last_seq
             .max(repr.seq_number + repr.segment_len());
         self.remote_last_ack = repr.ack_number;
-        // A SYN's window field is not scaled (RFC 7323, 2.2), but the rest
-        // of the socket reads `remote_last_win` shifted left by our scale:
-        // kept as sent, a SYN|ACK's 65535 counted as 65535 << shift, and
-        // until the next ACK the receive path took bytes past the buffer.
-        self.remote_last_win = if repr.control == TcpControl::Syn {
-            repr.window_len >> self.remote_win_shift
-        } else {
-            repr.window_len
-        };
+        self.remote_last_win = repr.window_len;
 
         if repr.segment_len() > 0 {
             self.rtte
