@@ -52,7 +52,12 @@ fn lifecycle_and_ticks_only_while_running() {
     let info = ok(c, "vm info a");
     assert!(info["writes"].as_u64().unwrap() > 0, "{info}");
     assert_eq!(info["check_errors"], 0, "{info}");
-    assert!(info["exits"]["io"].as_u64().unwrap() > 0 && info["exits"]["intr"].as_u64().unwrap() > 0, "{info}");
+    // Port I/O and HLT exits come from the guest program itself. An
+    // external-interrupt exit needs a timer tick while the guest runs,
+    // which a guest that halts between writes may never meet (CI once saw
+    // none), so it is not required.
+    let exits = |kind: &str| info["exits"][kind].as_u64().unwrap_or(0);
+    assert!(exits("io") > 0 && exits("hlt") > 0, "{info}");
     let list = ok(c, "vm list");
     assert_eq!(list["vms"][0]["name"], "a");
     ok(c, "vm stop a");
