@@ -226,7 +226,7 @@ impl Manager {
     /// Whether a running VM has work (is not halted until later).
     pub fn any_ready(&mut self) -> bool {
         let now = clock::uptime_us();
-        self.vms.iter_mut().any(|vm| vm.state == VmState::Running && !vm.throttled(now) && vm.ready())
+        self.vms.iter_mut().any(|vm| vm.runnable(now))
     }
 
     /// Runs the next running VM (round robin) that is neither throttled nor
@@ -237,7 +237,7 @@ impl Manager {
         for step in 0..n {
             let i = (self.next + step) % n;
             let vm = &mut self.vms[i];
-            if vm.state != VmState::Running || vm.throttled(now) || !vm.ready() {
+            if !vm.runnable(now) {
                 continue;
             }
             self.next = i + 1;
@@ -637,6 +637,12 @@ impl Vm {
     /// runs would not slow a guest that halts between paced writes.
     fn throttled(&self, now_us: u64) -> bool {
         now_us % THROTTLE_PERIOD_US < THROTTLE_PERIOD_US * u64::from(self.throttle) / 100
+    }
+
+    /// Whether the VM may take a slice now: running, not sitting out its
+    /// throttle, and not halted until later.
+    fn runnable(&mut self, now_us: u64) -> bool {
+        self.state == VmState::Running && !self.throttled(now_us) && self.ready()
     }
 
     /// Whether the vCPU may run: it is not halted, or its wake time has
