@@ -692,6 +692,20 @@ struct TcpContext {
     tcp_checksum: u8,
 }
 
+impl TcpContext {
+    /// The context of an Ethernet frame whose IPv4 header is followed by
+    /// the TCP header at `tcp_start`; `None` if an offset does not fit the
+    /// descriptor's fields.
+    fn at(tcp_start: usize) -> Option<Self> {
+        Some(TcpContext {
+            ip_start: u8::try_from(ETH_HEADER).ok()?,
+            ip_end: u16::try_from(tcp_start - 1).ok()?,
+            tcp_start: u8::try_from(tcp_start).ok()?,
+            tcp_checksum: u8::try_from(tcp_start + 16).ok()?,
+        })
+    }
+}
+
 /// The ones'-complement sum of `data` as 16-bit big-endian words (odd
 /// length padded with zero), not yet folded. Sums 8 bytes per step in the
 /// CPU's byte order with end-around carries (RFC 1071: the sum does not
@@ -780,12 +794,7 @@ fn prepare_tcp_checksum(frame: &mut [u8]) -> Option<TcpContext> {
     }
     let seed = fold(pseudo_header_sum(frame, total - ihl)).to_be_bytes();
     frame.get_mut(tcp_start + 16..tcp_start + 18)?.copy_from_slice(&seed);
-    Some(TcpContext {
-        ip_start: u8::try_from(ETH_HEADER).ok()?,
-        ip_end: u16::try_from(tcp_start - 1).ok()?,
-        tcp_start: u8::try_from(tcp_start).ok()?,
-        tcp_checksum: u8::try_from(tcp_start + 16).ok()?,
-    })
+    TcpContext::at(tcp_start)
 }
 
 /// For an Ethernet frame carrying one whole IPv4 TCP segment too long for
@@ -812,12 +821,7 @@ fn prepare_segmentation(frame: &mut [u8], mtu: usize, peer_mss: Option<u16>) -> 
     frame.get_mut(ETH_HEADER + 10..ETH_HEADER + 12)?.fill(0);
     let seed = fold(pseudo_header_sum(frame, 0)).to_be_bytes();
     frame.get_mut(tcp_start + 16..tcp_start + 18)?.copy_from_slice(&seed);
-    let tcp = TcpContext {
-        ip_start: u8::try_from(ETH_HEADER).ok()?,
-        ip_end: u16::try_from(tcp_start - 1).ok()?,
-        tcp_start: u8::try_from(tcp_start).ok()?,
-        tcp_checksum: u8::try_from(tcp_start + 16).ok()?,
-    };
+    let tcp = TcpContext::at(tcp_start)?;
     let seg = Segmentation {
         header_len: u8::try_from(header_len).ok()?,
         mss: u16::try_from(mss).ok()?,
@@ -2292,23 +2296,12 @@ mod tests {
         const TOTAL: usize = 1 << 20;
         let payload: Vec<u8> = (0..TOTAL).map(|i| (i % 251) as u8).collect();
 
-        let (regs_a, regs_b) = (FakeRegs::new(MAC_A), FakeRegs::new(MAC_B));
-        let (wire_a, wire_b) = (FakeWire::new(&regs_a), FakeWire::new(&regs_b));
-        let (mut dma_a, mut dma_b) = (HeapDma::default(), HeapDma::default());
-        let mut nic_a = nic_with(&regs_a, &mut dma_a, config_a);
-        let mut nic_b = nic_with(&regs_b, &mut dma_b, config_b);
-        let mut iface_a = interface(&mut nic_a, [10, 0, 0, 1]);
-        let mut iface_b = interface(&mut nic_b, [10, 0, 0, 2]);
-
-        let mut sockets_a = SocketSet::new(vec![]);
-        let mut sockets_b = SocketSet::new(vec![]);
-        let client = sockets_a.add(tcp_socket());
-        let server = sockets_b.add(tcp_socket());
-        sockets_b.get_mut::<tcp::Socket>(server).listen(5000).unwrap();
-        sockets_a
-            .get_mut::<tcp::Socket>(client)
-            .connect(iface_a.context(), (IpAddress::v4(10, 0, 0, 2), 5000), 49152)
-            .unwrap();
+        let mut ends = Ends::new(config_a, config_b);
+        let client = ends.sockets[0].add(tcp_socket());
+        let server = ends.sockets[1].add(tcp_socket());
+        ends.sockets[1].get_mut::<tcp::Socket>(server).listen(5000).unwrap();
+        let cx = ends.ifaces[0].context();
+        ends.sockets[0].get_mut::<tcp::Socket>(client).connect(cx, (IpAddress::v4(10, 0, 0, 2), 5000), 49152).unwrap();
 
         let mut now = Instant::from_millis(0);
         let (mut sent, mut received) = (0usize, Vec::with_capacity(TOTAL));
@@ -2316,16 +2309,16 @@ mod tests {
         while received.len() < TOTAL {
             iterations += 1;
             assert!(iterations < 100_000, "stalled at {} bytes", received.len());
-            iface_a.poll(now, &mut nic_a, &mut sockets_a);
-            iface_b.poll(now, &mut nic_b, &mut sockets_b);
-            nic_a.flush();
-            nic_b.flush();
+            for i in 0..2 {
+                ends.ifaces[i].poll(now, &mut ends.nics[i], &mut ends.sockets[i]);
+                ends.nics[i].flush();
+            }
 
-            let socket = sockets_a.get_mut::<tcp::Socket>(client);
+            let socket = ends.sockets[0].get_mut::<tcp::Socket>(client);
             if socket.can_send() && sent < TOTAL {
                 sent += socket.send_slice(&payload[sent..]).unwrap();
             }
-            let socket = sockets_b.get_mut::<tcp::Socket>(server);
+            let socket = ends.sockets[1].get_mut::<tcp::Socket>(server);
             if socket.can_recv() {
                 socket
                     .recv(|data| {
@@ -2335,15 +2328,16 @@ mod tests {
                     .unwrap();
             }
 
-            let moved = pump(&wire_a, &wire_b) + pump(&wire_b, &wire_a);
+            let moved = pump(&ends.wires[0], &ends.wires[1]) + pump(&ends.wires[1], &ends.wires[0]);
             if moved == 0 {
                 now += smoltcp::time::Duration::from_millis(1);
             }
         }
         assert!(received == payload, "payload corrupted");
-        let (ca, cb) = (nic_a.counters(), nic_b.counters());
+        let (ca, cb) = (ends.nics[0].counters(), ends.nics[1].counters());
         assert!(ca.tx_bytes >= TOTAL as u64 && cb.rx_bytes >= TOTAL as u64);
         assert_eq!(ca.rx_errors + cb.rx_errors + ca.rx_oversize + cb.rx_oversize + cb.rx_bad_checksum, 0);
+        let Ends { wires: [wire_a, _], .. } = ends;
         (wire_a, ca, cb)
     }
 
@@ -2362,11 +2356,12 @@ mod tests {
     }
 
     impl Ends {
-        fn new(config: Config) -> Self {
+        /// A (10.0.0.1) with `config_a`, B (10.0.0.2) with `config_b`.
+        fn new(config_a: Config, config_b: Config) -> Self {
             let (regs_a, regs_b) = (FakeRegs::new(MAC_A), FakeRegs::new(MAC_B));
             let wires = [FakeWire::new(&regs_a), FakeWire::new(&regs_b)];
             let mut dma = [HeapDma::default(), HeapDma::default()];
-            let mut nics = [nic_with(&regs_a, &mut dma[0], config), nic_with(&regs_b, &mut dma[1], config)];
+            let mut nics = [nic_with(&regs_a, &mut dma[0], config_a), nic_with(&regs_b, &mut dma[1], config_b)];
             let ifaces = [interface(&mut nics[0], [10, 0, 0, 1]), interface(&mut nics[1], [10, 0, 0, 2])];
             let sockets = [SocketSet::new(vec![]), SocketSet::new(vec![])];
             Ends {
@@ -2427,7 +2422,8 @@ mod tests {
     #[test]
     fn a_peer_sending_past_our_advertised_window_cannot_crash_the_stack() {
         const WINDOW: usize = 4096;
-        let mut ends = Ends::new(Config { tso: false, lro: false, ..Config::default() });
+        let config = Config { tso: false, lro: false, ..Config::default() };
+        let mut ends = Ends::new(config, config);
         let client = ends.sockets[0].add(tcp_socket());
         let small = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; WINDOW]), tcp::SocketBuffer::new(vec![0; WINDOW]));
         let server = ends.sockets[1].add(small);
@@ -2478,7 +2474,7 @@ mod tests {
     /// SYN-RECEIVED are SYN|ACKs again: millions of them in the lab.)
     #[test]
     fn a_scaled_window_handshake_sends_one_syn_ack() {
-        let mut ends = Ends::new(Config::default());
+        let mut ends = Ends::new(Config::default(), Config::default());
         let client = ends.sockets[0].add(tcp_socket());
         let big = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; 4 << 20]), tcp::SocketBuffer::new(vec![0; 4096]));
         let server = ends.sockets[1].add(big);
@@ -2530,7 +2526,7 @@ mod tests {
     /// crash neither end, and both still connect and move data after.
     #[test]
     fn made_up_segments_on_an_established_connection_crash_neither_end() {
-        let mut ends = Ends::new(Config::default());
+        let mut ends = Ends::new(Config::default(), Config::default());
         let mut seed = 0x2545_F491_4F6C_DD1Du64;
         let mut r = move || {
             seed ^= seed << 13;
