@@ -8,7 +8,8 @@ $LAB_GDB/tapN.sock when the tests or the demo run with LAB_GDB=DIR set).
 Every 1/HZ seconds (default 50) the script stops the vCPU, reads RIP and
 lets it go on; then it resolves the samples with addr2line against ELF
 (the kernel, target/x86_64-unknown-none/release/hypervisor) and prints
-the share of samples per function, innermost (inlined) and outermost.
+the share of samples per function, innermost (inlined) and outermost,
+and, for the three hottest, the callers found through the frame pointer.
 
 Under TCG a stop takes effect between translated blocks, so time spent in
 an emulated device access (an MMIO doorbell that transmits, an ICR read)
@@ -51,21 +52,29 @@ class Gdb:
         while self.packet()[:1] not in ("T", "S"):
             pass
 
-    def rip(self):
-        self.send("g")  # x86-64: 16 GPRs of 8 bytes, then RIP
-        return int.from_bytes(bytes.fromhex(self.packet()[256:272]), "little")
+    def rip_and_caller(self):
+        """RIP, and the return address in the frame RBP points at (the
+        kernel keeps frame pointers), or 0 when it cannot be read."""
+        self.send("g")  # x86-64: 16 GPRs of 8 bytes (RBP the 7th), then RIP
+        regs = self.packet()
+        rip = int.from_bytes(bytes.fromhex(regs[256:272]), "little")
+        rbp = int.from_bytes(bytes.fromhex(regs[96:112]), "little")
+        self.send("m%x,8" % (rbp + 8))
+        reply = self.packet()
+        caller = int.from_bytes(bytes.fromhex(reply), "little") if len(reply) == 16 else 0
+        return rip, caller
 
 
 def sample(path, seconds, hz):
     gdb = Gdb(path)
     gdb.send("c")
-    rips, end = [], time.time() + seconds
+    samples, end = [], time.time() + seconds
     while time.time() < end:
         time.sleep(1.0 / hz)
         gdb.stop()
-        rips.append(gdb.rip())
+        samples.append(gdb.rip_and_caller())
         gdb.send("c")
-    return rips
+    return samples
 
 
 def symbolize(elf, rips):
@@ -90,13 +99,23 @@ def main():
         sys.exit(__doc__)
     path, elf, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
     hz = float(sys.argv[4]) if len(sys.argv) == 5 else 50.0
-    rips = sample(path, seconds, hz)
-    chains = symbolize(elf, rips)
+    samples = sample(path, seconds, hz)
+    rips = [r for r, _ in samples]
+    chains = symbolize(elf, rips + [c for _, c in samples if c])
+    outer = lambda a: (chains.get(a) or ["??"])[-1]
     for title, pick in (("innermost", lambda c: c[0]), ("outermost", lambda c: c[-1])):
         counts = collections.Counter(pick(chains.get(r) or ["??"]) for r in rips)
         print(f"-- {len(rips)} samples, by {title} function")
         for name, n in counts.most_common(25):
             print(f"{100.0 * n / len(rips):5.1f}%  {name}")
+    # Who called the hottest outermost functions (memcpy is one function
+    # for every copy). A sample taken before the callee saved RBP names
+    # the caller's caller instead.
+    for name, _ in collections.Counter(outer(r) for r in rips).most_common(3):
+        callers = collections.Counter(" < ".join(chains.get(c) or ["??"]) for r, c in samples if outer(r) == name)
+        print(f"-- callers of {name}")
+        for caller, n in callers.most_common(8):
+            print(f"{100.0 * n / len(rips):5.1f}%  {caller}")
 
 
 if __name__ == "__main__":

@@ -442,6 +442,12 @@ fn qemu_command(images: &Images, config: &HostConfig, serial: &str) -> Command {
     cmd.args(["-nodefaults", "-vga", "std", "-display", "none", "-no-reboot", "-monitor", "none", "-snapshot"])
         .args(["-machine", "pc", "-cpu", "max"])
         .args(["-smp", &config.cpus.to_string(), "-m", &config.mem_mib.to_string()])
+        // RAM present from power-on, as on a real machine. QEMU otherwise
+        // allocates it on first touch, and the emulated CPU pays a host page
+        // fault per 4 KiB: copying pages into fresh RAM took 5.1 us a page
+        // against 1.5 us into RAM touched before (a migration's destination
+        // writes every page of the guest once).
+        .arg("-mem-prealloc")
         .args(["-serial", serial])
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
     match config.firmware {
