@@ -9,7 +9,8 @@ Every 1/HZ seconds (default 50) the script stops the vCPU, reads RIP and
 lets it go on; then it resolves the samples with addr2line against ELF
 (the kernel, target/x86_64-unknown-none/release/hypervisor) and prints
 the share of samples per function, innermost (inlined) and outermost,
-and, for the three hottest, the callers found through the frame pointer.
+per source line, and, for the three hottest functions, the callers found
+through the frame pointer.
 
 Under TCG a stop takes effect between translated blocks, so time spent in
 an emulated device access (an MMIO doorbell that transmits, an ICR read)
@@ -82,16 +83,18 @@ def symbolize(elf, rips):
     addrs = sorted(set(rips))
     out = subprocess.run(["addr2line", "-a", "-f", "-i", "-C", "-e", elf] + ["%x" % a for a in addrs],
                          capture_output=True, text=True, check=True).stdout.splitlines()
-    chains, current, i = {}, None, 0
+    chains, lines, current, i = {}, {}, None, 0
     while i < len(out):
         if out[i].startswith("0x"):
             current = int(out[i], 16)
             chains[current] = []
             i += 1
         else:
+            if not chains[current]:
+                lines[current] = out[i + 1].split("/")[-1] if i + 1 < len(out) else "??"
             chains[current].append(out[i].split("::<")[0])
             i += 2
-    return chains
+    return chains, lines
 
 
 def main():
@@ -101,13 +104,16 @@ def main():
     hz = float(sys.argv[4]) if len(sys.argv) == 5 else 50.0
     samples = sample(path, seconds, hz)
     rips = [r for r, _ in samples]
-    chains = symbolize(elf, rips + [c for _, c in samples if c])
+    chains, lines = symbolize(elf, rips + [c for _, c in samples if c])
     outer = lambda a: (chains.get(a) or ["??"])[-1]
     for title, pick in (("innermost", lambda c: c[0]), ("outermost", lambda c: c[-1])):
         counts = collections.Counter(pick(chains.get(r) or ["??"]) for r in rips)
         print(f"-- {len(rips)} samples, by {title} function")
         for name, n in counts.most_common(25):
             print(f"{100.0 * n / len(rips):5.1f}%  {name}")
+    print(f"-- {len(rips)} samples, by innermost source line")
+    for line, n in collections.Counter(lines.get(r, "??") for r in rips).most_common(15):
+        print(f"{100.0 * n / len(rips):5.1f}%  {line}")
     # Who called the hottest outermost functions (memcpy is one function
     # for every copy). A sample taken before the callee saved RBP names
     # the caller's caller instead.

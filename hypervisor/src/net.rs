@@ -184,6 +184,10 @@ impl Net {
             self.nic.ack_interrupts();
             timer::unmask_irq(self.irq);
         }
+        // What smoltcp's own `poll` does first (expiring fragments and
+        // SLAAC state): nothing with the features built now, but the
+        // single-step calls below would skip it when a feature comes.
+        self.iface.poll_maintenance(now());
         let mut result = PollResult::None;
         for _ in 0..INGRESS_BURSTS {
             let start = self.nic.rx_bytes();
