@@ -108,6 +108,14 @@ impl Lab {
         Ok(HostConfig { nic: Some(Nic::Tap { ifname: tap, mac }), netns: Some(self.ns.clone()), ..config })
     }
 
+    /// Frames the switch dropped toward host `n` so far: its TAP's queue
+    /// was full because the host's emulator did not read them in time.
+    pub fn tap_drops(&self, n: u32) -> Result<u64> {
+        let out = self.ip(&["-s", "-j", "link", "show", &format!("tap{n}")])?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("ip -j link show")?;
+        v[0]["stats64"]["tx"]["dropped"].as_u64().context("no tx dropped counter")
+    }
+
     /// Sets the MTU of the bridge, its ports and the management interface.
     pub fn set_mtu(&self, mtu: u32) -> Result<()> {
         let mtu = mtu.to_string();

@@ -18,14 +18,6 @@ fn ok(c: &mut Console, cmd: &str, t: Duration) -> Value {
     v
 }
 
-/// Frames the lab's switch dropped toward host B (its TAP's queue was
-/// full: B's emulator did not read them in time).
-fn tap_drops(lab: &Lab) -> u64 {
-    let out = lab.ip(&["-s", "-j", "link", "show", "tap2"]).unwrap();
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    v[0]["stats64"]["tx"]["dropped"].as_u64().unwrap()
-}
-
 fn rate(v: &Value) -> f64 {
     v["mb_per_s"].as_str().unwrap().parse().unwrap()
 }
@@ -53,7 +45,7 @@ fn tcp_goodput_against_raw_frame_throughput() {
         let (mut tcp_rates, mut raw_rates) = (Vec::new(), Vec::new());
         for _ in 0..3 {
             ok(b.console(), "net bench listen", REPLY);
-            let (a0, drops0) = (ok(a.console(), "net status", REPLY), tap_drops(&lab));
+            let (a0, drops0) = (ok(a.console(), "net status", REPLY), lab.tap_drops(2).unwrap());
             ok(a.console(), &format!("net bench send 10.77.0.12 {mib}"), LONG);
             std::thread::sleep(Duration::from_millis(500));
             let tcp = ok(b.console(), "net bench result", REPLY);
@@ -64,7 +56,7 @@ fn tcp_goodput_against_raw_frame_throughput() {
             println!(
                 "network_bench MTU {mtu} TCP run: A sent {:.3}x the payload (headers and retransmissions); the bridge dropped {} frames toward B",
                 sent_bytes as f64 / f64::from(mib << 20),
-                tap_drops(&lab) - drops0
+                lab.tap_drops(2).unwrap() - drops0
             );
             let before = ok(b.console(), "net blast result", REPLY);
             let sent = ok(a.console(), &format!("net blast 52:54:00:77:00:02 {mib}"), LONG);

@@ -120,6 +120,7 @@ fn main() -> Result<()> {
         ok(a.console(), "vm pause demo")?;
     }
     let counters_before = [ok(a.console(), "net status")?, ok(b.console(), "net status")?];
+    let drops_before = [lab.tap_drops(1)?, lab.tap_drops(2)?];
     let cpu_before = [ok(a.console(), "uptime")?, ok(b.console(), "uptime")?];
     ok(a.console(), &format!("migrate demo 10.77.0.12 share={}{}", o.share, if o.verify { " verify" } else { "" }))?;
     let start = Instant::now();
@@ -152,6 +153,7 @@ fn main() -> Result<()> {
     let status = report["stage"].as_str().unwrap_or("?").to_string();
     // What each NIC counted during the migration (drops mean retransmits).
     let counters_after = [ok(a.console(), "net status")?, ok(b.console(), "net status")?];
+    let switch_drops = [lab.tap_drops(1)? - drops_before[0], lab.tap_drops(2)? - drops_before[1]];
     let cpu_after = [ok(a.console(), "uptime")?, ok(b.console(), "uptime")?];
     // Where each host's CPU time went during the migration, in ms.
     let cpu = |i: usize| {
@@ -221,6 +223,8 @@ fn main() -> Result<()> {
         "cpu_b": cpu(1),
         "nic_a": nic(0),
         "nic_b": nic(1),
+        "switch_drops_toward_a": switch_drops[0],
+        "switch_drops_toward_b": switch_drops[1],
         "error": report.get("error"),
     });
     println!("== report\n{}", serde_json::to_string_pretty(&out)?);
