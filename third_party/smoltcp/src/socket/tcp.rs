@@ -278,6 +278,19 @@ impl RttEstimator {
     }
 }
 
+/// Patched: the further of `end` and the right edge of a window of
+/// `window_len << shift` bytes offered with acknowledgement `ack`.
+fn furthest_edge(
+    end: Option<TcpSeqNumber>,
+    ack: Option<TcpSeqNumber>,
+    window_len: u16,
+    shift: u8,
+) -> Option<TcpSeqNumber> {
+    let Some(ack) = ack else { return end };
+    let edge = ack + ((window_len as usize) << shift);
+    Some(end.map_or(edge, |e| e.max(edge)))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 enum Timer {
@@ -500,6 +513,10 @@ pub struct Socket<'a> {
     remote_last_ack: Option<TcpSeqNumber>,
     /// The last window length sent.
     remote_last_win: u16,
+    /// The furthest right edge of a receive window ever offered (ACK plus
+    /// window). Patched in: data up to it is accepted even after the
+    /// rounding of a scaled window moved the edge back (RFC 7323, F).
+    remote_win_end: Option<TcpSeqNumber>,
     /// The sending window scaling factor advertised to remotes which support RFC 1323.
     /// It is zero if the window <= 64KiB and/or the remote does not support it.
     remote_win_shift: u8,
@@ -604,6 +621,7 @@ impl<'a> Socket<'a> {
             remote_last_seq: TcpSeqNumber::default(),
             remote_last_ack: None,
             remote_last_win: 0,
+            remote_win_end: None,
             remote_win_len: 0,
             remote_win_shift: rx_cap_log2.saturating_sub(16) as u8,
             remote_win_scale: None,
@@ -779,7 +797,14 @@ impl<'a> Socket<'a> {
         let next_ack = self.remote_seq_no + self.rx_buffer.len();
 
         let last_win = (self.remote_last_win as usize) << self.remote_win_shift;
-        let last_win_adjusted = last_ack + last_win - next_ack;
+        // Patched: the peer may have filled a window offered before this
+        // one, past this one's edge (see `remote_win_end`).
+        let last_end = last_ack + last_win;
+        let last_win_adjusted = if next_ack < last_end {
+            last_end - next_ack
+        } else {
+            0
+        };
 
         Some(u16::try_from(last_win_adjusted >> self.remote_win_shift).unwrap_or(u16::MAX))
     }
@@ -919,6 +944,7 @@ impl<'a> Socket<'a> {
         self.remote_last_seq = TcpSeqNumber::default();
         self.remote_last_ack = None;
         self.remote_last_win = 0;
+        self.remote_win_end = None;
         self.remote_win_len = 0;
         self.remote_win_scale = None;
         self.remote_win_shift = rx_cap_log2.saturating_sub(16) as u8;
@@ -1491,6 +1517,12 @@ impl<'a> Socket<'a> {
         // segments, is right-shifted by [advertised scale value] bits[...]
         reply_repr.window_len = self.scaled_window();
         self.remote_last_win = reply_repr.window_len;
+        self.remote_win_end = furthest_edge(
+            self.remote_win_end,
+            reply_repr.ack_number,
+            reply_repr.window_len,
+            self.remote_win_shift,
+        );
 
         // If the remote supports selective acknowledgement, add the option to the outgoing
         // segment.
@@ -1704,15 +1736,15 @@ impl<'a> Socket<'a> {
         }
 
         let window_start = self.remote_seq_no + self.rx_buffer.len();
-        // The window last offered, but never past the end of the buffer:
-        // a SYN|ACK's window is not scaled (RFC 7323, 2.2), yet
-        // `remote_last_win` is read as scaled, so after a SYN|ACK this
-        // would otherwise take bytes the buffer cannot hold.
-        let window_end = if let Some(last_ack) = self.remote_last_ack {
-            let offered = last_ack + ((self.remote_last_win as usize) << self.remote_win_shift);
-            offered.min(self.remote_seq_no + self.rx_buffer.capacity())
-        } else {
-            window_start
+        // Patched: up to the furthest window edge offered, as a window that
+        // rounding moved back (RFC 7323, appendix F) must still take what
+        // the peer sent into the one before; and never past the end of the
+        // buffer (which that edge cannot pass either).
+        let window_end = match self.remote_win_end {
+            Some(end) => end
+                .max(window_start)
+                .min(self.remote_seq_no + self.rx_buffer.capacity()),
+            None => window_start,
         };
         let segment_start = repr.seq_number;
         let segment_end = repr.seq_number + repr.payload.len();
@@ -2831,6 +2863,14 @@ impl<'a> Socket<'a> {
             .max(repr.seq_number + repr.segment_len());
         self.remote_last_ack = repr.ack_number;
         self.remote_last_win = repr.window_len;
+        // A SYN's window is not scaled (RFC 7323, 2.2).
+        let shift = if repr.control == TcpControl::Syn {
+            0
+        } else {
+            self.remote_win_shift
+        };
+        self.remote_win_end =
+            furthest_edge(self.remote_win_end, repr.ack_number, repr.window_len, shift);
 
         if repr.segment_len() > 0 {
             self.rtte
