@@ -89,16 +89,19 @@ impl Default for Config {
 }
 
 /// The frame size smoltcp is told with segmentation offload at IP MTU
-/// `mtu`: the headers plus the most whole wire-MTU segments that fit one
-/// transmit descriptor, so that no cut leaves a runt behind.
+/// `mtu`: the headers plus the payload of [`segment_payload`].
 pub fn tso_frame_limit(mtu: usize) -> usize {
-    TCP_HEADERS + whole_segments(mtu - 40)
+    TCP_HEADERS + segment_payload(mtu - 40)
 }
 
-/// The most payload one segmentation frame carries as whole segments of
-/// `mss` bytes.
-fn whole_segments(mss: usize) -> usize {
-    (TSO_MAX_FRAME - TCP_HEADERS) / mss * mss
+/// The most payload one segmentation frame carries: as many whole
+/// segments of `mss` bytes as fit one transmit descriptor (so no cut leaves
+/// a runt behind), less one byte. QEMU's and Bochs's e1000 send a frame of
+/// headers alone after a payload of whole MSS (one more frame to send and
+/// to receive for every 44 at MTU 1500); one byte short, the last frame
+/// carries it instead.
+fn segment_payload(mss: usize) -> usize {
+    ((TSO_MAX_FRAME - TCP_HEADERS) / mss * mss).saturating_sub(1)
 }
 
 /// Traffic and error counters; see [`E1000::counters`].
@@ -886,7 +889,7 @@ impl PeerMss {
             self.peers.remove(0);
         }
         self.peers.push((peer, announced));
-        let whole = whole_segments(usize::from(announced).min(wire_mss));
+        let whole = segment_payload(usize::from(announced).min(wire_mss));
         frame[at..at + 2].copy_from_slice(&u16::try_from(whole).unwrap_or(u16::MAX).to_be_bytes());
     }
 }
@@ -1677,6 +1680,8 @@ mod tests {
         segmentation: std::cell::Cell<Option<(usize, usize, usize)>>,
         /// Frames cut from segmentation descriptors.
         cut: std::cell::Cell<u64>,
+        /// Of those, frames with headers only (see `cut_segment`).
+        cut_empty: std::cell::Cell<u64>,
     }
 
     impl FakeWire {
@@ -1687,6 +1692,7 @@ mod tests {
                 offloaded: std::cell::Cell::new(0),
                 segmentation: std::cell::Cell::new(None),
                 cut: std::cell::Cell::new(0),
+                cut_empty: std::cell::Cell::new(0),
             }
         }
 
@@ -1794,7 +1800,11 @@ mod tests {
         /// What QEMU's `xmit_seg` does with a segmentation descriptor:
         /// every MSS of payload behind a copy of the header, with the IP
         /// length and ID, the TCP sequence number and flags, and both
-        /// checksums made right for that frame.
+        /// checksums made right for that frame. Like QEMU's and Bochs's
+        /// `process_tx_desc`, a payload that is a whole number of MSS
+        /// leaves a frame of headers alone behind (its `tp->size` is back at
+        /// the header length when the last descriptor ends), with PSH and
+        /// FIN (QEMU clears them only while more than one MSS remains).
         fn cut_segment(&self, frame: &[u8]) -> Vec<Vec<u8>> {
             let ctx = self.context.get().expect("segmentation without a context");
             let (payload, header_len, mss) = self.segmentation.get().expect("segmentation without TSE context");
@@ -1802,7 +1812,11 @@ mod tests {
             let (tcp_start, tcp_sum) = ((ctx >> 32 & 0xFF) as usize, (ctx >> 40 & 0xFF) as usize);
             assert_eq!(frame.len(), header_len + payload, "PAYLEN");
             let header = &frame[..header_len];
-            let chunks: Vec<&[u8]> = frame[header_len..].chunks(mss).collect();
+            let mut chunks: Vec<&[u8]> = frame[header_len..].chunks(mss).collect();
+            if payload.is_multiple_of(mss) {
+                chunks.push(&[]);
+                self.cut_empty.set(self.cut_empty.get() + 1);
+            }
             let mut out = Vec::new();
             for (i, chunk) in chunks.iter().enumerate() {
                 let mut f = [header, chunk].concat();
@@ -1812,8 +1826,8 @@ mod tests {
                 f[ip_start + 4..ip_start + 6].copy_from_slice(&id.to_be_bytes());
                 let seq = u32::from_be_bytes(f[tcp_start + 4..tcp_start + 8].try_into().unwrap());
                 f[tcp_start + 4..tcp_start + 8].copy_from_slice(&seq.wrapping_add((i * mss) as u32).to_be_bytes());
-                if i + 1 < chunks.len() {
-                    f[tcp_start + 13] &= !0x09; // PSH, FIN only on the last
+                if payload - i * mss > mss {
+                    f[tcp_start + 13] &= !0x09; // PSH, FIN only near the end
                 }
                 let seeded = u64::from(be16(&f, tcp_sum).unwrap()) + (f.len() - tcp_start) as u64;
                 f[tcp_sum..tcp_sum + 2].copy_from_slice(&fold(seeded).to_be_bytes());
@@ -2219,12 +2233,13 @@ mod tests {
         assert_eq!(caps.medium, Medium::Ethernet);
         assert_eq!(caps.max_transmission_unit, 1514);
         assert_eq!(caps.max_burst_size, Some(128));
-        // With segmentation, smoltcp sees whole wire segments up to 64 KiB.
+        // With segmentation, smoltcp sees whole wire segments up to 64 KiB,
+        // less a byte (see `segment_payload`).
         let mut nic = nic_with(&regs, &mut dma, Config::default());
-        assert_eq!(nic.capabilities().max_transmission_unit, 14 + 40 + 44 * 1460);
+        assert_eq!(nic.capabilities().max_transmission_unit, 14 + 40 + 44 * 1460 - 1);
         nic.set_mtu(9000).unwrap();
-        assert_eq!(nic.capabilities().max_transmission_unit, 14 + 40 + 7 * 8960);
-        assert_eq!(tso_frame_limit(576), 14 + 40 + 122 * 536);
+        assert_eq!(nic.capabilities().max_transmission_unit, 14 + 40 + 7 * 8960 - 1);
+        assert_eq!(tso_frame_limit(576), 14 + 40 + 122 * 536 - 1);
     }
 
     #[test]
@@ -2694,6 +2709,9 @@ mod tests {
         assert!(wire.cut.get() > (1 << 20) / 1460, "{} frames cut", wire.cut.get());
         assert_eq!(counters.tx_dropped, 0);
         assert!(b.rx_coalesced > b.rx_frames / 2, "{} of {} frames coalesced", b.rx_coalesced, b.rx_frames);
+        // Full segments are a byte short of whole MSS, so the emulators
+        // send no frame of headers alone after them.
+        assert_eq!(wire.cut_empty.get(), 0, "segments of whole MSS");
     }
 
     #[test]
@@ -2730,10 +2748,10 @@ mod tests {
         assert_eq!(be16(&sent[0], 56), Some(1460));
         assert!(smoltcp_accepts(&sent[0]));
         // A peer at MSS 536 (10.0.0.1, the frame's source): smoltcp is told
-        // 122 of those, and segments to that peer are cut at 536.
+        // 122 of those less a byte, and segments to that peer are cut at 536.
         assert!(wire.inject(&syn(536)));
         let (rx, _) = nic.receive(Instant::from_millis(0)).expect("the SYN");
-        assert_eq!(be16(&phy::RxToken::consume(rx, <[u8]>::to_vec), 56), Some(122 * 536));
+        assert_eq!(be16(&phy::RxToken::consume(rx, <[u8]>::to_vec), 56), Some(122 * 536 - 1));
         let mut long = tcp_frame(3000);
         long[30..34].copy_from_slice(&[10, 0, 0, 1]);
         long[26..30].copy_from_slice(&[10, 0, 0, 2]);
@@ -2756,7 +2774,7 @@ mod tests {
         finish_checksum(&mut tiny, 50, 34);
         assert!(wire.inject(&tiny));
         let (rx, _) = nic.receive(Instant::from_millis(0)).expect("the SYN");
-        assert_eq!(be16(&phy::RxToken::consume(rx, <[u8]>::to_vec), 56), Some(122 * 536));
+        assert_eq!(be16(&phy::RxToken::consume(rx, <[u8]>::to_vec), 56), Some(122 * 536 - 1));
     }
 
     /// A plain TCP segment of flow `port` (ACK set, PSH as given) carrying
