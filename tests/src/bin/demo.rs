@@ -153,7 +153,8 @@ fn main() -> Result<()> {
     let status = report["stage"].as_str().unwrap_or("?").to_string();
     // What each NIC counted during the migration (drops mean retransmits).
     let counters_after = [ok(a.console(), "net status")?, ok(b.console(), "net status")?];
-    let switch_drops = [lab.tap_drops(1)? - drops_before[0], lab.tap_drops(2)? - drops_before[1]];
+    let switch_drops =
+        [lab.tap_drops(1)?.saturating_sub(drops_before[0]), lab.tap_drops(2)?.saturating_sub(drops_before[1])];
     let cpu_after = [ok(a.console(), "uptime")?, ok(b.console(), "uptime")?];
     // Where each host's CPU time went during the migration, in ms.
     let cpu = |i: usize| {
