@@ -1560,7 +1560,7 @@ mod tests {
     #![allow(clippy::cast_possible_truncation)]
 
     use super::*;
-    use smoltcp::iface::{Config as IfaceConfig, Interface, SocketSet};
+    use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
     use smoltcp::phy::Device;
     use smoltcp::socket::tcp;
     use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, IpProtocol, Ipv4Packet, TcpPacket, TcpSeqNumber};
@@ -2308,20 +2308,15 @@ mod tests {
         let payload: Vec<u8> = (0..TOTAL).map(|i| (i % 251) as u8).collect();
 
         let mut ends = Ends::new(config_a, config_b);
-        let client = ends.sockets[0].add(tcp_socket());
-        let server = ends.sockets[1].add(tcp_socket());
-        ends.sockets[1].get_mut::<tcp::Socket>(server).listen(5000).unwrap();
-        let cx = ends.ifaces[0].context();
-        ends.sockets[0].get_mut::<tcp::Socket>(client).connect(cx, (IpAddress::v4(10, 0, 0, 2), 5000), 49152).unwrap();
+        let (client, server) = ends.open(tcp_socket(), tcp_socket(), 5000, 49152);
 
-        let mut now = Instant::from_millis(0);
         let (mut sent, mut received) = (0usize, Vec::with_capacity(TOTAL));
         let mut iterations = 0;
         while received.len() < TOTAL {
             iterations += 1;
             assert!(iterations < 100_000, "stalled at {} bytes", received.len());
             for i in 0..2 {
-                ends.ifaces[i].poll(now, &mut ends.nics[i], &mut ends.sockets[i]);
+                ends.ifaces[i].poll(ends.now, &mut ends.nics[i], &mut ends.sockets[i]);
                 ends.nics[i].flush();
             }
 
@@ -2341,7 +2336,7 @@ mod tests {
 
             let moved = pump(&ends.wires[0], &ends.wires[1]) + pump(&ends.wires[1], &ends.wires[0]);
             if moved == 0 {
-                now += smoltcp::time::Duration::from_millis(1);
+                ends.now += smoltcp::time::Duration::from_millis(1);
             }
         }
         assert!(received == payload, "payload corrupted");
@@ -2385,6 +2380,25 @@ mod tests {
                 last_data: Vec::new(),
                 last_from_b: Vec::new(),
             }
+        }
+
+        /// Adds `client` to A and `server` to B, has B listen on `port` and
+        /// A connect to it from `local`; returns both handles.
+        fn open(
+            &mut self,
+            client: tcp::Socket<'static>,
+            server: tcp::Socket<'static>,
+            port: u16,
+            local: u16,
+        ) -> (SocketHandle, SocketHandle) {
+            let (client, server) = (self.sockets[0].add(client), self.sockets[1].add(server));
+            self.sockets[1].get_mut::<tcp::Socket>(server).listen(port).unwrap();
+            let cx = self.ifaces[0].context();
+            self.sockets[0]
+                .get_mut::<tcp::Socket>(client)
+                .connect(cx, (IpAddress::v4(10, 0, 0, 2), port), local)
+                .unwrap();
+            (client, server)
         }
 
         /// Polls both ends and moves frames until `done`.
@@ -2435,12 +2449,8 @@ mod tests {
         const WINDOW: usize = 4096;
         let config = Config { tso: false, lro: false, ..Config::default() };
         let mut ends = Ends::new(config, config);
-        let client = ends.sockets[0].add(tcp_socket());
         let small = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; WINDOW]), tcp::SocketBuffer::new(vec![0; WINDOW]));
-        let server = ends.sockets[1].add(small);
-        ends.sockets[1].get_mut::<tcp::Socket>(server).listen(5000).unwrap();
-        let cx = ends.ifaces[0].context();
-        ends.sockets[0].get_mut::<tcp::Socket>(client).connect(cx, (IpAddress::v4(10, 0, 0, 2), 5000), 49152).unwrap();
+        let (client, server) = ends.open(tcp_socket(), small, 5000, 49152);
         ends.exchange(|s| s[0].get::<tcp::Socket>(client).may_send());
         let payload: Vec<u8> = (0..2 * WINDOW).map(|i| (i % 251) as u8).collect();
         let mut received = Vec::new();
@@ -2494,14 +2504,11 @@ mod tests {
         const TOTAL: usize = 12 << 20;
         let config = Config { tso: false, lro: false, ..Config::default() };
         let mut ends = Ends::new(config, config);
-        let client = ends.sockets[0].add(tcp_socket());
-        let big = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; 4 << 20]), tcp::SocketBuffer::new(vec![0; 4096]));
-        let server = ends.sockets[1].add(big);
-        ends.sockets[1].get_mut::<tcp::Socket>(server).listen(5000).unwrap();
-        let cx = ends.ifaces[0].context();
         // Without Nagle (as migration sockets), A fills a window to its edge.
-        ends.sockets[0].get_mut::<tcp::Socket>(client).set_nagle_enabled(false);
-        ends.sockets[0].get_mut::<tcp::Socket>(client).connect(cx, (IpAddress::v4(10, 0, 0, 2), 5000), 49152).unwrap();
+        let mut eager = tcp_socket();
+        eager.set_nagle_enabled(false);
+        let big = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; 4 << 20]), tcp::SocketBuffer::new(vec![0; 4096]));
+        let (client, server) = ends.open(eager, big, 5000, 49152);
         ends.exchange(|s| s[0].get::<tcp::Socket>(client).may_send());
         let byte = |i: usize| (i % 251) as u8;
         let (mut queued, mut read, mut resent) = (0, 0, 0);
@@ -2568,12 +2575,8 @@ mod tests {
     #[test]
     fn a_scaled_window_handshake_sends_one_syn_ack() {
         let mut ends = Ends::new(Config::default(), Config::default());
-        let client = ends.sockets[0].add(tcp_socket());
         let big = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; 4 << 20]), tcp::SocketBuffer::new(vec![0; 4096]));
-        let server = ends.sockets[1].add(big);
-        ends.sockets[1].get_mut::<tcp::Socket>(server).listen(5000).unwrap();
-        let cx = ends.ifaces[0].context();
-        ends.sockets[0].get_mut::<tcp::Socket>(client).connect(cx, (IpAddress::v4(10, 0, 0, 2), 5000), 49152).unwrap();
+        let (client, server) = ends.open(tcp_socket(), big, 5000, 49152);
         ends.exchange(|s| s[1].get::<tcp::Socket>(server).state() == tcp::State::Established);
         assert_eq!(ends.nics[1].counters().tx_frames, 2, "B's ARP reply and SYN|ACK");
         assert_eq!(ends.sockets[0].get_mut::<tcp::Socket>(client).send_slice(&[9; 50_000]), Ok(50_000));
@@ -2628,16 +2631,7 @@ mod tests {
             seed
         };
         for round in 0..200u16 {
-            let port = 5000 + round;
-            let client = ends.sockets[0].add(tcp_socket());
-            let server = ends.sockets[1].add(tcp_socket());
-            ends.sockets[1].get_mut::<tcp::Socket>(server).listen(port).unwrap();
-            let cx = ends.ifaces[0].context();
-            let local = 40000 + round;
-            ends.sockets[0]
-                .get_mut::<tcp::Socket>(client)
-                .connect(cx, (IpAddress::v4(10, 0, 0, 2), port), local)
-                .unwrap();
+            let (client, server) = ends.open(tcp_socket(), tcp_socket(), 5000 + round, 40000 + round);
             ends.exchange(|s| s[1].get::<tcp::Socket>(server).may_recv());
             // Data that fills B's buffer but for up to 2 KiB, so windows
             // are small, and real templates.
@@ -2676,11 +2670,7 @@ mod tests {
             ends.sockets[1].remove(server);
         }
         // Both ends still work: a fresh connection carries data.
-        let client = ends.sockets[0].add(tcp_socket());
-        let server = ends.sockets[1].add(tcp_socket());
-        ends.sockets[1].get_mut::<tcp::Socket>(server).listen(6000).unwrap();
-        let cx = ends.ifaces[0].context();
-        ends.sockets[0].get_mut::<tcp::Socket>(client).connect(cx, (IpAddress::v4(10, 0, 0, 2), 6000), 45000).unwrap();
+        let (client, server) = ends.open(tcp_socket(), tcp_socket(), 6000, 45000);
         ends.exchange(|s| s[0].get::<tcp::Socket>(client).may_send());
         assert_eq!(ends.sockets[0].get_mut::<tcp::Socket>(client).send_slice(&[7; 1000]), Ok(1000));
         ends.exchange(|s| s[1].get::<tcp::Socket>(server).recv_queue() == 1000);
