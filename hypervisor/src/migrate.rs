@@ -8,6 +8,7 @@
 use alloc::collections::VecDeque;
 use alloc::format;
 use alloc::string::String;
+use alloc::vec;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -16,8 +17,9 @@ use hypervisor::migcmd::{MigrateCommand, PolicyArg, MIGRATION_PORT};
 use hypervisor::shell::Reply;
 use migration::converge::Policy;
 use migration::dest::{DestAction, DestState, Destination};
+use migration::record::page_batch_frame_len;
 use migration::record::{Hello, VmConfig};
-use migration::source::{Report, Source, SourceAction, SourceConfig};
+use migration::source::{Polled, Report, Source, SourceAction, SourceConfig};
 use migration::{GuestMemory as MigMemory, PAGE_SIZE, PROTOCOL_VERSION};
 
 use crate::arch::clock;
@@ -32,6 +34,14 @@ const CONTROL_BUFFER: usize = 64 * 1024;
 const INCOMING_IDLE_US: u64 = 30_000_000;
 /// Stop pulling records from the source while this much is still unsent.
 const MAX_PENDING: usize = 1024 * 1024;
+/// Most page-batch bytes the source writes into its socket per poll, so
+/// that the network is polled in between (the first ones go out, ACKs
+/// come in) rather than after the whole 4 MiB buffer is encoded.
+const SEND_SLICE: usize = 512 * 1024;
+/// Fewest pages of a batch written straight into the socket's send
+/// buffer (64 KiB): fewer would split the stream into many small frames
+/// while the buffer is nearly full.
+const DIRECT_MIN_PAGES: usize = 16;
 /// Most stream bytes the destination takes per poll, so that the network
 /// is polled in between (B acknowledges what arrived and gives the NIC its
 /// receive buffers back) every 1-2 ms of work under TCG, not only after
@@ -176,6 +186,61 @@ struct Outgoing {
     connected: bool,
     /// Percent of the CPU this migration may take from running VMs.
     share: u8,
+}
+
+impl Outgoing {
+    /// The source's next step. Once connected, a page batch is encoded
+    /// straight into the socket's send buffer, its pages copied once
+    /// instead of into a `Vec` and then into the socket. It waits
+    /// (`NeedRoom`) for frames queued ahead of it and until
+    /// `DIRECT_MIN_PAGES` fit, except where the free space wraps: there it
+    /// takes what fits before the buffer's end, and if not one page does,
+    /// a batch of one page is encoded aside and queued across the wrap.
+    fn next(&mut self, net: &mut Net, vms: &mut Manager, now: u64) -> Polled {
+        if self.connected && !self.source.status().stage.is_terminal() {
+            if !self.pending.is_empty() {
+                // Queued frames go first, and the next batch waits for
+                // them: produced now, it would be queued too.
+                return Polled::NeedRoom;
+            }
+            let free = net.tcp_send_free(self.socket);
+            let (source, socket) = (&mut self.source, self.socket);
+            let direct = vms.with_memory(&self.vm, |m| {
+                net.tcp_send_with(socket, |room| {
+                    let wraps = room.len() < free;
+                    let min_pages = if wraps { 1 } else { DIRECT_MIN_PAGES };
+                    let polled = source.poll_into(&Mem(m), now, room, min_pages);
+                    (if let Polled::Wrote(n) = polled { n } else { 0 }, (polled, wraps))
+                })
+            });
+            match direct {
+                Ok(Some((Polled::NeedRoom, true))) => {
+                    // Not one page fits before the buffer's end: one page
+                    // is encoded aside and queued across the wrap.
+                    let mut spill = vec![0; page_batch_frame_len(1)];
+                    let polled = vms.with_memory(&self.vm, |m| self.source.poll_into(&Mem(m), now, &mut spill, 1));
+                    match polled {
+                        Ok(Polled::Wrote(n)) => {
+                            spill.truncate(n);
+                            return Polled::Action(SourceAction::Send(spill));
+                        }
+                        Ok(polled) => return polled,
+                        Err(_) => {} // the VM went away: below
+                    }
+                }
+                Ok(Some((polled, _))) => return polled,
+                Ok(None) | Err(_) => {} // the socket cannot send, or the VM went away: below
+            }
+        }
+        let action = match vms.with_memory(&self.vm, |m| self.source.poll(&Mem(m), now)) {
+            Ok(a) => a,
+            Err(_) => {
+                self.source.on_abort("the VM went away");
+                self.source.poll(&NoMemory, now)
+            }
+        };
+        action.map_or(Polled::Idle, Polled::Action)
+    }
 }
 
 struct Incoming {
@@ -405,16 +470,25 @@ impl Migrator {
             o.pending.clear();
         }
         let mut ended = None;
-        while o.pending.len() < MAX_PENDING || o.source.status().stage.is_terminal() {
+        let mut written = 0;
+        loop {
+            if o.connected && !o.pending.is_empty() {
+                o.pending.send(net, o.socket);
+            }
+            let full = o.pending.len() >= MAX_PENDING || written >= SEND_SLICE;
+            if full && !o.source.status().stage.is_terminal() {
+                break;
+            }
             o.source.set_backlog((o.pending.len() + net.tcp_send_queue(o.socket)) as u64);
-            let action = match vms.with_memory(&o.vm, |m| o.source.poll(&Mem(m), now)) {
-                Ok(a) => a,
-                Err(_) => {
-                    o.source.on_abort("the VM went away");
-                    o.source.poll(&NoMemory, now)
+            let action = match o.next(net, vms, now) {
+                Polled::Wrote(n) => {
+                    busy = true;
+                    written += n;
+                    continue;
                 }
+                Polled::Action(a) => a,
+                Polled::NeedRoom | Polled::Idle => break,
             };
-            let Some(action) = action else { break };
             busy = true;
             match action {
                 SourceAction::Send(bytes) => o.pending.push(bytes),

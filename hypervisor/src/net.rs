@@ -356,6 +356,20 @@ impl Net {
         self.sockets.get_mut::<tcp::Socket>(h).send_slice(data).unwrap_or(0)
     }
 
+    /// Free space in the socket's send buffer, in all.
+    pub fn tcp_send_free(&self, h: SocketHandle) -> usize {
+        let socket = self.sockets.get::<tcp::Socket>(h);
+        socket.send_capacity() - socket.send_queue()
+    }
+
+    /// Lets `f` write straight into the socket's send buffer: it gets the
+    /// free space up to the buffer's end (all of it, unless it wraps) and
+    /// answers how many bytes from its start to queue. `None` if the
+    /// socket cannot send.
+    pub fn tcp_send_with<R>(&mut self, h: SocketHandle, f: impl FnOnce(&mut [u8]) -> (usize, R)) -> Option<R> {
+        self.sockets.get_mut::<tcp::Socket>(h).send(f).ok()
+    }
+
     /// Hands up to `max` bytes of what was received to `f`, straight from
     /// the socket's buffer (in at most two pieces when it wraps); returns
     /// the byte count.

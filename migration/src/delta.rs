@@ -18,9 +18,7 @@
 //! whose delta would exceed [`MAX_DELTA`] is sent in full instead: beyond
 //! half a page the saving no longer pays for the read-modify-write.
 
-use alloc::vec::Vec;
-
-use crate::wire::{Reader, WireError};
+use crate::wire::{FrameBuf, Reader, WireError};
 use crate::PAGE_SIZE;
 
 /// Largest delta on the wire, in bytes.
@@ -58,7 +56,7 @@ fn literal_end(old: &[u8], new: &[u8], start: usize) -> usize {
 
 /// Appends the delta from `old` to `new` to `out`. Returns `false`, with
 /// `out` unchanged, if the delta would be longer than [`MAX_DELTA`].
-pub fn encode(old: &[u8; PAGE_SIZE], new: &[u8; PAGE_SIZE], out: &mut Vec<u8>) -> bool {
+pub fn encode(old: &[u8; PAGE_SIZE], new: &[u8; PAGE_SIZE], out: &mut impl FrameBuf) -> bool {
     let start_len = out.len();
     let mut pos = 0;
     while let Some(start) = next_diff(old, new, pos) {
@@ -71,7 +69,11 @@ pub fn encode(old: &[u8; PAGE_SIZE], new: &[u8; PAGE_SIZE], out: &mut Vec<u8>) -
         // Both values are at most PAGE_SIZE (4096), so they fit a u16.
         out.extend_from_slice(&u16::try_from(start - pos).unwrap_or(u16::MAX).to_le_bytes());
         out.extend_from_slice(&u16::try_from(o.len()).unwrap_or(u16::MAX).to_le_bytes());
-        out.extend(o.iter().zip(n).map(|(a, b)| a ^ b));
+        let at = out.len();
+        out.extend_from_slice(o);
+        for (d, b) in out.written_mut().get_mut(at..).unwrap_or_default().iter_mut().zip(n) {
+            *d ^= b;
+        }
         pos = end;
     }
     true
@@ -116,6 +118,7 @@ pub fn apply(page: &mut [u8; PAGE_SIZE], delta: &[u8]) -> Result<(), WireError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::vec::Vec;
 
     fn page(seed: u8) -> [u8; PAGE_SIZE] {
         core::array::from_fn(|i| (i as u8).wrapping_mul(31) ^ seed)

@@ -5,7 +5,10 @@
 //! reliable byte stream (TCP), after the Hyper-V live-migration design:
 //! setup, iterative pre-copy of memory, stop-and-copy, and a two-phase
 //! switchover. Both sides are sans-IO: bytes and events go in, bytes and
-//! actions come out, and time is a parameter (`now_us`), never read.
+//! actions come out, and time is a parameter (`now_us`), never read. The
+//! source can also write its page batches into a slice the caller lends
+//! it ([`Source::poll_into`]): a host hands it the free space of its
+//! socket's send buffer, and each page is copied once on its way out.
 //!
 //! Modules:
 //! - [`wire`]: frame header, record types, incremental [`FrameDecoder`], [`WireError`].
@@ -127,7 +130,7 @@ pub(crate) mod testmem;
 pub use converge::{decide, Decision, Policy};
 pub use dest::{DestAction, DestState, Destination};
 pub use record::{Hello, Page, PageBatch, PageData, Record, RoundEnd, VmConfig};
-pub use source::{Report, Source, SourceAction, SourceConfig, Stage, Status};
+pub use source::{Polled, Report, Source, SourceAction, SourceConfig, Stage, Status};
 pub use wire::{Frame, FrameDecoder, RecordType, WireError, MAX_PAYLOAD, PROTOCOL_VERSION};
 
 /// Guest page size; the only one the protocol supports.

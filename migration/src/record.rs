@@ -33,7 +33,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use crate::delta::{self, MAX_DELTA};
-use crate::wire::{Frame, Reader, RecordType, WireError, Writer};
+use crate::wire::{Frame, FrameBuf, Reader, RecordType, SliceBuf, WireError, Writer, HEADER_LEN};
 use crate::{crc, page_hash, PAGE_SIZE};
 
 /// Longest VM name, in bytes.
@@ -349,16 +349,35 @@ pub enum PageKind {
 }
 
 /// Encodes a PageBatch frame page by page, without an intermediate
-/// [`PageBatch`] (the source's hot path).
-pub struct PageBatchWriter {
-    w: Writer,
+/// [`PageBatch`] (the source's hot path), into a `Vec` or a caller's slice.
+pub struct PageBatchWriter<B: FrameBuf = Vec<u8>> {
+    w: Writer<B>,
     count: u16,
+}
+
+/// Bytes a PageBatch frame of `pages` pages takes at most.
+pub const fn page_batch_frame_len(pages: usize) -> usize {
+    HEADER_LEN + 6 + pages * PAGE_MAX_LEN as usize
 }
 
 impl PageBatchWriter {
     /// A batch for `round`, with room reserved for `pages_hint` full pages.
     pub fn new(round: u32, pages_hint: usize) -> Self {
-        let mut w = Writer::new(6 + pages_hint.min(MAX_BATCH_PAGES) * PAGE_MAX_LEN as usize);
+        Self::start_batch(Writer::new(6 + pages_hint.min(MAX_BATCH_PAGES) * PAGE_MAX_LEN as usize), round)
+    }
+}
+
+impl<'a> PageBatchWriter<SliceBuf<'a>> {
+    /// A batch for `round` written into `buf`, which should hold
+    /// [`page_batch_frame_len`] bytes for the pages to come: beyond its end,
+    /// [`finish`](Self::finish) fails with [`WireError::NoRoom`].
+    pub fn in_slice(buf: &'a mut [u8], round: u32) -> Self {
+        Self::start_batch(Writer::in_slice(buf), round)
+    }
+}
+
+impl<B: FrameBuf> PageBatchWriter<B> {
+    fn start_batch(mut w: Writer<B>, round: u32) -> Self {
         w.u32(round);
         w.u16(0); // count, patched by `finish`
         PageBatchWriter { w, count: 0 }
@@ -438,7 +457,7 @@ impl PageBatchWriter {
     }
 
     /// The complete frame.
-    pub fn finish(mut self) -> Result<Vec<u8>, WireError> {
+    pub fn finish(mut self) -> Result<B, WireError> {
         self.w.patch_u16(4, self.count);
         self.w.finish(RecordType::PageBatch)
     }
@@ -661,6 +680,34 @@ mod tests {
         let mut p = old;
         delta::apply(&mut p, dl).unwrap();
         assert_eq!(p, a);
+    }
+
+    /// The same pages give the same frame in a caller's slice as in a
+    /// `Vec`; a slice too short fails `finish` instead of panicking.
+    #[test]
+    fn page_batch_in_a_slice_equals_the_vec_one_and_overflow_fails() {
+        let a = [5u8; PAGE_SIZE];
+        fn encode<B: FrameBuf>(w: &mut PageBatchWriter<B>) {
+            let a = [5u8; PAGE_SIZE];
+            let mut b = a;
+            b[7] = 1;
+            w.push_page(1, &[0; PAGE_SIZE], None).unwrap();
+            w.push_page(2, &a, None).unwrap();
+            w.push_page(3, &b, Some(&a)).unwrap();
+        }
+        let mut v = PageBatchWriter::new(4, 3);
+        encode(&mut v);
+        let v = v.finish().unwrap();
+        let mut room = vec![0xA5; page_batch_frame_len(3)];
+        let mut s = PageBatchWriter::in_slice(&mut room, 4);
+        encode(&mut s);
+        let n = s.finish().unwrap().len();
+        assert_eq!(&room[..n], &v[..]);
+
+        let mut short = vec![0; page_batch_frame_len(1) - 1];
+        let mut s = PageBatchWriter::in_slice(&mut short, 4);
+        s.push_page(2, &a, None).unwrap();
+        assert_eq!(s.finish().err(), Some(WireError::NoRoom(short.len())));
     }
 
     #[test]

@@ -39,9 +39,11 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use crate::converge::{self, Decision, Inputs, Policy};
-use crate::record::{clip_reason, Hello, PageBatchWriter, PageKind, Record, RoundEnd, MAX_BATCH_PAGES};
+use crate::record::{
+    clip_reason, page_batch_frame_len, Hello, PageBatchWriter, PageKind, Record, RoundEnd, MAX_BATCH_PAGES,
+};
 use crate::record::{MAX_DEVICE_STATE, MAX_VCPU_STATE};
-use crate::wire::FrameDecoder;
+use crate::wire::{FrameBuf, FrameDecoder};
 use crate::{GuestMemory, PAGE_SIZE, PROTOCOL_VERSION};
 
 /// Without progress (a frame received, an action handed out, a caller
@@ -101,6 +103,37 @@ impl Default for SourceConfig {
             verify_cost_us: 0,
         }
     }
+}
+
+/// What [`Source::poll_into`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Polled {
+    /// A page batch of this many bytes was written at the start of the
+    /// caller's room: it is handed out, like a `Send`.
+    Wrote(usize),
+    /// The next action, as [`Source::poll`] would have given it.
+    Action(SourceAction),
+    /// A page batch is due, but too few of its pages fit the room.
+    NeedRoom,
+    /// Nothing to do now.
+    Idle,
+}
+
+/// The caller's send-buffer space for [`Source::poll_into`].
+struct Room<'a> {
+    buf: &'a mut [u8],
+    min_pages: usize,
+}
+
+/// What [`Source::next_batch`] did.
+enum Batch {
+    /// Wrote a frame of this many bytes into the room.
+    Wrote(usize),
+    /// Too few pages fit the room; nothing taken.
+    NeedRoom,
+    /// Queued whatever came next (a `Send`, the round's end, a failure) or
+    /// nothing (paced).
+    Queued,
 }
 
 /// What the caller must do next.
@@ -613,11 +646,36 @@ impl Source {
 
     /// The next action, if any. Page data is read through `mem`.
     pub fn poll(&mut self, mem: &dyn GuestMemory, now_us: u64) -> Option<SourceAction> {
+        match self.poll_with(mem, now_us, None) {
+            Polled::Action(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// Like [`poll`](Self::poll), but a page batch due now is encoded
+    /// straight into `room` (the free space at the end of the caller's send
+    /// buffer) rather than into a new `Vec`, so its pages are copied once.
+    /// It takes as many pages as fit, up to the configured batch; if fewer
+    /// than `min_pages` fit (and the round has that many left), nothing is
+    /// taken and the answer is [`Polled::NeedRoom`].
+    pub fn poll_into(&mut self, mem: &dyn GuestMemory, now_us: u64, room: &mut [u8], min_pages: usize) -> Polled {
+        self.poll_with(mem, now_us, Some(Room { buf: room, min_pages }))
+    }
+
+    fn poll_with(&mut self, mem: &dyn GuestMemory, now_us: u64, room: Option<Room<'_>>) -> Polled {
         self.start_us.get_or_insert(now_us);
         self.last_progress_us.get_or_insert(now_us);
         if self.out.is_empty() {
             match self.phase {
-                Phase::Sending | Phase::FinalSending => self.next_batch(mem, now_us),
+                Phase::Sending | Phase::FinalSending => match self.next_batch(mem, now_us, room) {
+                    Batch::Wrote(n) => {
+                        self.progress(now_us);
+                        self.report.bytes_on_wire += n as u64;
+                        return Polled::Wrote(n);
+                    }
+                    Batch::NeedRoom => return Polled::NeedRoom,
+                    Batch::Queued => {}
+                },
                 Phase::Commit => {
                     // Handed out just below: from here on, never ResumeVm.
                     self.send(&Record::Commit);
@@ -628,30 +686,72 @@ impl Source {
                 _ => {}
             }
         }
-        let action = self.out.pop_front()?;
+        let Some(action) = self.out.pop_front() else { return Polled::Idle };
         self.progress(now_us);
         match &action {
             SourceAction::Send(b) => self.report.bytes_on_wire += b.len() as u64,
             SourceAction::PauseVm => self.pause_requested = true,
             _ => {}
         }
-        Some(action)
+        Polled::Action(action)
     }
 
-    /// Queues the next page batch, or the end of the round.
-    fn next_batch(&mut self, mem: &dyn GuestMemory, now_us: u64) {
+    /// Encodes the next page batch into `room` if given (answering how
+    /// much it wrote), else queues it as a `Send`; or ends the round.
+    fn next_batch(&mut self, mem: &dyn GuestMemory, now_us: u64, room: Option<Room<'_>>) -> Batch {
         if mem.pages() < self.pages {
             let why = format!("guest memory has {} pages, Hello announced {}", mem.pages(), self.pages);
-            return self.fail(&why, Some(true));
+            self.fail(&why, Some(true));
+            return Batch::Queued;
         }
         if self.config.bandwidth_cap_bytes_per_s.is_some() && now_us < self.next_send_us {
-            return;
+            return Batch::Queued;
         }
         let batch = self.config.batch_pages.clamp(1, MAX_BATCH_PAGES);
         let want = usize::try_from(self.remaining).unwrap_or(batch).min(batch);
-        let mut w = PageBatchWriter::new(self.round, want);
+        let Some(Room { buf, min_pages }) = room else {
+            let mut w = PageBatchWriter::new(self.round, want);
+            match self.fill_batch(mem, &mut w, batch, now_us).map(|_| w.finish()) {
+                Some(Ok(frame)) => {
+                    self.count_batch(frame.len(), now_us);
+                    self.out.push_back(SourceAction::Send(frame));
+                }
+                Some(Err(e)) => self.fail(&format!("cannot encode page batch: {e}"), Some(false)),
+                None => {}
+            }
+            return Batch::Queued;
+        };
+        let fit = (1..=batch).rev().find(|&p| page_batch_frame_len(p) <= buf.len()).unwrap_or(0);
+        if fit == 0 || fit < min_pages.min(want) {
+            return Batch::NeedRoom;
+        }
+        let mut w = PageBatchWriter::in_slice(buf, self.round);
+        match self.fill_batch(mem, &mut w, fit, now_us).map(|_| w.finish()) {
+            Some(Ok(frame)) => {
+                let len = frame.len();
+                self.count_batch(len, now_us);
+                Batch::Wrote(len)
+            }
+            Some(Err(e)) => {
+                self.fail(&format!("cannot encode page batch: {e}"), Some(false));
+                Batch::Queued
+            }
+            None => Batch::Queued,
+        }
+    }
+
+    /// Adds up to `max` pages still to send to `w`, and counts them.
+    /// `None` if there was nothing to add (the round ended instead) or the
+    /// migration failed.
+    fn fill_batch<B: FrameBuf>(
+        &mut self,
+        mem: &dyn GuestMemory,
+        w: &mut PageBatchWriter<B>,
+        max: usize,
+        now_us: u64,
+    ) -> Option<()> {
         let mut n = 0;
-        while n < batch {
+        while n < max {
             let Some(gfn) = self.to_send.next_from(self.cursor) else { break };
             self.cursor = gfn + 1;
             n += 1;
@@ -672,7 +772,10 @@ impl Source {
             });
             let kind = match encoded {
                 Ok(k) => k,
-                Err(e) => return self.fail(&format!("cannot encode page {gfn}: {e}"), Some(false)),
+                Err(e) => {
+                    self.fail(&format!("cannot encode page {gfn}: {e}"), Some(false));
+                    return None;
+                }
             };
             match kind {
                 PageKind::Zero => self.report.zero_pages += 1,
@@ -686,12 +789,9 @@ impl Source {
             }
         }
         if n == 0 {
-            return self.end_round(mem, now_us);
+            self.end_round(mem, now_us);
+            return None;
         }
-        let frame = match w.finish() {
-            Ok(f) => f,
-            Err(e) => return self.fail(&format!("cannot encode page batch: {e}"), Some(false)),
-        };
         if self.round_start_us.is_none() {
             self.round_start_us = Some(now_us);
             self.round_start_backlog = self.backlog;
@@ -699,15 +799,20 @@ impl Source {
         self.round_pages += n as u64;
         self.pages_sent += n as u64;
         self.remaining = self.remaining.saturating_sub(n as u64);
-        self.round_bytes += frame.len() as u64;
+        Some(())
+    }
+
+    /// Counts a page batch frame of `len` bytes handed out now, and paces
+    /// the next one under a bandwidth cap.
+    fn count_batch(&mut self, len: usize, now_us: u64) {
+        self.round_bytes += len as u64;
         if let Some(cap) = self.config.bandwidth_cap_bytes_per_s {
-            let hold = u128::from(frame.len() as u64) * 1_000_000 / u128::from(cap.max(1));
+            let hold = u128::from(len as u64) * 1_000_000 / u128::from(cap.max(1));
             // From when this frame was due, not from when we were polled,
             // so a caller that polls late catches up (within a limit).
             let due = self.next_send_us.max(now_us.saturating_sub(PACING_CREDIT_US));
             self.next_send_us = due.saturating_add(u64::try_from(hold).unwrap_or(u64::MAX));
         }
-        self.out.push_back(SourceAction::Send(frame));
     }
 
     fn end_round(&mut self, mem: &dyn GuestMemory, now_us: u64) {

@@ -153,6 +153,8 @@ pub enum WireError {
         /// The page.
         gfn: u64,
     },
+    /// A frame being encoded did not fit the caller's buffer of this size.
+    NoRoom(usize),
 }
 
 impl fmt::Display for WireError {
@@ -178,6 +180,7 @@ impl fmt::Display for WireError {
             Self::DeltaTooLong(n) => write!(f, "delta of {n} bytes"),
             Self::DeltaPastPage(at) => write!(f, "delta run ends at offset {at}, past the page"),
             Self::PageHash { gfn } => write!(f, "page {gfn:#x} does not match its hash (corrupted in transit)"),
+            Self::NoRoom(n) => write!(f, "frame does not fit a buffer of {n} bytes"),
         }
     }
 }
@@ -328,10 +331,86 @@ impl FrameDecoder {
     }
 }
 
+/// Where a frame is built: a `Vec` that grows as needed, or a [`SliceBuf`]
+/// over a caller's buffer (the source writes page batches straight into
+/// its socket's send buffer, so page data is copied once, not twice).
+pub trait FrameBuf {
+    /// Bytes written so far.
+    fn len(&self) -> usize;
+    /// Whether nothing was written.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Appends `bytes`.
+    fn extend_from_slice(&mut self, bytes: &[u8]);
+    /// Drops everything after the first `len` bytes.
+    fn truncate(&mut self, len: usize);
+    /// The bytes written so far.
+    fn written_mut(&mut self) -> &mut [u8];
+    /// If a write did not fit: the buffer's size.
+    fn overflowed(&self) -> Option<usize> {
+        None
+    }
+}
+
+impl FrameBuf for Vec<u8> {
+    fn len(&self) -> usize {
+        Vec::len(self)
+    }
+    fn extend_from_slice(&mut self, bytes: &[u8]) {
+        Vec::extend_from_slice(self, bytes);
+    }
+    fn truncate(&mut self, len: usize) {
+        Vec::truncate(self, len);
+    }
+    fn written_mut(&mut self) -> &mut [u8] {
+        self
+    }
+}
+
+/// A frame built in a caller's fixed slice. Writing past its end is
+/// remembered, and [`Writer::finish`] then fails, instead of panicking.
+pub struct SliceBuf<'a> {
+    buf: &'a mut [u8],
+    len: usize,
+    overflowed: bool,
+}
+
+impl<'a> SliceBuf<'a> {
+    /// An empty frame at the start of `buf`.
+    pub fn new(buf: &'a mut [u8]) -> Self {
+        SliceBuf { buf, len: 0, overflowed: false }
+    }
+}
+
+impl FrameBuf for SliceBuf<'_> {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn extend_from_slice(&mut self, bytes: &[u8]) {
+        match self.buf.get_mut(self.len..self.len + bytes.len()) {
+            Some(d) => {
+                d.copy_from_slice(bytes);
+                self.len += bytes.len();
+            }
+            None => self.overflowed = true,
+        }
+    }
+    fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+    fn written_mut(&mut self) -> &mut [u8] {
+        self.buf.get_mut(..self.len).unwrap_or_default()
+    }
+    fn overflowed(&self) -> Option<usize> {
+        self.overflowed.then_some(self.buf.len())
+    }
+}
+
 /// Builds one frame: reserves the header, appends payload fields, then
 /// fills in length and CRC.
-pub(crate) struct Writer {
-    buf: Vec<u8>,
+pub(crate) struct Writer<B: FrameBuf = Vec<u8>> {
+    buf: B,
 }
 
 impl Writer {
@@ -340,8 +419,20 @@ impl Writer {
         buf.resize(HEADER_LEN, 0);
         Writer { buf }
     }
+}
+
+impl<'a> Writer<SliceBuf<'a>> {
+    /// A frame written into `buf` from its start.
+    pub(crate) fn in_slice(buf: &'a mut [u8]) -> Self {
+        let mut buf = SliceBuf::new(buf);
+        buf.extend_from_slice(&[0; HEADER_LEN]);
+        Writer { buf }
+    }
+}
+
+impl<B: FrameBuf> Writer<B> {
     pub(crate) fn u8(&mut self, v: u8) {
-        self.buf.push(v);
+        self.buf.extend_from_slice(&[v]);
     }
     pub(crate) fn u16(&mut self, v: u16) {
         self.buf.extend_from_slice(&v.to_le_bytes());
@@ -356,12 +447,12 @@ impl Writer {
         self.buf.extend_from_slice(v);
     }
     /// The buffer, for in-place encoders (the delta encoder appends to it).
-    pub(crate) fn buf(&mut self) -> &mut Vec<u8> {
+    pub(crate) fn buf(&mut self) -> &mut B {
         &mut self.buf
     }
     /// Patches a little-endian `u16` at payload offset `at`.
     pub(crate) fn patch_u16(&mut self, at: usize, v: u16) {
-        if let Some(d) = self.buf.get_mut(HEADER_LEN + at..HEADER_LEN + at + 2) {
+        if let Some(d) = self.buf.written_mut().get_mut(HEADER_LEN + at..HEADER_LEN + at + 2) {
             d.copy_from_slice(&v.to_le_bytes());
         }
     }
@@ -370,16 +461,17 @@ impl Writer {
     }
 
     /// Seals the frame, checking the payload against the type's limit.
-    pub(crate) fn finish(mut self, kind: RecordType) -> Result<Vec<u8>, WireError> {
-        let payload = self.buf.get(HEADER_LEN..).unwrap_or_default();
+    pub(crate) fn finish(mut self, kind: RecordType) -> Result<B, WireError> {
+        if let Some(size) = self.buf.overflowed() {
+            return Err(WireError::NoRoom(size));
+        }
         let max = kind.max_payload().min(MAX_PAYLOAD);
-        let len = u32::try_from(payload.len()).ok().filter(|&l| l <= max).ok_or(WireError::PayloadTooLong {
-            kind: kind as u16,
-            len: payload.len() as u64,
-            max,
-        })?;
+        let frame = self.buf.written_mut();
+        let payload = frame.get(HEADER_LEN..).unwrap_or_default();
+        let too_long = || WireError::PayloadTooLong { kind: kind as u16, len: payload.len() as u64, max };
+        let len = u32::try_from(payload.len()).ok().filter(|&l| l <= max).ok_or_else(too_long)?;
         let header = Header { kind, len, crc: crate::record::frame_crc(kind, payload) };
-        if let Some(h) = self.buf.get_mut(..HEADER_LEN) {
+        if let Some(h) = frame.get_mut(..HEADER_LEN) {
             h.copy_from_slice(&header.encode());
         }
         Ok(self.buf)
