@@ -20,13 +20,20 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The boot images, built (once per test binary) by `scripts/build.sh`.
+/// The boot images, built (once per test binary) by `scripts/build.sh`;
+/// or, when `HV_IMAGES` names a directory, the images already in it (a
+/// copy of `target/images` from another build, to compare two builds).
 pub fn images() -> &'static Images {
     static IMAGES: OnceLock<Images> = OnceLock::new();
     IMAGES.get_or_init(|| {
-        let status = Command::new(root().join("scripts/build.sh")).status().expect("running scripts/build.sh");
-        assert!(status.success(), "scripts/build.sh failed: {status}");
-        let out = root().join("target/images");
+        let out = match std::env::var_os("HV_IMAGES") {
+            Some(dir) => PathBuf::from(dir),
+            None => {
+                let status = Command::new(root().join("scripts/build.sh")).status().expect("running scripts/build.sh");
+                assert!(status.success(), "scripts/build.sh failed: {status}");
+                root().join("target/images")
+            }
+        };
         Images::at(&out.join("iso/boot/kernel.elf"), &out)
     })
 }
