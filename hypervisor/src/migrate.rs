@@ -36,7 +36,7 @@ const INCOMING_IDLE_US: u64 = 30_000_000;
 const MAX_PENDING: usize = 1024 * 1024;
 /// Most page-batch bytes the source writes into its socket per poll, so
 /// that the network is polled in between (the first ones go out, ACKs
-/// come in) rather than after the whole 4 MiB buffer is encoded.
+/// come in) rather than only after the whole send buffer is encoded.
 const SEND_SLICE: usize = 512 * 1024;
 /// Fewest pages of a batch written straight into the socket's send
 /// buffer (64 KiB): fewer would split the stream into many small frames
