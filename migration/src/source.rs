@@ -710,14 +710,8 @@ impl Source {
         let batch = self.config.batch_pages.clamp(1, MAX_BATCH_PAGES);
         let want = usize::try_from(self.remaining).unwrap_or(batch).min(batch);
         let Some(Room { buf, min_pages }) = room else {
-            let mut w = PageBatchWriter::new(self.round, want);
-            match self.fill_batch(mem, &mut w, batch, now_us).map(|_| w.finish()) {
-                Some(Ok(frame)) => {
-                    self.count_batch(frame.len(), now_us);
-                    self.out.push_back(SourceAction::Send(frame));
-                }
-                Some(Err(e)) => self.fail(&format!("cannot encode page batch: {e}"), Some(false)),
-                None => {}
+            if let Some(frame) = self.encode_batch(mem, PageBatchWriter::new(self.round, want), batch, now_us) {
+                self.out.push_back(SourceAction::Send(frame));
             }
             return Batch::Queued;
         };
@@ -725,18 +719,31 @@ impl Source {
         if fit == 0 || fit < min_pages.min(want) {
             return Batch::NeedRoom;
         }
-        let mut w = PageBatchWriter::in_slice(buf, self.round);
-        match self.fill_batch(mem, &mut w, fit, now_us).map(|_| w.finish()) {
-            Some(Ok(frame)) => {
-                let len = frame.len();
-                self.count_batch(len, now_us);
-                Batch::Wrote(len)
-            }
-            Some(Err(e)) => {
-                self.fail(&format!("cannot encode page batch: {e}"), Some(false));
-                Batch::Queued
-            }
+        match self.encode_batch(mem, PageBatchWriter::in_slice(buf, self.round), fit, now_us) {
+            Some(frame) => Batch::Wrote(frame.len()),
             None => Batch::Queued,
+        }
+    }
+
+    /// Fills `w` with up to `max` pages and seals it, counting the frame.
+    /// `None` if the round ended instead or the migration failed.
+    fn encode_batch<B: FrameBuf>(
+        &mut self,
+        mem: &dyn GuestMemory,
+        mut w: PageBatchWriter<B>,
+        max: usize,
+        now_us: u64,
+    ) -> Option<B> {
+        self.fill_batch(mem, &mut w, max, now_us)?;
+        match w.finish() {
+            Ok(frame) => {
+                self.count_batch(frame.len(), now_us);
+                Some(frame)
+            }
+            Err(e) => {
+                self.fail(&format!("cannot encode page batch: {e}"), Some(false));
+                None
+            }
         }
     }
 
