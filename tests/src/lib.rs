@@ -38,6 +38,24 @@ pub fn images() -> &'static Images {
     })
 }
 
+/// Runs a console command in json mode and fails unless it answers `ok`
+/// within `reply` (for the tools in `src/bin`, which report errors rather
+/// than panic).
+pub fn command(c: &mut Console, cmd: &str, reply: Duration) -> Result<serde_json::Value> {
+    let v = c.json(cmd, reply)?;
+    if v["ok"] != true {
+        bail!("{cmd}: {}", v["error"]);
+    }
+    Ok(v)
+}
+
+/// A QEMU host with room for a guest of `guest_mib`, its copy's page
+/// tables, and the host's heap (for migrations in the lab).
+pub fn qemu_for_guest(guest_mib: u64) -> Result<HostConfig> {
+    let mem_mib = u32::try_from((512 + guest_mib * 3 / 2).next_multiple_of(256))?;
+    Ok(HostConfig { mem_mib, ..qemu(Firmware::Bios) })
+}
+
 /// Boots a host, waits for "hypervisor ready" and switches it to json mode.
 pub fn boot_json(config: &HostConfig) -> Result<Host> {
     let mut host = Host::launch(images(), config)?;

@@ -9,16 +9,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use tests::lab::{self, Lab};
-use tests::{boot_json, qemu, Console, Firmware, HostConfig};
+use tests::{boot_json, Console};
 
 const REPLY: Duration = Duration::from_secs(30);
 
 fn ok(c: &mut Console, cmd: &str) -> Result<Value> {
-    let v = c.json(cmd, REPLY)?;
-    if v["ok"] != true {
-        bail!("{cmd}: {}", v["error"]);
-    }
-    Ok(v)
+    tests::command(c, cmd, REPLY)
 }
 
 /// Command-line options (all optional).
@@ -75,9 +71,7 @@ fn main() -> Result<()> {
     let mem = o.mem;
     println!("== building images and booting two hosts on a lab bridge");
     let mut lab = Lab::new()?;
-    // Room for the guest, its copy's page tables, and the host's heap.
-    let base =
-        HostConfig { mem_mib: u32::try_from((512 + mem * 3 / 2).next_multiple_of(256))?, ..qemu(Firmware::Bios) };
+    let base = tests::qemu_for_guest(mem)?;
     let mut a = boot_json(&lab.host(&base)?)?;
     let mut b = boot_json(&lab.host(&base)?)?;
     ok(a.console(), "net ip 10.77.0.11/24")?;

@@ -6,22 +6,18 @@
 //!
 //! Usage: `pingpong [MiB] [migrations]` (default 512 MiB, 6 migrations).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use tests::lab::{self, Lab};
-use tests::{boot_json, qemu, Console, Firmware, HostConfig};
+use tests::{boot_json, Console};
 
 const REPLY: Duration = Duration::from_secs(30);
 const USAGE: &str = "usage: pingpong [MiB] [migrations]";
 
 fn ok(c: &mut Console, cmd: &str) -> Result<Value> {
-    let v = c.json(cmd, REPLY)?;
-    if v["ok"] != true {
-        bail!("{cmd}: {}", v["error"]);
-    }
-    Ok(v)
+    tests::command(c, cmd, REPLY)
 }
 
 fn main() -> Result<()> {
@@ -35,8 +31,7 @@ fn main() -> Result<()> {
         bail!(USAGE);
     }
     let mut lab = Lab::new()?;
-    let base =
-        HostConfig { mem_mib: u32::try_from((512 + mem * 3 / 2).next_multiple_of(256))?, ..qemu(Firmware::Bios) };
+    let base = tests::qemu_for_guest(mem)?;
     let mut hosts = [boot_json(&lab.host(&base)?)?, boot_json(&lab.host(&base)?)?];
     let ips = ["10.77.0.11", "10.77.0.12"];
     for (h, ip) in hosts.iter_mut().zip(ips) {
@@ -50,17 +45,8 @@ fn main() -> Result<()> {
     for i in 0..n {
         let (from, to) = (i % 2, 1 - i % 2);
         ok(hosts[from].console(), &format!("migrate demo {} share=50 verify", ips[to]))?;
-        let start = Instant::now();
-        let report = loop {
-            std::thread::sleep(Duration::from_millis(200));
-            let s = ok(hosts[from].console(), "migrate status")?;
-            if ["done", "failed", "in_doubt"].contains(&s["stage"].as_str().unwrap_or("")) {
-                break s;
-            }
-            if start.elapsed() > Duration::from_secs(600) {
-                bail!("migration {i} still running after 10 minutes");
-            }
-        };
+        let every = Duration::from_millis(200);
+        let report = tests::wait_migration(hosts[from].console(), Duration::from_secs(600), REPLY, every);
         if report["stage"] != "done" {
             bail!("migration {i} did not finish: {report}");
         }
