@@ -91,6 +91,12 @@ impl MigMemory for Mem<'_> {
             p.copy_from_slice(data);
         }
     }
+    fn write_page_hashed(&mut self, gfn: u64, data: &[u8; PAGE_SIZE]) -> u64 {
+        match self.0.page_bytes_mut(gfn) {
+            Some(p) => migration::copy_page_hashed(gfn, data, p),
+            None => migration::page_hash(gfn, data),
+        }
+    }
     fn with_page(&self, gfn: u64, f: &mut dyn FnMut(&[u8; PAGE_SIZE])) {
         // In place: the VM does not run while the engine works.
         match self.0.page_bytes(gfn) {

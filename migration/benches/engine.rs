@@ -9,8 +9,8 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use migration::record::PageBatchWriter;
-use migration::{FrameDecoder, GuestMemory, PageData, Record, PAGE_SIZE};
+use migration::record::{PageBatchView, PageBatchWriter, PageDataRef};
+use migration::{copy_page_hashed, FrameDecoder, GuestMemory, PAGE_SIZE};
 
 #[path = "../src/testmem.rs"]
 mod testmem;
@@ -66,15 +66,18 @@ fn encode(pages: &[Box<[u8; PAGE_SIZE]>], previous: Option<&[Box<[u8; PAGE_SIZE]
 fn decode(frame: &[u8], mem: &mut VecMemory, scratch: &mut [u8; PAGE_SIZE]) {
     let mut d = FrameDecoder::new();
     d.push(frame).unwrap();
-    let Record::PageBatch(b) = Record::decode(&d.next_frame().unwrap()).unwrap() else { panic!() };
-    for p in &b.pages {
-        match &p.data {
-            PageData::Zero => mem.write_page(p.gfn, &[0; PAGE_SIZE]),
-            PageData::Full(data) => mem.write_page(p.gfn, data),
-            PageData::Delta(delta) => {
-                mem.read_page(p.gfn, scratch);
+    let f = d.next_frame().unwrap();
+    // As the destination does it: each full page's hash is checked while
+    // the page is copied into memory.
+    let b = PageBatchView::parse_leaving_hashes(&f.payload).unwrap();
+    for (gfn, data) in b.pages() {
+        match data {
+            PageDataRef::Zero => mem.write_page(gfn, &[0; PAGE_SIZE]),
+            PageDataRef::Full(data, hash) => assert_eq!(mem.write_page_hashed(gfn, data), hash),
+            PageDataRef::Delta(delta) => {
+                mem.read_page(gfn, scratch);
                 migration::delta::apply(scratch, delta).unwrap();
-                mem.write_page(p.gfn, scratch);
+                mem.write_page(gfn, scratch);
             }
         }
     }

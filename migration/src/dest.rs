@@ -24,7 +24,7 @@ use alloc::vec::Vec;
 
 use crate::delta;
 use crate::record::{clip_reason, Hello, PageBatchView, PageDataRef, Record, RoundEnd, VmConfig};
-use crate::wire::{FrameDecoder, RecordType};
+use crate::wire::{FrameDecoder, RecordType, WireError};
 use crate::{GuestMemory, PAGE_SIZE, PROTOCOL_VERSION};
 
 /// Most vCPUs the destination accepts.
@@ -149,8 +149,9 @@ impl Destination {
             let Some(frame) = self.decoder.next_frame() else { break };
             let bad = |e| protocol(format!("bad {:?} from source: {e}", frame.kind));
             let result = if frame.kind == RecordType::PageBatch && self.state == DestState::Receiving {
-                // The hot path: pages go from the frame straight to memory.
-                PageBatchView::parse(&frame.payload).map_err(bad).and_then(|b| self.on_pages(b, mem))
+                // The hot path: pages go from the frame straight to memory,
+                // hashed on the way (`on_pages` compares the hashes).
+                PageBatchView::parse_leaving_hashes(&frame.payload).map_err(bad).and_then(|b| self.on_pages(b, mem))
             } else {
                 Record::decode(&frame).map_err(bad).and_then(|rec| self.on_record(rec))
             };
@@ -335,8 +336,13 @@ impl Destination {
                     crate::page_hash(gfn, &ZERO_PAGE)
                 }
                 PageDataRef::Full(data, hash) => {
-                    // The hash was checked against the data when parsed.
-                    mem.write_page(gfn, data);
+                    // Parsed with the hashes left to us. A page that does
+                    // not match is already in memory, but the batch fails
+                    // and with it the skeleton, which never runs.
+                    if mem.write_page_hashed(gfn, data) != hash {
+                        let e = WireError::PageHash { gfn };
+                        return Err(protocol(format!("bad {:?} from source: {e}", RecordType::PageBatch)));
+                    }
                     hash
                 }
                 PageDataRef::Delta(d) => {

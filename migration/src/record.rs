@@ -34,7 +34,7 @@ use alloc::vec::Vec;
 
 use crate::delta::{self, MAX_DELTA};
 use crate::wire::{Frame, FrameBuf, Reader, RecordType, SliceBuf, WireError, Writer, HEADER_LEN};
-use crate::{crc, page_hash, PAGE_SIZE};
+use crate::{copy_page_hashed, crc, page_hash, PAGE_SIZE};
 
 /// Longest VM name, in bytes.
 pub const MAX_NAME: usize = 32;
@@ -136,7 +136,9 @@ pub struct PageBatch {
 pub enum PageDataRef<'a> {
     /// All zeros.
     Zero,
-    /// The whole page, and its `page_hash` (checked).
+    /// The whole page, and the `page_hash` sent with it: checked against
+    /// the data by [`PageBatchView::parse`], left to the caller by
+    /// [`PageBatchView::parse_leaving_hashes`].
     Full(&'a [u8; PAGE_SIZE], u64),
     /// XOR against the previously sent version, already validated.
     Delta(&'a [u8]),
@@ -157,6 +159,19 @@ impl<'a> PageBatchView<'a> {
     /// Checks the whole payload (what [`Record::decode`] checks) and keeps
     /// a view of it.
     pub fn parse(payload: &'a [u8]) -> Result<Self, WireError> {
+        Self::parse_checking(payload, Check::All)
+    }
+
+    /// Like [`parse`](Self::parse), but leaves full pages' hashes to the
+    /// caller, who must compare each [`PageDataRef::Full`] page's hash with
+    /// the page as it uses it: the destination hashes a page while it copies
+    /// it into guest memory ([`GuestMemory::write_page_hashed`]), which reads
+    /// the page once instead of twice.
+    pub fn parse_leaving_hashes(payload: &'a [u8]) -> Result<Self, WireError> {
+        Self::parse_checking(payload, Check::AllButHashes)
+    }
+
+    fn parse_checking(payload: &'a [u8], check: Check) -> Result<Self, WireError> {
         let mut r = Reader::new(payload);
         let round = r.u32("round")?;
         let count = usize::from(r.u16("page count")?);
@@ -165,7 +180,7 @@ impl<'a> PageBatchView<'a> {
         }
         let body = r.rest();
         for _ in 0..count {
-            next_page(&mut r, true)?;
+            next_page(&mut r, check)?;
         }
         r.finish()?;
         Ok(PageBatchView { round, count, body })
@@ -184,22 +199,32 @@ impl<'a> PageBatchView<'a> {
     /// The pages in order: guest frame number and contents.
     pub fn pages(&self) -> impl Iterator<Item = (u64, PageDataRef<'a>)> + 'a {
         let mut r = Reader::new(self.body);
-        // `parse` checked every page (hashes and deltas), so none fails
-        // here and none is checked again.
-        (0..self.count).map_while(move |_| next_page(&mut r, false).ok())
+        // Parsing checked every page (and the hashes, unless it left them
+        // to the caller), so none fails here and none is checked again.
+        (0..self.count).map_while(move |_| next_page(&mut r, Check::Nothing).ok())
     }
 }
 
-/// Reads one page record; with `check`, verifies full pages against their
-/// hash and deltas against the page.
-fn next_page<'a>(r: &mut Reader<'a>, check: bool) -> Result<(u64, PageDataRef<'a>), WireError> {
+/// What [`next_page`] verifies beyond the record's structure.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Check {
+    /// Full pages against their hash, and deltas.
+    All,
+    /// Deltas only.
+    AllButHashes,
+    /// Neither (the batch was checked before).
+    Nothing,
+}
+
+/// Reads one page record, verifying what `check` says.
+fn next_page<'a>(r: &mut Reader<'a>, check: Check) -> Result<(u64, PageDataRef<'a>), WireError> {
     let gfn = r.u64("gfn")?;
     let data = match r.u8("page kind")? {
         KIND_ZERO => PageDataRef::Zero,
         KIND_FULL => {
             let hash = r.u64("page hash")?;
             let data = r.array_ref("page data")?;
-            if check && page_hash(gfn, data) != hash {
+            if check == Check::All && page_hash(gfn, data) != hash {
                 return Err(WireError::PageHash { gfn });
             }
             PageDataRef::Full(data, hash)
@@ -210,7 +235,7 @@ fn next_page<'a>(r: &mut Reader<'a>, check: bool) -> Result<(u64, PageDataRef<'a
                 return Err(WireError::DeltaTooLong(len));
             }
             let d = r.take(len, "delta")?;
-            if check {
+            if check != Check::Nothing {
                 delta::validate(d)?;
             }
             PageDataRef::Delta(d)
@@ -326,7 +351,7 @@ pub fn frame_crc(kind: RecordType, payload: &[u8]) -> u32 {
     };
     let (mut crc, mut from) = (0, 0);
     for _ in 0..count {
-        let Ok((_, page)) = next_page(&mut r, false) else { break };
+        let Ok((_, page)) = next_page(&mut r, Check::Nothing) else { break };
         if let PageDataRef::Full(..) = page {
             let data_end = payload.len() - r.rest().len();
             let data_start = data_end - PAGE_SIZE;
@@ -411,8 +436,13 @@ impl<B: FrameBuf> PageBatchWriter<B> {
     /// Adds a full page.
     pub fn push_full(&mut self, gfn: u64, data: &[u8; PAGE_SIZE]) -> Result<(), WireError> {
         self.start(gfn, KIND_FULL)?;
-        self.w.u64(page_hash(gfn, data));
-        self.w.bytes(data);
+        // The hash precedes the data but is worked out while the data is
+        // copied (one pass over the page), then patched in.
+        let at = self.w.payload_len();
+        self.w.u64(0);
+        if let Some(hash) = self.w.page_with(|to| copy_page_hashed(gfn, data, to)) {
+            self.w.patch_u64(at, hash);
+        }
         Ok(())
     }
 

@@ -1,7 +1,7 @@
 //! Test guest memory over a `Vec<u8>` (also included by `benches/engine.rs`).
 #![allow(dead_code)]
 
-use crate::{GuestMemory, PAGE_SIZE};
+use crate::{copy_page_hashed, GuestMemory, PAGE_SIZE};
 
 /// Guest memory in a vector (the trait's own digest).
 #[derive(Clone, PartialEq, Eq)]
@@ -36,5 +36,9 @@ impl GuestMemory for VecMemory {
     }
     fn write_page(&mut self, gfn: u64, data: &[u8; PAGE_SIZE]) {
         self.page_mut(gfn).copy_from_slice(data);
+    }
+    fn write_page_hashed(&mut self, gfn: u64, data: &[u8; PAGE_SIZE]) -> u64 {
+        let page = self.page_mut(gfn).as_mut_array().expect("a page is PAGE_SIZE bytes");
+        copy_page_hashed(gfn, data, page)
     }
 }

@@ -21,6 +21,8 @@ use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 use core::fmt;
 
+use crate::PAGE_SIZE;
+
 /// `"HIVM"` read as a little-endian `u32`.
 pub const MAGIC: u32 = 0x4D56_4948;
 /// The only protocol version this crate speaks (version 1 covered full
@@ -343,6 +345,10 @@ pub trait FrameBuf {
     }
     /// Appends `bytes`.
     fn extend_from_slice(&mut self, bytes: &[u8]);
+    /// Grows by `n` bytes and lends them to be written (what they hold
+    /// before is unspecified); `None`, and nothing grows, if they do not
+    /// fit (the write counts as one past the end).
+    fn append(&mut self, n: usize) -> Option<&mut [u8]>;
     /// Drops everything after the first `len` bytes.
     fn truncate(&mut self, len: usize);
     /// The bytes written so far.
@@ -359,6 +365,11 @@ impl FrameBuf for Vec<u8> {
     }
     fn extend_from_slice(&mut self, bytes: &[u8]) {
         Vec::extend_from_slice(self, bytes);
+    }
+    fn append(&mut self, n: usize) -> Option<&mut [u8]> {
+        let start = self.len();
+        self.resize(start + n, 0);
+        self.get_mut(start..)
     }
     fn truncate(&mut self, len: usize) {
         Vec::truncate(self, len);
@@ -394,6 +405,19 @@ impl FrameBuf for SliceBuf<'_> {
                 self.len += bytes.len();
             }
             None => self.overflowed = true,
+        }
+    }
+    fn append(&mut self, n: usize) -> Option<&mut [u8]> {
+        let start = self.len;
+        match self.buf.get_mut(start..start + n) {
+            Some(d) => {
+                self.len += n;
+                Some(d)
+            }
+            None => {
+                self.overflowed = true;
+                None
+            }
         }
     }
     fn truncate(&mut self, len: usize) {
@@ -450,10 +474,23 @@ impl<B: FrameBuf> Writer<B> {
     pub(crate) fn buf(&mut self) -> &mut B {
         &mut self.buf
     }
+    /// Appends a page that `fill` writes into the frame (returning a value
+    /// it worked out on the way); `None` if the page does not fit, which
+    /// makes [`finish`](Self::finish) fail.
+    pub(crate) fn page_with<T>(&mut self, fill: impl FnOnce(&mut [u8; PAGE_SIZE]) -> T) -> Option<T> {
+        self.buf.append(PAGE_SIZE)?.as_mut_array().map(fill)
+    }
     /// Patches a little-endian `u16` at payload offset `at`.
     pub(crate) fn patch_u16(&mut self, at: usize, v: u16) {
-        if let Some(d) = self.buf.written_mut().get_mut(HEADER_LEN + at..HEADER_LEN + at + 2) {
-            d.copy_from_slice(&v.to_le_bytes());
+        self.patch(at, &v.to_le_bytes());
+    }
+    /// Patches a little-endian `u64` at payload offset `at`.
+    pub(crate) fn patch_u64(&mut self, at: usize, v: u64) {
+        self.patch(at, &v.to_le_bytes());
+    }
+    fn patch(&mut self, at: usize, bytes: &[u8]) {
+        if let Some(d) = self.buf.written_mut().get_mut(HEADER_LEN + at..HEADER_LEN + at + bytes.len()) {
+            d.copy_from_slice(bytes);
         }
     }
     pub(crate) fn payload_len(&self) -> usize {

@@ -34,7 +34,9 @@ use std::time::{Duration, Instant};
 use migration::crc::crc32c;
 use migration::delta::MAX_DELTA;
 use migration::dest::MAX_VCPUS;
-use migration::record::{frame_crc, MAX_BATCH_PAGES, MAX_DEVICE_STATE, MAX_NAME, MAX_REASON, MAX_VCPU_STATE};
+use migration::record::{
+    frame_crc, PageBatchView, PageDataRef, MAX_BATCH_PAGES, MAX_DEVICE_STATE, MAX_NAME, MAX_REASON, MAX_VCPU_STATE,
+};
 use migration::wire::{HEADER_LEN, MAGIC};
 use migration::{
     DestAction, DestState, Destination, FrameDecoder, GuestMemory, Hello, Page, PageBatch, PageData, Policy, Record,
@@ -167,7 +169,36 @@ impl GuestMemory for FuzzMem {
 
 /// The frames a chunk completed, and the framing error that stopped it, if
 /// any (frames completed before the error come first, as in the decoder).
-type ChunkFrames = (Vec<(RecordType, Result<Record, WireError>)>, Option<WireError>);
+/// Each complete frame: its type, the record as `Record::decode` reads it
+/// (everything checked), and for a PageBatch, the batch as the
+/// destination's hot path reads it. Then the framing error, if any.
+type ChunkFrames = (Vec<(RecordType, Result<Record, WireError>, Option<Result<Batch, WireError>>)>, Option<WireError>);
+
+/// A PageBatch as the destination's hot path sees it: parsed with the page
+/// hashes left to it, which it checks page by page as it writes each one
+/// (`PageBatchView::parse_leaving_hashes`), so a page whose hash does not
+/// match fails the batch only once the pages before it were accepted.
+struct Batch {
+    round: u32,
+    /// Each page, and whether its hash matches (zero and delta pages have
+    /// none to match).
+    pages: Vec<(Page, bool)>,
+}
+
+fn lenient_batch(payload: &[u8]) -> Result<Batch, WireError> {
+    let view = PageBatchView::parse_leaving_hashes(payload)?;
+    let pages = view
+        .pages()
+        .map(|(gfn, data)| match data {
+            PageDataRef::Zero => (Page { gfn, data: PageData::Zero }, true),
+            PageDataRef::Full(d, hash) => {
+                (Page { gfn, data: PageData::Full(Box::new(*d)) }, migration::page_hash(gfn, d) == hash)
+            }
+            PageDataRef::Delta(d) => (Page { gfn, data: PageData::Delta(d.to_vec()) }, true),
+        })
+        .collect();
+    Ok(Batch { round: view.round, pages })
+}
 
 /// The crate's own `FrameDecoder` fed the same chunks as the destination.
 /// Every record that decodes must re-encode to the same bytes (the format
@@ -187,7 +218,8 @@ impl Shadow {
                 let enc = r.encode().unwrap_or_else(|e| panic!("decoded {:?} does not re-encode: {e}", f.kind));
                 assert!(enc.get(HEADER_LEN..) == Some(&f.payload[..]), "{:?} re-encodes to other bytes", f.kind);
             }
-            frames.push((f.kind, rec));
+            let batch = (f.kind == RecordType::PageBatch).then(|| lenient_batch(&f.payload));
+            frames.push((f.kind, rec, batch));
         }
         (frames, pushed.err())
     }
@@ -336,13 +368,16 @@ impl Model {
     /// Complete frames first, then the framing error (the outcome must
     /// not depend on how the transport split the bytes).
     fn chunk(&mut self, (list, error): &ChunkFrames) {
-        for (_, rec) in list {
+        for (_, rec, batch) in list {
             if !active(self.state) {
                 break;
             }
-            match rec {
-                Err(e) => self.fail(Cause::Detected(Some(e.to_string()))),
-                Ok(r) => self.record(r),
+            match (self.state, batch, rec) {
+                (DestState::Receiving, Some(Ok(b)), _) => self.page_batch(b),
+                (DestState::Receiving, Some(Err(e)), _) | (_, _, Err(e)) => {
+                    self.fail(Cause::Detected(Some(e.to_string())));
+                }
+                (_, _, Ok(r)) => self.record(r),
             }
         }
         if let Some(e) = error {
@@ -372,6 +407,27 @@ impl Model {
         true
     }
 
+    /// A PageBatch while receiving (see [`Batch`]).
+    fn page_batch(&mut self, b: &Batch) {
+        // Pages only after CreateVm went out, within the round, within the VM.
+        if !self.created || self.memory_done || b.round != self.round {
+            return self.protocol_error();
+        }
+        let pages = self.pages();
+        for (p, hash_matches) in &b.pages {
+            if p.gfn >= pages || (self.round == 0 && !self.round0_seen.insert(p.gfn)) {
+                return self.protocol_error();
+            }
+            if !hash_matches {
+                return self.fail(Cause::Detected(Some(WireError::PageHash { gfn: p.gfn }.to_string())));
+            }
+            if let Some(m) = &mut self.mem {
+                m.write(p.gfn, &p.data);
+            }
+        }
+        self.round_pages += b.pages.len() as u64;
+    }
+
     fn record(&mut self, rec: &Record) {
         use DestState::*;
         match (self.state, rec) {
@@ -386,22 +442,6 @@ impl Model {
                 self.mem = Some(ModelMem { pages: h.vm.pages(), fill, written: BTreeMap::new() });
                 self.vm = Some(h.vm.clone());
                 self.state = Receiving;
-            }
-            (Receiving, Record::PageBatch(b)) => {
-                // Pages only after CreateVm went out, within the round, within the VM.
-                if !self.created || self.memory_done || b.round != self.round {
-                    return self.protocol_error();
-                }
-                let pages = self.pages();
-                for p in &b.pages {
-                    if p.gfn >= pages || (self.round == 0 && !self.round0_seen.insert(p.gfn)) {
-                        return self.protocol_error();
-                    }
-                    if let Some(m) = &mut self.mem {
-                        m.write(p.gfn, &p.data);
-                    }
-                }
-                self.round_pages += b.pages.len() as u64;
             }
             (Receiving, Record::RoundEnd(e)) => {
                 let complete = e.round != 0 || e.pages_sent == self.pages();
