@@ -44,8 +44,10 @@
 //! ```
 //!
 //! `*` A PageBatch's CRC leaves out the data of its full pages, each of
-//! which carries its own 64-bit `page_hash`, checked before any page of
-//! the batch is written ([`record::frame_crc`]).
+//! which carries its own 64-bit `page_hash` ([`record::frame_crc`]). The
+//! destination checks the rest of the batch before it writes any page, and
+//! each page's hash while it copies the page into the skeleton; a mismatch
+//! fails the migration, and the skeleton with it.
 //!
 //! Unknown types are errors: every record is mandatory to understand.
 //! Payload layouts are in [`record`], the delta encoding in [`delta`].

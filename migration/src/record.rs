@@ -144,9 +144,10 @@ pub enum PageDataRef<'a> {
     Delta(&'a [u8]),
 }
 
-/// A PageBatch payload, checked in full when parsed, whose pages borrow
-/// from it: the destination writes them from the frame straight into
-/// memory ([`Record::decode`] copies each page into a box).
+/// A PageBatch payload, checked when parsed (in full, or all but the page
+/// hashes), whose pages borrow from it: the destination writes them from
+/// the frame straight into memory ([`Record::decode`] copies each page
+/// into a box).
 #[derive(Clone, Copy, Debug)]
 pub struct PageBatchView<'a> {
     /// Round number.
