@@ -166,7 +166,7 @@ impl<'a> PageBatchView<'a> {
     /// Like [`parse`](Self::parse), but leaves full pages' hashes to the
     /// caller, who must compare each [`PageDataRef::Full`] page's hash with
     /// the page as it uses it: the destination hashes a page while it copies
-    /// it into guest memory ([`GuestMemory::write_page_hashed`]), which reads
+    /// it into guest memory ([`crate::GuestMemory::write_page_hashed`]), which reads
     /// the page once instead of twice.
     pub fn parse_leaving_hashes(payload: &'a [u8]) -> Result<Self, WireError> {
         Self::parse_checking(payload, Check::AllButHashes)
