@@ -380,7 +380,8 @@ impl FrameBuf for Vec<u8> {
 }
 
 /// A frame built in a caller's fixed slice. Writing past its end is
-/// remembered, and finishing the frame then fails ([`WireError::NoRoom`]) instead of panicking.
+/// remembered, and finishing the frame then fails ([`WireError::NoRoom`])
+/// instead of panicking.
 pub struct SliceBuf<'a> {
     buf: &'a mut [u8],
     len: usize,
