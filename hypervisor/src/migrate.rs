@@ -37,6 +37,8 @@ const MAX_PENDING: usize = 1024 * 1024;
 /// Most page-batch bytes the source writes into its socket per poll, so
 /// that the network is polled in between (the first ones go out, ACKs
 /// come in) rather than only after the whole send buffer is encoded.
+/// 128 KiB measured the same (`pingpong`, 18 migrations each, alternating
+/// builds: 3077 against 3088 ms).
 const SEND_SLICE: usize = 512 * 1024;
 /// Fewest pages of a batch written straight into the socket's send
 /// buffer (64 KiB): fewer would split the stream into many small frames
