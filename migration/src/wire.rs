@@ -400,12 +400,8 @@ impl FrameBuf for SliceBuf<'_> {
         self.len
     }
     fn extend_from_slice(&mut self, bytes: &[u8]) {
-        match self.buf.get_mut(self.len..self.len + bytes.len()) {
-            Some(d) => {
-                d.copy_from_slice(bytes);
-                self.len += bytes.len();
-            }
-            None => self.overflowed = true,
+        if let Some(d) = self.append(bytes.len()) {
+            d.copy_from_slice(bytes);
         }
     }
     fn append(&mut self, n: usize) -> Option<&mut [u8]> {
