@@ -69,10 +69,12 @@ pub fn encode(old: &[u8; PAGE_SIZE], new: &[u8; PAGE_SIZE], out: &mut impl Frame
         // Both values are at most PAGE_SIZE (4096), so they fit a u16.
         out.extend_from_slice(&u16::try_from(start - pos).unwrap_or(u16::MAX).to_le_bytes());
         out.extend_from_slice(&u16::try_from(o.len()).unwrap_or(u16::MAX).to_le_bytes());
-        let at = out.len();
-        out.extend_from_slice(o);
-        for (d, b) in out.written_mut().get_mut(at..).unwrap_or_default().iter_mut().zip(n) {
-            *d ^= b;
+        // Past the end of a caller's slice `append` lends nothing and the
+        // frame fails when finished.
+        if let Some(d) = out.append(o.len()) {
+            for ((d, a), b) in d.iter_mut().zip(o).zip(n) {
+                *d = a ^ b;
+            }
         }
         pos = end;
     }
