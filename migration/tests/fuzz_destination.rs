@@ -169,9 +169,9 @@ impl GuestMemory for FuzzMem {
 
 /// The frames a chunk completed, and the framing error that stopped it, if
 /// any (frames completed before the error come first, as in the decoder).
-/// Each complete frame: its type, the record as `Record::decode` reads it
+/// Each frame comes as its type, the record as `Record::decode` reads it
 /// (everything checked), and for a PageBatch, the batch as the
-/// destination's hot path reads it. Then the framing error, if any.
+/// destination's hot path reads it.
 type ChunkFrames = (Vec<(RecordType, Result<Record, WireError>, Option<Result<Batch, WireError>>)>, Option<WireError>);
 
 /// A PageBatch as the destination's hot path sees it: parsed with the page
