@@ -5,6 +5,8 @@
 use alloc::format;
 use alloc::string::{String, ToString};
 
+use vmx::cpu::{Backend, CpuReport};
+
 use crate::guest::{Workload, MAX_MEM_MIB, MIN_MEM_MIB};
 
 /// Longest VM name.
@@ -33,6 +35,35 @@ impl DirtyMode {
             DirtyMode::Dbit => "dbit",
             DirtyMode::Wp => "wp",
             DirtyMode::Pml => "pml",
+        }
+    }
+
+    /// The mode a VM gets when none was chosen (and for migration): PML,
+    /// else second-level D bits, else write protection. AMD's nested paging
+    /// always sets D bits; EPT only with its accessed/dirty flags, and an
+    /// EPT without them would never report a page dirty.
+    pub fn best_for(cpu: &CpuReport) -> Self {
+        if DirtyMode::Pml.supported_by(cpu).is_ok() {
+            DirtyMode::Pml
+        } else if DirtyMode::Dbit.supported_by(cpu).is_ok() {
+            DirtyMode::Dbit
+        } else {
+            DirtyMode::Wp
+        }
+    }
+
+    /// Whether this processor can track dirty pages this way, and if not,
+    /// what to use instead.
+    pub fn supported_by(self, cpu: &CpuReport) -> Result<(), String> {
+        let vmx = cpu.backend() == Backend::Vmx;
+        match self {
+            DirtyMode::Pml if !(vmx && cpu.pml) => {
+                Err(String::from("pml needs Intel VT-x with page-modification logging; use dbit or wp"))
+            }
+            DirtyMode::Dbit if vmx && !cpu.ept_ad => {
+                Err(String::from("dbit needs EPT accessed/dirty flags, which this CPU lacks; use wp"))
+            }
+            _ => Ok(()),
         }
     }
 
@@ -210,6 +241,25 @@ mod tests {
         assert!(err("create bad!name mem=16").contains("bad VM name"));
         assert!(err(&alloc::format!("create {} mem=16", "n".repeat(33))).contains("bad VM name"));
         assert!(err("create").contains("missing VM name"));
+    }
+
+    #[test]
+    fn best_dirty_mode_is_one_the_processor_can_do() {
+        let cpu = |vmx, svm, ept_ad, pml| CpuReport { vmx, svm, slat: true, ept_ad, pml, ..CpuReport::default() };
+        assert_eq!(DirtyMode::best_for(&cpu(true, false, true, true)), DirtyMode::Pml);
+        assert_eq!(DirtyMode::best_for(&cpu(true, false, true, false)), DirtyMode::Dbit);
+        // EPT without accessed/dirty flags never marks a page dirty.
+        let old_vmx = cpu(true, false, false, false);
+        assert_eq!(DirtyMode::best_for(&old_vmx), DirtyMode::Wp);
+        assert!(DirtyMode::Dbit.supported_by(&old_vmx).unwrap_err().contains("use wp"));
+        // AMD's nested paging always sets D bits, and has no PML.
+        let svm = cpu(false, true, false, false);
+        assert_eq!(DirtyMode::best_for(&svm), DirtyMode::Dbit);
+        assert!(DirtyMode::Pml.supported_by(&svm).unwrap_err().contains("use dbit or wp"));
+        for mode in [DirtyMode::Off, DirtyMode::Wp] {
+            assert_eq!(mode.supported_by(&old_vmx), Ok(()));
+            assert_eq!(mode.supported_by(&svm), Ok(()));
+        }
     }
 
     #[test]

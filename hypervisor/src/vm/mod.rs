@@ -206,7 +206,7 @@ pub struct Manager {
 impl Manager {
     /// A manager for the processor described by `cpu`.
     pub fn new(cpu: &CpuReport) -> Self {
-        let default_dirty = if cpu.pml { DirtyMode::Pml } else { DirtyMode::Dbit };
+        let default_dirty = DirtyMode::best_for(cpu);
         Manager {
             vms: Vec::new(),
             next: 0,
@@ -399,17 +399,10 @@ impl Manager {
             }
             VmCommand::Info(n) => Ok(Reply::data(self.find(&n)?.info())),
             VmCommand::Dirty(n, mode) => {
-                let default = self.default_dirty;
-                let (backend, pml, ept_ad) = (self.backend, self.cpu.pml, self.cpu.ept_ad);
-                let vm = self.find(&n)?;
-                let mode = mode.unwrap_or(if vm.dirty_mode == DirtyMode::Off { default } else { vm.dirty_mode });
-                if mode == DirtyMode::Pml && !(backend == Backend::Vmx && pml) {
-                    return Err(String::from("pml needs Intel VT-x with page-modification logging; use dbit or wp"));
-                }
-                if mode == DirtyMode::Dbit && backend == Backend::Vmx && !ept_ad {
-                    return Err(String::from("dbit needs EPT accessed/dirty flags, which this CPU lacks; use wp"));
-                }
-                vm.dirty(mode).map(Reply::data)
+                let (default, current) = (self.default_dirty, self.find(&n)?.dirty_mode);
+                let mode = mode.unwrap_or(if current == DirtyMode::Off { default } else { current });
+                mode.supported_by(&self.cpu)?;
+                self.find(&n)?.dirty(mode).map(Reply::data)
             }
             VmCommand::Verify(n) => self.find(&n)?.verify().map(Reply::data),
             VmCommand::Digest(n) => {
