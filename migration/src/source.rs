@@ -538,9 +538,19 @@ impl Source {
         let dirty = self.to_send.count();
         let round_us = now_us.saturating_sub(self.round_start_us.unwrap_or(now_us));
         let delivered = (self.round_bytes + self.round_start_backlog).saturating_sub(self.backlog);
-        // A round too short to time (nothing to send) keeps the old rates.
+        // A round too short to time (nothing to send, or all of it handed
+        // out and harvested at one instant) keeps the old rate. Until there
+        // is one, the rate since the start stands in: without it, an idle
+        // guest whose first round was tiny never "fit" any budget and ran
+        // to the round limit (or failed under `Policy::Abort`).
         if delivered > 0 && round_us > 0 {
             self.bandwidth = rate(delivered, round_us);
+        } else if self.bandwidth == 0 {
+            let since_us = now_us.saturating_sub(self.start_us.unwrap_or(now_us));
+            let delivered = self.report.bytes_on_wire.saturating_sub(self.backlog);
+            if delivered > 0 && since_us > 0 {
+                self.bandwidth = rate(delivered, since_us);
+            }
         }
         let harvest_us = now_us.saturating_sub(self.last_harvest_us);
         if harvest_us > 0 {
@@ -1014,6 +1024,23 @@ mod tests {
         s.on_dirty(&[], 1_000_000);
         let a = drain(&mut s, &mem, 1_000_000);
         assert_eq!(a.last(), Some(&SourceAction::PauseVm), "{a:?}");
+    }
+
+    #[test]
+    fn idle_guest_whose_first_round_was_too_short_to_time_stops_at_once() {
+        // All zero pages: round 0 is a few bytes, handed out and harvested
+        // at one instant, as one pass of the hypervisor's loop does.
+        let mem = VecMemory::new(4);
+        let config = SourceConfig { policy: Policy::Abort, ..SourceConfig::default() };
+        let mut s = Source::new(config, hello(4));
+        drain(&mut s, &mem, 0);
+        s.on_bytes(&Record::Accept.encode().unwrap(), 10);
+        assert_eq!(drain(&mut s, &mem, 20).last(), Some(&SourceAction::HarvestDirty));
+        s.on_dirty(&[], 20);
+        // Before: bandwidth unknown, so 0 pages never fit; the next round
+        // began, and Abort failed the migration at the round limit.
+        assert!(s.status().bandwidth_bytes_per_s > 0);
+        assert_eq!(drain(&mut s, &mem, 20).last(), Some(&SourceAction::PauseVm));
     }
 
     #[test]
