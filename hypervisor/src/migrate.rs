@@ -332,7 +332,7 @@ impl Migrator {
             MigrateCommand::Status => Ok(Reply::data(self.status(net.as_deref()))),
             MigrateCommand::Cancel => match self.out.as_mut() {
                 Some(o) => {
-                    o.source.on_abort("cancelled by the operator");
+                    o.source.cancel()?;
                     Ok(Reply::data(Obj::new().with("cancelling", o.vm.as_str())))
                 }
                 None => Err(String::from("no outgoing migration to cancel")),

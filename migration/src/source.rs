@@ -649,9 +649,23 @@ impl Source {
         }
     }
 
-    /// The link is cut or the operator cancels.
+    /// The link is cut (or the host gives up).
     pub fn on_abort(&mut self, reason: &str) {
         self.fail(&format!("aborted: {reason}"), Some(true));
+    }
+
+    /// The operator cancels: the destination is told, the VM runs on here.
+    /// Refused once Commit went out, as the VM is then the destination's
+    /// and ending here could only leave it in doubt; and after the end.
+    pub fn cancel(&mut self) -> Result<(), &'static str> {
+        if self.committed() {
+            return Err("too late to cancel: commit was sent and the VM is the destination's");
+        }
+        if self.terminal() {
+            return Err("the migration has already ended");
+        }
+        self.on_abort("cancelled by the operator");
+        Ok(())
     }
 
     /// The next action, if any. Page data is read through `mem`.
@@ -1109,6 +1123,37 @@ mod tests {
         drain(&mut s, &mem, 0);
         s.on_bytes(&Record::Accept.encode().unwrap(), 1);
         assert!(failed(&drain(&mut s, &mem, 1)).contains("4 pages"));
+    }
+
+    #[test]
+    fn cancel_is_refused_once_commit_went_out() {
+        let (mut s, mem, _) = accepted(4);
+        s.on_dirty(&[], 100);
+        drain(&mut s, &mem, 100); // RoundEnd, PauseVm
+        s.on_vm_paused(200, &[vec![1; 10]], &[2]);
+        s.on_dirty(&[], 200);
+        drain(&mut s, &mem, 200);
+        s.on_bytes(&Record::Ready.encode().unwrap(), 300);
+        assert!(sent(&drain(&mut s, &mem, 300)).contains(&Record::Commit));
+        // Before, this made the migration "in doubt" with B running the VM.
+        assert!(s.cancel().unwrap_err().contains("commit was sent"));
+        assert_eq!(s.status().stage, Stage::Switchover);
+        s.on_bytes(&Record::Resumed.encode().unwrap(), 400);
+        assert!(matches!(drain(&mut s, &mem, 400).last(), Some(SourceAction::Finished(_))));
+        assert_eq!(s.cancel(), Err("the migration has already ended"));
+    }
+
+    #[test]
+    fn cancel_before_commit_tells_the_destination_and_resumes_the_vm() {
+        let (mut s, mem, _) = accepted(4);
+        s.on_dirty(&[], 100);
+        drain(&mut s, &mem, 100); // RoundEnd, PauseVm
+        s.on_vm_paused(200, &[vec![1; 10]], &[2]);
+        assert_eq!(s.cancel(), Ok(()));
+        let a = drain(&mut s, &mem, 200);
+        assert!(matches!(&sent(&a)[..], [Record::Cancel { reason }] if reason.contains("cancelled by the operator")));
+        assert!(a.contains(&SourceAction::ResumeVm));
+        failed(&a);
     }
 
     #[test]
