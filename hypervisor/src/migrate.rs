@@ -624,19 +624,19 @@ impl Migrator {
                     Ok(()) => i.vm = Some(cfg.name),
                     Err(e) => {
                         log::warn!("incoming migration of '{}' refused: {e}", cfg.name);
-                        i.dest.on_abort(&e);
+                        i.dest.on_host_error(&e);
                     }
                 },
                 DestAction::SetVcpuState(bytes) => {
                     if let Some(name) = &i.vm {
                         if let Err(e) = vms.load_vcpu(name, &bytes) {
-                            i.dest.on_abort(&e);
+                            i.dest.on_host_error(&e);
                         }
                     }
                 }
                 DestAction::SetDeviceState(bytes) => match hypervisor::migcmd::decode_device_state(&bytes) {
                     Ok(paused) => i.arrive_paused = paused,
-                    Err(e) => i.dest.on_abort(&e),
+                    Err(e) => i.dest.on_host_error(&e),
                 },
                 DestAction::ResumeVm => {
                     if let Some(name) = &i.vm {

@@ -173,6 +173,16 @@ impl Destination {
         }
     }
 
+    /// This host could not do what an action asked (build the skeleton,
+    /// load a vCPU or the device state): fail, tell the source why (an
+    /// `Error` record, so its operator reads the reason rather than a lost
+    /// connection) and destroy the skeleton unless the VM already resumed.
+    pub fn on_host_error(&mut self, reason: &str) {
+        if self.active() {
+            self.fail(protocol(format!("destination host: {reason}")));
+        }
+    }
+
     /// The next action, if any.
     pub fn poll(&mut self) -> Option<DestAction> {
         let a = self.out.pop_front()?;

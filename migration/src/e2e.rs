@@ -131,6 +131,10 @@ struct Sim {
     dst_created: bool,
     dst_destroyed: bool,
     dst_finished: bool,
+    /// The destination host fails to build the skeleton, or to load the
+    /// vCPU state, with this reason (as a kernel out of memory would).
+    refuse_create: Option<&'static str>,
+    refuse_vcpu: Option<&'static str>,
     src_end: Option<SourceAction>,
     resume_after_commit: bool,
     src_log: Vec<&'static str>,
@@ -185,6 +189,8 @@ impl Sim {
             dst_created: false,
             dst_destroyed: false,
             dst_finished: false,
+            refuse_create: None,
+            refuse_vcpu: None,
             src_end: None,
             resume_after_commit: false,
             src_log: Vec::new(),
@@ -304,17 +310,26 @@ impl Sim {
                 }
                 DestAction::CreateVm(vm) => {
                     assert_eq!(vm.pages(), PAGES);
-                    self.dst_created = true;
+                    match self.refuse_create {
+                        Some(reason) => self.dst.on_host_error(reason),
+                        None => self.dst_created = true,
+                    }
                 }
                 DestAction::ResumeVm => {
                     assert!(!self.src_running, "destination resumed while the source runs");
                     self.dst_running = true;
                 }
                 DestAction::DestroyVm { .. } => {
-                    assert!(self.dst_created && !self.dst_running);
-                    self.dst_destroyed = true;
+                    assert!(!self.dst_running);
+                    // Also handed out after a refused CreateVm: the kernel
+                    // then has nothing to destroy.
+                    assert!(self.dst_created || self.refuse_create.is_some());
+                    self.dst_destroyed = self.dst_created;
                 }
-                DestAction::SetVcpuState(s) => self.vcpus_got.push(s),
+                DestAction::SetVcpuState(s) => match self.refuse_vcpu {
+                    Some(reason) => self.dst.on_host_error(reason),
+                    None => self.vcpus_got.push(s),
+                },
                 DestAction::SetDeviceState(s) => self.device_got = Some(s),
                 DestAction::Finished => self.dst_finished = true,
             }
@@ -484,6 +499,26 @@ fn too_little_memory_is_rejected_and_vm_keeps_running() {
     sim.run();
     assert!(sim.failure().contains("bytes of memory"), "{}", sim.failure());
     assert_eq!(sim.dst.state(), DestState::Rejected);
+    sim.assert_clean_failure();
+}
+
+#[test]
+fn destination_host_errors_reach_the_source_and_the_vm_keeps_running() {
+    // Before: the hypervisor called on_abort, which tells the peer
+    // nothing; A read "connection to the destination lost".
+    let mut sim = Sim::new(config(), Pattern::Random, 50_000);
+    sim.refuse_create = Some("a VM named 'demo' already exists");
+    sim.run();
+    assert!(sim.failure().contains("destination error: destination host: a VM named 'demo' already exists"));
+    assert_eq!(sim.dst.state(), DestState::Failed);
+    assert!(!sim.dst_created);
+    sim.assert_clean_failure();
+
+    let mut sim = Sim::new(config(), Pattern::Random, 50_000);
+    sim.refuse_vcpu = Some("vCPU state of 3 bytes");
+    sim.run();
+    assert!(sim.failure().contains("destination host: vCPU state of 3 bytes"), "{}", sim.failure());
+    assert!(sim.dst_created);
     sim.assert_clean_failure();
 }
 

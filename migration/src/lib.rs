@@ -92,8 +92,8 @@
 //!  Rejected               │ (loop)                              Resumed
 //!                         │                                    (abort ignored)
 //!  any state before Resumed: bad frame, unexpected record, peer Cancel/Error,
-//!  on_abort ──> Failed (DestroyVm if CreateVm was handed out; Error sent
-//!  to the peer when this side detected the problem)
+//!  on_abort, on_host_error ──> Failed (DestroyVm if CreateVm was handed
+//!  out; Error sent to the peer when this side detected the problem)
 //! ```
 //!
 //! # Safety rules (never two running copies)
