@@ -3,7 +3,7 @@
 //! migration driver executes the commands; everything here is host-tested.
 
 use alloc::format;
-use alloc::string::{String, ToString};
+use alloc::string::String;
 use alloc::vec::Vec;
 
 use vmx::{GuestRegs, VcpuState};
@@ -89,21 +89,22 @@ pub fn parse(args: &[&str]) -> Result<MigrateCommand, String> {
             let port = u16::try_from(num("port", p, 1..=65535)?).unwrap_or(MIGRATION_PORT);
             return Ok(MigrateCommand::Listen(Some(port)));
         }
+        [sub @ ("status" | "cancel"), extra, ..] => {
+            return Err(format!("migrate {sub} takes no arguments, got '{extra}'"))
+        }
+        ["listen", _, extra, ..] => return Err(format!("usage: migrate listen [port|off]; unexpected '{extra}'")),
         [] | [_] => {
             return Err(String::from("usage: migrate <vm> <ip>[:port] [options] | status | cancel | listen [port|off]"))
         }
         _ => {}
     }
-    let (vm, target, options) = (args[0], args[1], &args[2..]);
-    if vm.is_empty() || vm.len() > crate::vmcmd::MAX_NAME {
-        return Err(format!("bad VM name '{vm}'"));
-    }
+    let (vm, target, options) = (crate::vmcmd::name(args.first())?, args[1], &args[2..]);
     let (ip, port) = match target.split_once(':') {
         Some((ip, p)) => (parse_ipv4(ip)?, u16::try_from(num("port", p, 1..=65535)?).unwrap_or(MIGRATION_PORT)),
         None => (parse_ipv4(target)?, MIGRATION_PORT),
     };
     let mut cmd = MigrateCommand::Start {
-        vm: vm.to_string(),
+        vm,
         ip,
         port,
         downtime_ms: 300,
@@ -264,6 +265,11 @@ mod tests {
         assert!(err("vm1 10.77.0.1 rounds=x").contains("rounds=x"));
         assert!(err("vm1 10.77.0.1 share=99").contains("share=99: expected a whole number in 10..=95"));
         assert!(err("listen 0").contains("port=0"));
+        // Before, these fell through to "migrate VM 'cancel' to ...".
+        assert_eq!(err("cancel m"), "migrate cancel takes no arguments, got 'm'");
+        assert_eq!(err("status 10.77.0.12"), "migrate status takes no arguments, got '10.77.0.12'");
+        assert!(err("listen 7070 now").contains("unexpected 'now'"));
+        assert!(err("bad!name 10.77.0.1").contains("bad VM name 'bad!name'"));
     }
 
     #[test]

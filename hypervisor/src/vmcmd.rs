@@ -130,7 +130,9 @@ pub const USAGE: &[(&str, &str)] = &[
     ("vm digest <name>", "hash of all guest memory"),
 ];
 
-fn name(s: Option<&&str>) -> Result<String, String> {
+/// A VM name from the console: 1 to [`MAX_NAME`] letters, digits, '-' or
+/// '_'.
+pub(crate) fn name(s: Option<&&str>) -> Result<String, String> {
     let s = s.ok_or("missing VM name")?;
     if s.is_empty() || s.len() > MAX_NAME || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
         return Err(format!("bad VM name '{s}': 1-{MAX_NAME} letters, digits, '-' or '_'"));
