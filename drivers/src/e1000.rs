@@ -859,6 +859,9 @@ const MAX_PEERS: usize = 64;
 /// announcing a few bytes must not make the NIC cut a peer's segments
 /// into thousands of frames.
 const MIN_PEER_MSS: u16 = 536;
+/// MSS assumed for a TCP peer whose SYN is no longer remembered: that of a
+/// standard 1500-byte Ethernet MTU.
+const FORGOTTEN_PEER_MSS: u16 = 1460;
 
 /// With segmentation smoltcp announces and expects MSSes of whole 64 KiB
 /// segments, while the wire carries honest ones: the driver announces its
@@ -949,7 +952,8 @@ impl TxRing {
 
     /// With segmentation: whether the NIC must cut `frame`, being longer
     /// than the wire takes or, for a TCP segment, than its peer's MSS;
-    /// then the wire frame size and the peer's MSS if it announced one.
+    /// then the wire frame size and, for TCP, the MSS to cut to (the
+    /// peer's, or [`FORGOTTEN_PEER_MSS`] if it is not remembered).
     fn cut(&self, frame: &[u8]) -> Option<(usize, Option<u16>)> {
         let wire = self.segment_above?;
         // Nothing this short needs cutting, whatever the peer: skip the
@@ -957,10 +961,14 @@ impl TxRing {
         if frame.len() <= TCP_HEADERS + usize::from(MIN_PEER_MSS) {
             return None;
         }
-        let peer_mss = match ipv4_tcp(frame) {
-            Some(_) => frame.get(30..34).and_then(|ip| self.peers.get(<[u8; 4]>::try_from(ip).ok()?)),
-            None => None,
-        };
+        // A TCP peer the table does not hold (pushed out by the SYNs of 64
+        // others: a scan or a flood) gets segments any Ethernet host takes.
+        // Cut at our own wire size, they stalled a connection to a host
+        // with a smaller MTU, whose NIC dropped every one.
+        let peer_mss = ipv4_tcp(frame).map(|_| {
+            let peer = frame.get(30..34).and_then(|ip| <[u8; 4]>::try_from(ip).ok());
+            peer.and_then(|ip| self.peers.get(ip)).unwrap_or(FORGOTTEN_PEER_MSS)
+        });
         let limit = peer_mss.map_or(wire, |m| wire.min(TCP_HEADERS + usize::from(m)));
         (frame.len() > limit).then_some((wire, peer_mss))
     }
@@ -2714,6 +2722,42 @@ mod tests {
         let (wire, a, b) = transfer_one_mebibyte_between(Config { mtu: 9000, ..Config::default() }, Config::default());
         assert!(wire.cut.get() > (1 << 20) / 1460 && a.tx_segmented > 0, "{a:?}");
         assert_eq!(b.rx_oversize, 0, "{b:?}");
+    }
+
+    #[test]
+    fn a_peer_pushed_out_of_the_mss_table_still_gets_segments_it_takes() {
+        let regs = FakeRegs::new(MAC_A);
+        let wire = FakeWire::new(&regs);
+        let mut dma = HeapDma::default();
+        let mut nic = nic_with(&regs, &mut dma, Config { tso: true, mtu: 9000, ..config(16) });
+        let syn_from = |ip: [u8; 4], mss: u16| {
+            let mut f = tcp_frame(0);
+            f.splice(54..54, [2, 4, 0, 0]);
+            f[56..58].copy_from_slice(&mss.to_be_bytes());
+            f[46] = 0x60; // data offset 6
+            f[47] = 0x02; // SYN
+            f[16..18].copy_from_slice(&44u16.to_be_bytes());
+            f[26..30].copy_from_slice(&ip);
+            assert!(prepare_tcp_checksum(&mut f).is_some());
+            finish_checksum(&mut f, 50, 34);
+            f
+        };
+        // Our peer at MTU 1500, then a scan from 64 other addresses.
+        let peers = core::iter::once([10, 0, 0, 1]).chain((0..64).map(|i| [10, 0, 1, i]));
+        for ip in peers {
+            assert!(wire.inject(&syn_from(ip, 1460)));
+            let (rx, _) = nic.receive(Instant::from_millis(0)).expect("the SYN");
+            phy::RxToken::consume(rx, |_| ());
+            nic.flush(); // the descriptor back to the NIC
+        }
+        let mut long = tcp_frame(3000);
+        long[30..34].copy_from_slice(&[10, 0, 0, 1]);
+        long[26..30].copy_from_slice(&[10, 0, 0, 2]);
+        assert!(nic.send_raw(&long));
+        nic.flush();
+        // Before: one 3054-byte frame, which the peer's NIC drops.
+        let sizes: Vec<usize> = wire.take_sent().iter().map(Vec::len).collect();
+        assert_eq!(sizes, [1514, 1514, 134]);
     }
 
     #[test]
