@@ -433,9 +433,14 @@ const LRO_MAX_PART: usize = 4096;
 fn lro_segment(frame: &[u8]) -> Option<(u32, usize)> {
     let (ihl, total) = ipv4_tcp(frame)?;
     let tcp = frame.get(ETH_HEADER + 20..ETH_HEADER + 40)?;
-    let fragment = be16(frame, ETH_HEADER + 6)? & 0x3FFF != 0;
+    let fragment = is_fragment(frame);
     let plain_flags = tcp[13] & !0x08 == 0x10; // ACK, perhaps PSH
     if ihl != 20 || tcp[12] >> 4 != 5 || fragment || !plain_flags || ETH_HEADER + total != frame.len() {
+        return None;
+    }
+    // The merged frame gets a new IPv4 checksum: a part whose header is
+    // bad must reach smoltcp as it came, to be dropped there.
+    if fold(ones_sum(frame.get(ETH_HEADER..ETH_HEADER + 20)?)) != 0xFFFF {
         return None;
     }
     let payload = total.checked_sub(40).filter(|&n| n > 0)?;
@@ -443,10 +448,16 @@ fn lro_segment(frame: &[u8]) -> Option<(u32, usize)> {
 }
 
 /// Whether `next` continues the flow of `first`: the same addresses and
-/// ports, and its sequence number is `seq`.
+/// ports, the same IPv4 type of service (ECN marks included), flags and
+/// TTL, and its sequence number is `seq`.
 fn lro_continues(first: &[u8], next: &[u8], seq: u32) -> bool {
     let flow = ETH_HEADER + 12..ETH_HEADER + 24; // addresses, then ports
-    first.get(flow.clone()) == next.get(flow) && lro_segment(next).is_some_and(|(s, _)| s == seq)
+    let same = |at: usize| first.get(at) == next.get(at);
+    first.get(flow.clone()) == next.get(flow)
+        && same(ETH_HEADER + 1)
+        && same(ETH_HEADER + 6)
+        && same(ETH_HEADER + 8)
+        && lro_segment(next).is_some_and(|(s, _)| s == seq)
 }
 
 /// Frames of the diverted EtherType seen since the last
@@ -746,6 +757,12 @@ fn be16(frame: &[u8], at: usize) -> Option<u16> {
 
 /// For an Ethernet frame carrying IPv4 TCP: the IP header length and the
 /// IP total length. `None` for anything else.
+/// Whether an IPv4 frame is a fragment (more to come, or an offset), or
+/// too short to tell: its TCP header, if any, is not where it seems.
+fn is_fragment(frame: &[u8]) -> bool {
+    be16(frame, ETH_HEADER + 6).is_none_or(|f| f & 0x3FFF != 0)
+}
+
 fn ipv4_tcp(frame: &[u8]) -> Option<(usize, usize)> {
     let version_ihl = *frame.get(ETH_HEADER)?;
     if be16(frame, 12)? != 0x0800 || version_ihl >> 4 != 4 || *frame.get(ETH_HEADER + 9)? != 6 {
@@ -765,7 +782,7 @@ fn pseudo_header_sum(frame: &[u8], tcp_len: usize) -> u64 {
 /// smoltcp drops them anyway.
 fn tcp_checksum_ok(frame: &[u8]) -> bool {
     let Some((ihl, total)) = ipv4_tcp(frame) else { return true };
-    let fragment = be16(frame, ETH_HEADER + 6).is_none_or(|f| f & 0x3FFF != 0);
+    let fragment = is_fragment(frame);
     let Some(segment) = frame.get(ETH_HEADER + ihl..ETH_HEADER + total.max(ihl)) else { return true };
     if ihl < 20 || fragment {
         return true;
@@ -791,7 +808,7 @@ fn prepare_tcp_checksum(frame: &mut [u8]) -> Option<TcpContext> {
     let (ihl, total) = ipv4_tcp(frame)?;
     let tcp_start = ETH_HEADER + ihl;
     // A whole segment and nothing after it (the NIC sums to the end).
-    if ihl < 20 || total < ihl + 20 || ETH_HEADER + total != frame.len() {
+    if ihl < 20 || total < ihl + 20 || ETH_HEADER + total != frame.len() || is_fragment(frame) {
         return None;
     }
     let seed = fold(pseudo_header_sum(frame, total - ihl)).to_be_bytes();
@@ -811,8 +828,7 @@ fn prepare_segmentation(frame: &mut [u8], mtu: usize, peer_mss: Option<u16>) -> 
     let tcp_start = ETH_HEADER + ihl;
     let tcp_header = usize::from(*frame.get(tcp_start + 12)? >> 4) * 4;
     let header_len = tcp_start + tcp_header;
-    let fragment = be16(frame, ETH_HEADER + 6)? & 0x3FFF != 0;
-    if ihl < 20 || tcp_header < 20 || fragment || ETH_HEADER + total != frame.len() || header_len >= frame.len() {
+    if ihl < 20 || tcp_header < 20 || is_fragment(frame) || ETH_HEADER + total != frame.len() || header_len >= frame.len() {
         return None;
     }
     let wire_mss = mtu.checked_sub(ihl + tcp_header)?;
@@ -837,7 +853,7 @@ fn prepare_segmentation(frame: &mut [u8], mtu: usize, peer_mss: Option<u16>) -> 
 fn syn_mss_at(frame: &[u8]) -> Option<usize> {
     let (ihl, total) = ipv4_tcp(frame)?;
     let tcp = ETH_HEADER + ihl;
-    if *frame.get(tcp + 13)? & 0x02 == 0 {
+    if *frame.get(tcp + 13)? & 0x02 == 0 || is_fragment(frame) {
         return None;
     }
     let end = (tcp + usize::from(*frame.get(tcp + 12)? >> 4) * 4).min(ETH_HEADER + total).min(frame.len());
@@ -2828,7 +2844,72 @@ mod tests {
         }
         assert!(prepare_tcp_checksum(&mut f).is_some());
         finish_checksum(&mut f, 50, 34);
+        finish_checksum_of_ip_header(&mut f);
         f
+    }
+
+    /// Fills a frame's IPv4 header checksum, as its sender would.
+    fn finish_checksum_of_ip_header(f: &mut [u8]) {
+        f[24..26].fill(0);
+        let sum = fold(ones_sum(&f[14..34]));
+        f[24..26].copy_from_slice(&(!sum).to_be_bytes());
+    }
+
+    #[test]
+    fn fragments_go_out_as_they_are() {
+        let regs = FakeRegs::new(MAC_A);
+        let wire = FakeWire::new(&regs);
+        let mut dma = HeapDma::default();
+        let mut nic = nic_with(&regs, &mut dma, config(8));
+        // A later fragment: bytes 50..52 are payload, not a checksum field.
+        let mut later = tcp_frame(100);
+        later[20..22].copy_from_slice(&0x0010u16.to_be_bytes());
+        // A first fragment whose "SYN" options must not be rewritten.
+        let mut first = tcp_frame(100);
+        first[20..22].copy_from_slice(&0x2000u16.to_be_bytes());
+        first[47] = 0x02;
+        first[46] = 0x60;
+        first[54..58].copy_from_slice(&[2, 4, 0x23, 0x28]);
+        for f in [&later, &first] {
+            assert!(nic.send_raw(f));
+            nic.flush();
+            // Before: the checksum offload wrote into the payload, and
+            // the MSS option was rewritten.
+            assert_eq!(wire.take_sent(), vec![f.clone()]);
+        }
+    }
+
+    #[test]
+    fn parts_whose_ip_headers_are_bad_or_differ_are_not_merged() {
+        let regs = FakeRegs::new(MAC_A);
+        let wire = FakeWire::new(&regs);
+        let mut dma = HeapDma::default();
+        let mut nic = nic_with(&regs, &mut dma, Config { lro: true, ..config(16) });
+        let now = Instant::from_millis(0);
+        let take = |nic: &mut E1000<FakeRegs>| {
+            let (rx, _) = nic.receive(now).expect("a frame");
+            phy::RxToken::consume(rx, <[u8]>::to_vec)
+        };
+        // A TTL changed on the way without its checksum: before, this part
+        // was merged and the merged frame got a good IPv4 checksum.
+        let first = segment(7000, 100, 1000, 1, false);
+        let mut bad = segment(7000, 1100, 1000, 2, false);
+        bad[22] ^= 1;
+        // An ECN mark, with its checksum fixed: a different IPv4 header.
+        let mut marked = segment(7000, 2100, 1000, 3, false);
+        marked[15] |= 0b11;
+        finish_checksum_of_ip_header(&mut marked);
+        let after = segment(7000, 3100, 1000, 4, false);
+        for f in [&first, &bad, &marked, &after] {
+            assert!(wire.inject(f));
+        }
+        assert_eq!(take(&mut nic), first);
+        assert_eq!(take(&mut nic), bad, "handed over as it came, for smoltcp to drop");
+        let merged = take(&mut nic);
+        assert_eq!(merged.len(), 54 + 1000, "the marked part alone: {}", merged.len());
+        assert_eq!(merged, marked);
+        assert_eq!(take(&mut nic), after);
+        assert_eq!(nic.counters().rx_coalesced, 0);
     }
 
     #[test]
