@@ -570,7 +570,20 @@ impl Migrator {
                     }
                     return false;
                 }
-                (Some(_), Some(h)) if net.tcp_state(h) == TcpState::Established => {
+                (Some(_), Some(h)) if net.tcp_state(h) == TcpState::Closed => {
+                    net.tcp_remove(h);
+                    self.listener = None;
+                    return false;
+                }
+                (Some(_), Some(h)) if matches!(net.tcp_state(h), TcpState::Listen | TcpState::SynReceived) => {
+                    return false;
+                }
+                // Established, or already half closed: a client that sent
+                // its bytes and its FIN within one poll is read all the
+                // same, and one that hung up at once ends the connection
+                // (`Incoming` takes a close with nothing to read as lost).
+                // Left waiting, such a socket kept the port from listening.
+                (Some(_), Some(h)) => {
                     let free = crate::arch::memory::free_bytes().saturating_sub(16 << 20);
                     self.inc = Some(Incoming {
                         dest: Destination::new(self.vendor, 0, free),
@@ -582,12 +595,7 @@ impl Migrator {
                     });
                     self.listener = None;
                 }
-                (Some(_), Some(h)) if net.tcp_state(h) == TcpState::Closed => {
-                    net.tcp_remove(h);
-                    self.listener = None;
-                    return false;
-                }
-                _ => return false,
+                (None, _) => return false,
             }
         }
         let Some(i) = self.inc.as_mut() else { return false };

@@ -132,14 +132,15 @@ fn ping_pong_and_garbage_on_the_migration_port() {
     // the destination keeps working.
     let client = r#"
 import socket, struct, os, sys, time
-def send(data):
+def connect():
     # The listener is re-armed after each connection ends: retry briefly.
     for attempt in range(50):
         try:
-            s = socket.create_connection(("10.77.0.12", 7070), timeout=5)
-            break
+            return socket.create_connection(("10.77.0.12", 7070), timeout=5)
         except ConnectionRefusedError:
             time.sleep(0.1)
+def send(data):
+    s = connect()
     s.sendall(data)
     try:
         s.settimeout(3); s.recv(4096)
@@ -149,12 +150,24 @@ def send(data):
 send(os.urandom(4096))
 send(struct.pack("<IHHII", 0x4D564948, 1, 1, 71, 0) + b"\x01\x00" + b"trunc")
 send(struct.pack("<IHHII", 0x4D564948, 1, 4, 0x7FFFFFFF, 0))
+# Port scans: connect and hang up at once.
+for _ in range(10):
+    connect().close()
+# A client that half closes and stays connected: B must not keep its
+# port for it (it did, until the client went away).
+s = connect()
+s.shutdown(socket.SHUT_WR)
+if os.fork() == 0:
+    os.close(1); os.close(2)
+    time.sleep(20)
+    os._exit(0)
 print("sent")
 "#;
     let out = lab.exec(&["python3", "-c", client]).expect("garbage client");
     assert!(String::from_utf8_lossy(&out.stdout).contains("sent"), "{out:?}");
     assert_eq!(ok(b.console(), "vm list")["vms"], serde_json::json!([]), "a skeleton was left behind");
     assert_eq!(ok(b.console(), "version")["name"], "hypervisor");
+    std::thread::sleep(Duration::from_secs(1));
     // A to B and back to A.
     ok(a.console(), "vm create p mem=32 workload=sweep rate=500");
     ok(a.console(), "vm start p");
