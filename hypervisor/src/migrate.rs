@@ -519,13 +519,17 @@ impl Migrator {
                 SourceAction::Failed { reason, .. } => {
                     log::warn!("migration of VM '{}' failed: {reason}; it keeps running here", o.vm);
                     vms.end_migration(&o.vm, false, false, true);
+                    // Running again, or as its operator left it (paused,
+                    // or stopped if it crashed meanwhile).
+                    let state = vms.state_name(&o.vm).unwrap_or("gone");
                     ended = Some(
                         Obj::new()
                             .with("stage", "failed")
                             .with("vm", o.vm.as_str())
                             .with("peer", o.peer.as_str())
                             .with("error", reason)
-                            .with("vm_running_here", true),
+                            .with("vm_running_here", state == "running")
+                            .with("vm_state", state),
                     );
                     break;
                 }

@@ -92,7 +92,9 @@ fn failures_before_switchover_leave_the_vm_running_on_the_source() {
     // A VM its operator paused stays paused when its migration fails.
     ok(a.console(), "vm pause m");
     ok(a.console(), "migrate m 10.77.0.12");
-    assert_eq!(wait_end(a.console(), Duration::from_secs(60))["stage"], "failed");
+    let s = wait_end(a.console(), Duration::from_secs(60));
+    assert_eq!(s["stage"], "failed");
+    assert_eq!((s["vm_running_here"].as_bool(), s["vm_state"].as_str()), (Some(false), Some("paused")), "{s}");
     assert_eq!(ok(a.console(), "vm info m")["state"], "paused");
     ok(a.console(), "vm resume m");
     // Cancelled in round 2 (a capped link keeps it in pre-copy): the VM
@@ -121,6 +123,18 @@ fn failures_before_switchover_leave_the_vm_running_on_the_source() {
     let e = b.console().json("vm info m", REPLY).unwrap();
     assert_eq!(e["error"], "no VM named 'm'", "B kept a skeleton: {e}");
     assert_eq!(ok(a.console(), "vm verify m")["verified"], true);
+    // A VM that crashes during pre-copy is not moved: it would have been
+    // started again on B.
+    ok(a.console(), "migrate m 10.77.0.12 bandwidth=100");
+    std::thread::sleep(Duration::from_millis(500));
+    ok(a.console(), "vm crash m");
+    let s = wait_end(a.console(), Duration::from_secs(120));
+    assert_eq!(s["stage"], "failed", "{s}");
+    assert!(s["error"].as_str().unwrap_or("").contains("stopped during the migration"), "{s}");
+    assert_eq!((s["vm_running_here"].as_bool(), s["vm_state"].as_str()), (Some(false), Some("stopped")), "{s}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let e = b.console().json("vm info m", REPLY).unwrap();
+    assert_eq!(e["error"], "no VM named 'm'", "B kept or started a copy: {e}");
 }
 
 #[test]

@@ -277,6 +277,11 @@ impl Manager {
     /// Pauses a migrating VM and returns its encoded vCPU and device state.
     pub fn pause_for_switchover(&mut self, name: &str) -> Result<(Vec<u8>, Vec<u8>), String> {
         let vm = self.find(name)?;
+        if let VmState::Stopped(why) = &vm.state {
+            // It crashed or was stopped during pre-copy: moving it would
+            // start it again on the peer.
+            return Err(format!("VM '{name}' stopped during the migration ({why})"));
+        }
         if vm.state == VmState::Running {
             vm.state = VmState::Paused;
         }
@@ -304,6 +309,11 @@ impl Manager {
                 vm.state = VmState::Running;
             }
         }
+    }
+
+    /// The state of a VM, by its console name (`running`, `paused`, ...).
+    pub fn state_name(&self, name: &str) -> Option<&'static str> {
+        self.vms.iter().find(|vm| vm.name == name).map(|vm| vm.state.name())
     }
 
     /// Sets a migrating VM's throttle (percent of wall time it sits out).
