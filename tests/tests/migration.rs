@@ -113,6 +113,8 @@ fn failures_before_switchover_leave_the_vm_running_on_the_source() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(ok(b.console(), "vm info m")["state"], "incoming");
+    let e = b.console().json("vm destroy m", REPLY).unwrap();
+    assert!(e["error"].as_str().unwrap_or("").contains("still arriving by migration"), "{e}");
     ok(a.console(), "migrate cancel");
     let s = wait_end(a.console(), Duration::from_secs(60));
     assert_eq!(s["stage"], "failed", "{s}");

@@ -385,8 +385,13 @@ impl Manager {
             VmCommand::Stop(n) => self.find(&n)?.transition("stop"),
             VmCommand::Destroy(n) => {
                 let i = self.vms.iter().position(|vm| vm.name == n).ok_or_else(|| format!("no VM named '{n}'"))?;
-                if self.vms[i].migrating || self.vms[i].state == VmState::Incoming {
+                if self.vms[i].migrating {
                     return Err(format!("VM '{n}' is being migrated; 'migrate cancel' first"));
+                }
+                if self.vms[i].state == VmState::Incoming {
+                    // `migrate cancel` is the source's: here the skeleton
+                    // goes when its migration ends without the VM.
+                    return Err(format!("VM '{n}' is still arriving by migration; the source can cancel it"));
                 }
                 let vm = self.vms.remove(i);
                 vm.destroy();
