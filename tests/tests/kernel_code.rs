@@ -11,7 +11,8 @@ fn objdump() -> PathBuf {
         String::from_utf8(out.stdout).expect("rustc prints UTF-8")
     };
     let sysroot = rustc("--print=sysroot");
-    let host = rustc("-vV").lines().find_map(|l| l.strip_prefix("host: ")).expect("rustc -vV names the host").to_owned();
+    let host =
+        rustc("-vV").lines().find_map(|l| l.strip_prefix("host: ")).expect("rustc -vV names the host").to_owned();
     let tool = PathBuf::from(sysroot.trim()).join("lib/rustlib").join(host).join("bin/llvm-objdump");
     assert!(tool.exists(), "{} is missing: the llvm-tools component (scripts/setup.sh installs it)", tool.display());
     tool
