@@ -723,7 +723,9 @@ impl Source {
     /// Encodes the next page batch into `room` if given (answering how
     /// much it wrote), else queues it as a `Send`; or ends the round.
     fn next_batch(&mut self, mem: &dyn GuestMemory, now_us: u64, room: Option<Room<'_>>) -> Batch {
-        if mem.pages() < self.pages {
+        // Not more either: the digest would count pages never sent, and
+        // without `verify` they would silently stay behind.
+        if mem.pages() != self.pages {
             let why = format!("guest memory has {} pages, Hello announced {}", mem.pages(), self.pages);
             self.fail(&why, Some(true));
             return Batch::Queued;
@@ -733,7 +735,9 @@ impl Source {
         }
         let batch = self.config.batch_pages.clamp(1, MAX_BATCH_PAGES);
         let want = usize::try_from(self.remaining).unwrap_or(batch).min(batch);
-        let Some(Room { buf, min_pages }) = room else {
+        // With nothing left the round ends, whatever the room: waiting
+        // for room would hold back the harvest, or the last records.
+        let Some(Room { buf, min_pages }) = room.filter(|_| want > 0) else {
             if let Some(frame) = self.encode_batch(mem, PageBatchWriter::new(self.round, want), batch, now_us) {
                 self.out.push_back(SourceAction::Send(frame));
             }
@@ -1154,6 +1158,30 @@ mod tests {
         assert!(matches!(&sent(&a)[..], [Record::Cancel { reason }] if reason.contains("cancelled by the operator")));
         assert!(a.contains(&SourceAction::ResumeVm));
         failed(&a);
+    }
+
+    #[test]
+    fn memory_larger_than_announced_fails() {
+        let mut s = Source::new(SourceConfig::default(), hello(4));
+        let mem = VecMemory::new(8);
+        drain(&mut s, &mem, 0);
+        s.on_bytes(&Record::Accept.encode().unwrap(), 1);
+        // Before: migrated the first 4 pages, and a verify failed only at
+        // the switchover, the VM paused.
+        assert!(failed(&drain(&mut s, &mem, 1)).contains("guest memory has 8 pages, Hello announced 4"));
+    }
+
+    #[test]
+    fn a_round_with_nothing_left_ends_whatever_the_room() {
+        let mem = VecMemory::new(4);
+        let mut s = Source::new(SourceConfig::default(), hello(4));
+        drain(&mut s, &mem, 0);
+        s.on_bytes(&Record::Accept.encode().unwrap(), 10);
+        let mut room = vec![0; page_batch_frame_len(4)];
+        assert!(matches!(s.poll_into(&mem, 20, &mut room, 1), Polled::Wrote(_)));
+        // Before: NeedRoom until a page's worth was free, holding back the
+        // harvest (and in the last round, Verify and the vCPU state).
+        assert!(matches!(s.poll_into(&mem, 20, &mut [0; 100], 1), Polled::Action(SourceAction::HarvestDirty)));
     }
 
     #[test]
