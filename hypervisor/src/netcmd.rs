@@ -70,6 +70,25 @@ pub fn parse_ipv4(s: &str) -> Result<[u8; 4], String> {
     Ok(out)
 }
 
+/// Why `ip` cannot be this host's address in a `/prefix` subnet, if it
+/// cannot: smoltcp takes only unicast addresses (it panicked on a
+/// multicast one), and the subnet's own and broadcast addresses name no
+/// single host.
+fn host_address(ip: [u8; 4], prefix: u8) -> Result<(), &'static str> {
+    let addr = u32::from_be_bytes(ip);
+    let host_bits = u32::MAX.checked_shr(u32::from(prefix)).unwrap_or(0);
+    match ip[0] {
+        0 => Err("0.x.x.x is not a host address"),
+        127 => Err("loopback is not the NIC's address"),
+        224..=239 => Err("a multicast address"),
+        240..=255 => Err("a reserved or broadcast address"),
+        // /31 and /32 have no subnet or broadcast address (RFC 3021).
+        _ if prefix <= 30 && addr & host_bits == 0 => Err("the subnet's own address"),
+        _ if prefix <= 30 && addr & host_bits == host_bits => Err("the subnet's broadcast address"),
+        _ => Ok(()),
+    }
+}
+
 /// Parses a MAC address `aa:bb:cc:dd:ee:ff`.
 pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     let bad = || format!("bad MAC address '{s}'");
@@ -115,7 +134,9 @@ pub fn parse_net(args: &[&str]) -> Result<NetCommand, String> {
                 Ok(p) if (1..=32).contains(&p) => p,
                 _ => return Err(format!("bad prefix '{prefix}': 1-32")),
             };
-            Ok(NetCommand::Ip(parse_ipv4(addr)?, prefix))
+            let ip = parse_ipv4(addr)?;
+            host_address(ip, prefix).map_err(|why| format!("bad address '{cidr}': {why}"))?;
+            Ok(NetCommand::Ip(ip, prefix))
         }
         ["mtu", n] => match n.parse::<usize>() {
             Ok(m) if (MIN_MTU..=MAX_MTU).contains(&m) => Ok(NetCommand::Mtu(m)),
@@ -232,6 +253,17 @@ mod tests {
         assert!(err("net ip 10.0.0/24").contains("bad IPv4"));
         assert!(err("net ip 10.0.0.1/33").contains("bad prefix"));
         assert!(err("net ip +1.0.0.1/8").contains("bad IPv4"));
+        // smoltcp panics on a non-unicast address: the kernel halted.
+        assert!(err("net ip 224.0.0.1/24").contains("multicast"));
+        assert!(err("net ip 239.1.1.1/8").contains("multicast"));
+        assert!(err("net ip 255.255.255.255/32").contains("broadcast"));
+        assert!(err("net ip 0.0.0.0/8").contains("not a host address"));
+        assert!(err("net ip 127.0.0.1/8").contains("loopback"));
+        assert!(err("net ip 10.77.0.0/24").contains("subnet's own address"));
+        assert!(err("net ip 10.77.0.255/24").contains("subnet's broadcast address"));
+        assert_eq!(p("net ip 10.77.0.255/16"), Ok(NetCommand::Ip([10, 77, 0, 255], 16)));
+        assert_eq!(p("net ip 10.0.0.0/31"), Ok(NetCommand::Ip([10, 0, 0, 0], 31)));
+        assert_eq!(p("net ip 10.0.0.7/32"), Ok(NetCommand::Ip([10, 0, 0, 7], 32)));
         assert!(err("net mtu 100").contains("576-9000"));
         assert!(err("net mtu 9001").contains("576-9000"));
         assert!(err("ping 1.2.3.4 0").contains("bad count"));
