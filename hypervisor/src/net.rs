@@ -80,7 +80,6 @@ pub struct Net {
     iface: Interface,
     sockets: SocketSet<'static>,
     cidr: Option<(Ipv4Address, u8)>,
-    icmp: SocketHandle,
     listener: Option<Listener>,
     /// Finished bench connections still sending their FIN, with the time
     /// after which they are dropped anyway.
@@ -141,12 +140,7 @@ impl Net {
         };
         let mac = nic.mac();
         let iface = new_interface(&mut nic, None);
-        let mut sockets = SocketSet::new(Vec::new());
-        let icmp_rx = icmp::PacketBuffer::new(vec![icmp::PacketMetadata::EMPTY; 16], vec![0; 16 * 1024]);
-        let icmp_tx = icmp::PacketBuffer::new(vec![icmp::PacketMetadata::EMPTY; 16], vec![0; 16 * 1024]);
-        let mut icmp_socket = icmp::Socket::new(icmp_rx, icmp_tx);
-        let _ = icmp_socket.bind(icmp::Endpoint::Ident(ICMP_IDENT));
-        let icmp = sockets.add(icmp_socket);
+        let sockets = SocketSet::new(Vec::new());
         nic.divert(Some(BLAST_ETHERTYPE));
         timer::unmask_irq(dev.interrupt_line);
         log::info!(
@@ -163,7 +157,6 @@ impl Net {
             iface,
             sockets,
             cidr: None,
-            icmp,
             listener: None,
             closing: Vec::new(),
             last: None,
@@ -487,6 +480,22 @@ impl Net {
 
     fn ping(&mut self, target: Ipv4Address, count: u32) -> Result<Reply, String> {
         self.need_ip()?;
+        // A socket of its own per command, removed after it: an echo
+        // request smoltcp cannot send (no ARP answer, no route) stays at
+        // the head of its socket's queue, and with one socket for the
+        // whole boot every later ping, to any host, waited behind it; a
+        // late reply also counted for the next command.
+        let rx = icmp::PacketBuffer::new(vec![icmp::PacketMetadata::EMPTY; 16], vec![0; 16 * 1024]);
+        let tx = icmp::PacketBuffer::new(vec![icmp::PacketMetadata::EMPTY; 16], vec![0; 16 * 1024]);
+        let mut socket = icmp::Socket::new(rx, tx);
+        socket.bind(icmp::Endpoint::Ident(ICMP_IDENT)).map_err(|e| format!("ping: {e}"))?;
+        let handle = self.sockets.add(socket);
+        let result = self.ping_on(handle, target, count);
+        self.sockets.remove(handle);
+        result
+    }
+
+    fn ping_on(&mut self, handle: SocketHandle, target: Ipv4Address, count: u32) -> Result<Reply, String> {
         let caps = ChecksumCapabilities::default();
         let mut rtts: Vec<u64> = Vec::new();
         for seq in 0..count {
@@ -495,7 +504,7 @@ impl Net {
             let repr = Icmpv4Repr::EchoRequest { ident: ICMP_IDENT, seq_no, data: &payload };
             let sent_at = clock::uptime_us();
             {
-                let socket = self.sockets.get_mut::<icmp::Socket>(self.icmp);
+                let socket = self.sockets.get_mut::<icmp::Socket>(handle);
                 let buf = socket.send(repr.buffer_len(), IpAddress::Ipv4(target)).map_err(|e| format!("ping: {e}"))?;
                 repr.emit(&mut Icmpv4Packet::new_unchecked(buf), &caps);
             }
@@ -504,9 +513,12 @@ impl Net {
             let deadline = sent_at + 2_000_000;
             while clock::uptime_us() < deadline {
                 self.poll();
-                let socket = self.sockets.get_mut::<icmp::Socket>(self.icmp);
+                let socket = self.sockets.get_mut::<icmp::Socket>(handle);
                 let mut got = false;
-                while let Ok((data, _from)) = socket.recv() {
+                while let Ok((data, from)) = socket.recv() {
+                    if from != IpAddress::Ipv4(target) {
+                        continue;
+                    }
                     let Ok(packet) = Icmpv4Packet::new_checked(data) else { continue };
                     if let Ok(Icmpv4Repr::EchoReply { ident, seq_no: s, .. }) = Icmpv4Repr::parse(&packet, &caps) {
                         if ident == ICMP_IDENT && s == seq_no {
