@@ -244,10 +244,18 @@ impl Net {
                 }
             }
         }
-        let finished = matches!(socket.state(), tcp::State::CloseWait | tcp::State::Closed | tcp::State::TimeWait)
-            && l.start_us != 0
+        let closed = matches!(socket.state(), tcp::State::CloseWait | tcp::State::Closed | tcp::State::TimeWait)
             && !socket.can_recv();
-        if finished {
+        if closed && l.start_us == 0 {
+            // Connected and hung up without a byte (a port scan): not a
+            // transfer. Left as it was, the socket sat in CloseWait and
+            // the port refused every later connection.
+            socket.abort();
+            let port = l.port;
+            self.relisten(port);
+            return true;
+        }
+        if closed {
             socket.close();
             self.last =
                 Some(BenchResult { bytes: l.bytes, ok: l.ok, elapsed_us: l.last_us.saturating_sub(l.start_us) });
