@@ -49,6 +49,8 @@ const INGRESS_BURSTS: usize = 16;
 pub const BULK_SEND_BUFFER: usize = 1 << 20;
 pub const BULK_RECEIVE_BUFFER: usize = 4 * BULK_SEND_BUFFER;
 const ICMP_IDENT: u16 = 0x4856;
+/// `net bench send` gives up on a peer that has not answered its SYN by then.
+const CONNECT_TIMEOUT_US: u64 = 5_000_000;
 /// Half-open bench connections are dropped after this long, so a SYN flood
 /// cannot pin the listener.
 const HALF_OPEN_US: u64 = 300_000;
@@ -610,6 +612,12 @@ impl Net {
                 // or not the receiver has sent its own FIN yet.
                 tcp::State::FinWait2 | tcp::State::Closed | tcp::State::TimeWait if sent == total => break Ok(()),
                 tcp::State::Closed => break Err(format!("connection reset after {sent} bytes")),
+                // A SYN nobody answers (no such host): smoltcp retries
+                // forever, and this loop held the console for the whole
+                // transfer's time budget (half an hour for 4 GiB).
+                tcp::State::SynSent if t - start > CONNECT_TIMEOUT_US => {
+                    break Err(format!("no answer from {ip}:{port} in {} s", CONNECT_TIMEOUT_US / 1_000_000));
+                }
                 tcp::State::Established if established_at == 0 => established_at = t,
                 _ => {}
             }

@@ -78,6 +78,20 @@ fn lab_hosts_ping_each_other_and_the_bridge_learns_their_macs() {
     let e = a.console().json("ping 10.77.0.99 1", Duration::from_secs(10)).unwrap();
     assert_eq!(e["ok"], false);
     assert!(e["error"].as_str().unwrap().contains("no reply from 10.77.0.99"), "{e}");
+    // ...and leave ping working: the request to the absent host stayed
+    // queued, and every later ping waited behind it.
+    let p = ok(a.console(), "ping 10.77.0.12 1", REPLY);
+    assert_eq!(p["received"], 1, "{p}");
+    // A bench to nobody gives up after 5 s (it held the console for the
+    // transfer's whole budget: 20 s plus 0.5 s per MiB).
+    let start = std::time::Instant::now();
+    let e = a.console().json("net bench send 10.77.0.99 4096", Duration::from_secs(30)).unwrap();
+    assert!(e["error"].as_str().unwrap_or("").contains("no answer from 10.77.0.99"), "{e}");
+    assert!(start.elapsed() < Duration::from_secs(15), "{:?}", start.elapsed());
+    // An address that would have halted the kernel (smoltcp panics on it).
+    let e = a.console().json("net ip 224.0.0.1/24", REPLY).unwrap();
+    assert!(e["error"].as_str().unwrap_or("").contains("multicast"), "{e}");
+    assert_eq!(ok(a.console(), "version", REPLY)["name"], "hypervisor");
 }
 
 #[test]
@@ -85,6 +99,26 @@ fn lab_64_mib_arrive_intact_at_mtu_1500_and_9000() {
     assert!(lab::available(), "the lab needs root for network namespaces");
     let mut lab = Lab::new().unwrap();
     let (mut a, mut b) = two_hosts(&mut lab);
+    // A connection that hangs up without a byte (a port scan) does not
+    // keep the bench port: before, it refused every later connection.
+    ok(b.console(), "net bench listen", REPLY);
+    let scan = r#"
+import socket, time
+connected = 0
+for _ in range(3):
+    try:
+        socket.create_connection(("10.77.0.12", 5201), timeout=5).close()
+        connected += 1
+    except OSError:
+        pass
+    time.sleep(0.2)
+print("connected", connected)
+"#;
+    let out = lab.exec(&["python3", "-c", scan]).expect("port scan");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("connected 0"), "{out:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = a.console().json("net bench send 10.77.0.12 8", BENCH).unwrap();
+    assert_eq!(sent["ok"], true, "after a port scan: {sent}");
     let (tx, rx) = transfer(&mut a, &mut b, 64);
     println!("network: MTU 1500, 64 MiB: sender {tx} MB/s, receiver {rx} MB/s");
     lab.set_mtu(9000).unwrap();
