@@ -115,6 +115,12 @@ fn failures_before_switchover_leave_the_vm_running_on_the_source() {
     assert_eq!(ok(b.console(), "vm info m")["state"], "incoming");
     let e = b.console().json("vm destroy m", REPLY).unwrap();
     assert!(e["error"].as_str().unwrap_or("").contains("still arriving by migration"), "{e}");
+    // On A, commands that would take the migration's dirty pages or run
+    // the guest outside it are refused.
+    for cmd in ["vm dirty m", "vm dirty m wp", "vm verify m"] {
+        let e = a.console().json(cmd, REPLY).unwrap();
+        assert!(e["error"].as_str().unwrap_or("").contains("being migrated"), "{cmd}: {e}");
+    }
     ok(a.console(), "migrate cancel");
     let s = wait_end(a.console(), Duration::from_secs(60));
     assert_eq!(s["stage"], "failed", "{s}");

@@ -414,12 +414,26 @@ impl Manager {
             }
             VmCommand::Info(n) => Ok(Reply::data(self.find(&n)?.info())),
             VmCommand::Dirty(n, mode) => {
+                if self.find(&n)?.migrating {
+                    // A harvest here would take pages from the migration's
+                    // next one: they would never be sent again.
+                    return Err(format!("VM '{n}' is being migrated: its dirty pages are the migration's"));
+                }
                 let (default, current) = (self.default_dirty, self.find(&n)?.dirty_mode);
                 let mode = mode.unwrap_or(if current == DirtyMode::Off { default } else { current });
                 mode.supported_by(&self.cpu)?;
                 self.find(&n)?.dirty(mode).map(Reply::data)
             }
-            VmCommand::Verify(n) => self.find(&n)?.verify().map(Reply::data),
+            VmCommand::Verify(n) => {
+                let vm = self.find(&n)?;
+                if vm.migrating || vm.in_doubt {
+                    // The check runs the guest: after the pause for the
+                    // switchover, or in doubt, it may be running elsewhere.
+                    let why = if vm.in_doubt { "in doubt after a migration" } else { "being migrated" };
+                    return Err(format!("VM '{n}' is {why}; verify runs it"));
+                }
+                vm.verify().map(Reply::data)
+            }
             VmCommand::Digest(n) => {
                 let vm = self.find(&n)?;
                 Ok(Reply::data(Obj::new().with("name", n).with("digest", format!("{:016x}", vm.mem.digest()))))
