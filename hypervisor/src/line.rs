@@ -30,6 +30,8 @@ enum Escape {
     Start,
     /// Inside a CSI sequence (`ESC [` ... final byte).
     Csi,
+    /// After `ESC O` (SS3, as some terminals send arrow keys): one more byte.
+    Ss3,
 }
 
 /// Line editor state. Feed it bytes; it tells you what to echo and when a
@@ -65,15 +67,29 @@ impl LineEditor {
     /// appended to `echo`; a finished line is returned.
     pub fn feed(&mut self, byte: u8, echo: &mut String) -> Option<Event> {
         let after_cr = core::mem::replace(&mut self.last_was_cr, false);
+        if byte < 0x20 {
+            // Control bytes act even inside an escape sequence, as on a
+            // terminal, and end it: a line end or Ctrl-C after a stray ESC
+            // was swallowed, merging two commands into one line.
+            self.escape = Escape::None;
+        }
         match self.escape {
             Escape::Start => {
-                self.escape = if byte == b'[' { Escape::Csi } else { Escape::None };
+                self.escape = match byte {
+                    b'[' => Escape::Csi,
+                    b'O' => Escape::Ss3,
+                    _ => Escape::None,
+                };
                 return None;
             }
             Escape::Csi => {
                 if (0x40..=0x7e).contains(&byte) {
                     self.escape = Escape::None;
                 }
+                return None;
+            }
+            Escape::Ss3 => {
+                self.escape = Escape::None;
                 return None;
             }
             Escape::None => {}
@@ -189,6 +205,19 @@ mod tests {
     fn ansi_escape_sequences_are_ignored() {
         let mut ed = LineEditor::new();
         assert_eq!(feed_all(&mut ed, b"he\x1b[Allo\x1b[1;5C\n"), [line("hello")]);
+    }
+
+    #[test]
+    fn control_bytes_end_escape_sequences_and_still_act() {
+        // Before: the line end after a stray ESC was eaten, giving one
+        // line "versionversion"; inside a CSI it was eaten too, and the
+        // next letter ended the sequence ("ersion").
+        let mut ed = LineEditor::new();
+        assert_eq!(feed_all(&mut ed, b"version\x1b\nversion\n"), [line("version"), line("version")]);
+        assert_eq!(feed_all(&mut ed, b"\x1b[1;\nmem\n"), [line(""), line("mem")]);
+        assert_eq!(feed_all(&mut ed, b"abc\x1b\x03"), [Event::Cancelled]);
+        // SS3 arrow keys (ESC O A) insert nothing.
+        assert_eq!(feed_all(&mut ed, b"me\x1bOAm\n"), [line("mem")]);
     }
 
     #[test]
