@@ -169,6 +169,10 @@ fn main() -> Result<()> {
         keys.iter().map(|k| (k.clone(), json!(diff(k)))).collect::<serde_json::Map<_, _>>()
     };
     let mut ticks_after = 0;
+    // What the demo claims after a `done`, checked: the guest ticks on B,
+    // its self-check finds no bad page, and A no longer has it.
+    let mut problems: Vec<String> = Vec::new();
+    let mut self_check = Value::Null;
     if status == "done" {
         if o.paused {
             let state = ok(b.console(), "vm info demo")?["state"].clone();
@@ -179,10 +183,20 @@ fn main() -> Result<()> {
         std::thread::sleep(Duration::from_secs(1));
         ticks_after = ok(b.console(), "vm info demo")?["ticks"].as_u64().unwrap_or(0);
         println!("== the guest runs on B: heartbeat {t1} -> {ticks_after} ticks over one second");
+        if ticks_after <= t1 {
+            problems.push(format!("the guest does not tick on B ({t1} -> {ticks_after})"));
+        }
         let v = ok(b.console(), "vm verify demo")?;
         println!("   guest self-check on B: {} of {} pages bad", v["bad_pages"], v["pages"]);
+        if v["verified"] != true || v["bad_pages"] != 0 {
+            problems.push(format!("the guest's self-check failed on B: {v}"));
+        }
+        self_check = v["verified"].clone();
         let gone = a.console().json("vm info demo", REPLY)?;
         println!("   on A: {}", gone["error"]);
+        if gone["ok"] != false {
+            problems.push(format!("A still has the VM: {gone}"));
+        }
     }
     let field = |k: &str| report[k].as_u64().unwrap_or(0);
     let goodput = field("goodput_bytes_per_s") as f64 / 1e6;
@@ -208,6 +222,7 @@ fn main() -> Result<()> {
         "share": o.share,
         "mtu": o.mtu,
         "verified": report["verified"],
+        "self_check_on_b": self_check,
         "guest_ticks_before": ticks_before,
         "guest_ticks_after": ticks_after,
         "migration_mb_per_s": goodput,
@@ -230,6 +245,9 @@ fn main() -> Result<()> {
     drop(lab);
     if status != "done" {
         bail!("migration {status}");
+    }
+    if !problems.is_empty() {
+        bail!("the migration ended done, but: {}", problems.join("; "));
     }
     Ok(())
 }
