@@ -5,8 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
-scripts/setup.sh
+# rustup's environment first: setup.sh needs rustup on the PATH.
 if [ -f "$HOME/.cargo/env" ]; then . "$HOME/.cargo/env"; fi
+scripts/setup.sh
 
 echo "== format"
 cargo fmt --all -- --check

@@ -2,7 +2,8 @@
 //! (the switch), one TAP per emulated host, and a management veth with
 //! address 10.77.0.1/24 for host-side clients. The emulators (QEMU or
 //! Bochs) run inside the namespace. Everything is removed on drop;
-//! namespaces left by a killed run are removed by the next lab. Traffic
+//! namespaces left by a killed or aborted run are removed by the next lab,
+//! which first kills the emulators still running in them. Traffic
 //! never leaves the namespace.
 
 use std::process::{Command, Output};
@@ -47,6 +48,14 @@ fn remove_stale() {
         let Some(rest) = name.strip_prefix(&format!("{PREFIX}-")) else { continue };
         let pid = rest.split('-').next().unwrap_or("");
         if !pid.is_empty() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            // Its emulators outlive a harness that aborted (the dev profile
+            // panics by aborting, so no Drop ran): stop them first, or they
+            // keep their RAM and the cores.
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
+                for p in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-KILL", p]).status();
+                }
+            }
             let _ = Command::new("ip").args(["netns", "del", name]).status();
         }
     }
