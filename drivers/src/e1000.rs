@@ -2747,40 +2747,47 @@ mod tests {
         assert_eq!(b.rx_oversize, 0, "{b:?}");
     }
 
+    /// Sends one 3000-byte TCP segment from 10.0.0.2 to 10.0.0.1 and
+    /// returns the sizes of the frames the NIC cut it into.
+    fn sizes_of_3000_bytes_to_the_peer(nic: &mut E1000<FakeRegs>, wire: &FakeWire) -> Vec<usize> {
+        let mut long = tcp_frame(3000);
+        long[30..34].copy_from_slice(&[10, 0, 0, 1]);
+        long[26..30].copy_from_slice(&[10, 0, 0, 2]);
+        assert!(nic.send_raw(&long));
+        nic.flush();
+        wire.take_sent().iter().map(Vec::len).collect()
+    }
+
+    /// A SYN from `ip` to 10.0.0.2 announcing `mss`, checksummed.
+    fn syn(ip: [u8; 4], mss: u16) -> Vec<u8> {
+        let mut f = tcp_frame(0);
+        f.splice(54..54, [2, 4, 0, 0]);
+        f[56..58].copy_from_slice(&mss.to_be_bytes());
+        f[46] = 0x60; // data offset 6
+        f[47] = 0x02; // SYN
+        f[16..18].copy_from_slice(&44u16.to_be_bytes());
+        f[26..30].copy_from_slice(&ip);
+        assert!(prepare_tcp_checksum(&mut f).is_some());
+        finish_checksum(&mut f, 50, 34);
+        f
+    }
+
     #[test]
     fn a_peer_pushed_out_of_the_mss_table_still_gets_segments_it_takes() {
         let regs = FakeRegs::new(MAC_A);
         let wire = FakeWire::new(&regs);
         let mut dma = HeapDma::default();
         let mut nic = nic_with(&regs, &mut dma, Config { tso: true, mtu: 9000, ..config(16) });
-        let syn_from = |ip: [u8; 4], mss: u16| {
-            let mut f = tcp_frame(0);
-            f.splice(54..54, [2, 4, 0, 0]);
-            f[56..58].copy_from_slice(&mss.to_be_bytes());
-            f[46] = 0x60; // data offset 6
-            f[47] = 0x02; // SYN
-            f[16..18].copy_from_slice(&44u16.to_be_bytes());
-            f[26..30].copy_from_slice(&ip);
-            assert!(prepare_tcp_checksum(&mut f).is_some());
-            finish_checksum(&mut f, 50, 34);
-            f
-        };
         // Our peer at MTU 1500, then a scan from 64 other addresses.
         let peers = core::iter::once([10, 0, 0, 1]).chain((0..64).map(|i| [10, 0, 1, i]));
         for ip in peers {
-            assert!(wire.inject(&syn_from(ip, 1460)));
+            assert!(wire.inject(&syn(ip, 1460)));
             let (rx, _) = nic.receive(Instant::from_millis(0)).expect("the SYN");
             phy::RxToken::consume(rx, |_| ());
             nic.flush(); // the descriptor back to the NIC
         }
-        let mut long = tcp_frame(3000);
-        long[30..34].copy_from_slice(&[10, 0, 0, 1]);
-        long[26..30].copy_from_slice(&[10, 0, 0, 2]);
-        assert!(nic.send_raw(&long));
-        nic.flush();
         // Before: one 3054-byte frame, which the peer's NIC drops.
-        let sizes: Vec<usize> = wire.take_sent().iter().map(Vec::len).collect();
-        assert_eq!(sizes, [1514, 1514, 134]);
+        assert_eq!(sizes_of_3000_bytes_to_the_peer(&mut nic, &wire), [1514, 1514, 134]);
     }
 
     #[test]
@@ -2789,35 +2796,19 @@ mod tests {
         let wire = FakeWire::new(&regs);
         let mut dma = HeapDma::default();
         let mut nic = nic_with(&regs, &mut dma, Config { tso: true, ..config(16) });
-        let syn = |mss: u16| {
-            let mut f = tcp_frame(0);
-            f.splice(54..54, [2, 4, 0, 0]);
-            f[56..58].copy_from_slice(&mss.to_be_bytes());
-            f[46] = 0x60; // data offset 6
-            f[47] = 0x02; // SYN
-            f[16..18].copy_from_slice(&44u16.to_be_bytes());
-            assert!(prepare_tcp_checksum(&mut f).is_some());
-            finish_checksum(&mut f, 50, 34);
-            f
-        };
+        let from_peer = |mss: u16| syn([10, 0, 0, 1], mss);
         // smoltcp's SYN says 64240; the wire hears 1460.
-        assert!(nic.send_raw(&syn(64240)));
+        assert!(nic.send_raw(&from_peer(64240)));
         nic.flush();
         let sent = wire.take_sent();
         assert_eq!(be16(&sent[0], 56), Some(1460));
         assert!(smoltcp_accepts(&sent[0]));
         // A peer at MSS 536 (10.0.0.1, the frame's source): smoltcp is told
         // 122 of those, and segments to that peer are cut at 536.
-        assert!(wire.inject(&syn(536)));
+        assert!(wire.inject(&from_peer(536)));
         let (rx, _) = nic.receive(Instant::from_millis(0)).expect("the SYN");
         assert_eq!(be16(&phy::RxToken::consume(rx, <[u8]>::to_vec), 56), Some(122 * 536));
-        let mut long = tcp_frame(3000);
-        long[30..34].copy_from_slice(&[10, 0, 0, 1]);
-        long[26..30].copy_from_slice(&[10, 0, 0, 2]);
-        assert!(nic.send_raw(&long));
-        nic.flush();
-        let sizes: Vec<usize> = wire.take_sent().iter().map(Vec::len).collect();
-        assert_eq!(sizes, [590, 590, 590, 590, 590, 374]);
+        assert_eq!(sizes_of_3000_bytes_to_the_peer(&mut nic, &wire), [590, 590, 590, 590, 590, 374]);
         // A frame that is not TCP is not cut to a peer's MSS, even where
         // its bytes look like that peer's address.
         let mut raw = frame(0, 1000);
@@ -2827,7 +2818,7 @@ mod tests {
         nic.flush();
         assert_eq!(wire.take_sent(), vec![raw]);
         // A forged SYN announcing 8 bytes is taken as 536.
-        let mut tiny = syn(8);
+        let mut tiny = from_peer(8);
         tiny[26..30].copy_from_slice(&[10, 0, 0, 3]);
         assert!(prepare_tcp_checksum(&mut tiny).is_some());
         finish_checksum(&mut tiny, 50, 34);

@@ -1120,21 +1120,33 @@ mod tests {
         assert!(failed(&a).contains("Hello"));
     }
 
-    #[test]
-    fn memory_smaller_than_announced_fails() {
-        let mut s = Source::new(SourceConfig::default(), hello(8));
-        let mem = VecMemory::new(4);
+    /// The actions of a source whose Hello announced `announced` pages,
+    /// over memory of `pages` pages, once accepted.
+    fn accepted_over(announced: u64, pages: u64) -> Vec<SourceAction> {
+        let mut s = Source::new(SourceConfig::default(), hello(announced));
+        let mem = VecMemory::new(pages);
         drain(&mut s, &mem, 0);
         s.on_bytes(&Record::Accept.encode().unwrap(), 1);
-        assert!(failed(&drain(&mut s, &mem, 1)).contains("4 pages"));
+        drain(&mut s, &mem, 1)
     }
 
     #[test]
-    fn cancel_is_refused_once_commit_went_out() {
+    fn memory_smaller_than_announced_fails() {
+        assert!(failed(&accepted_over(8, 4)).contains("4 pages"));
+    }
+
+    /// A source of an idle 4-page guest, paused for the switchover at 200.
+    fn paused() -> (Source, VecMemory) {
         let (mut s, mem, _) = accepted(4);
         s.on_dirty(&[], 100);
         drain(&mut s, &mem, 100); // RoundEnd, PauseVm
         s.on_vm_paused(200, &[vec![1; 10]], &[2]);
+        (s, mem)
+    }
+
+    #[test]
+    fn cancel_is_refused_once_commit_went_out() {
+        let (mut s, mem) = paused();
         s.on_dirty(&[], 200);
         drain(&mut s, &mem, 200);
         s.on_bytes(&Record::Ready.encode().unwrap(), 300);
@@ -1149,10 +1161,7 @@ mod tests {
 
     #[test]
     fn cancel_before_commit_tells_the_destination_and_resumes_the_vm() {
-        let (mut s, mem, _) = accepted(4);
-        s.on_dirty(&[], 100);
-        drain(&mut s, &mem, 100); // RoundEnd, PauseVm
-        s.on_vm_paused(200, &[vec![1; 10]], &[2]);
+        let (mut s, mem) = paused();
         assert_eq!(s.cancel(), Ok(()));
         let a = drain(&mut s, &mem, 200);
         assert!(matches!(&sent(&a)[..], [Record::Cancel { reason }] if reason.contains("cancelled by the operator")));
@@ -1162,13 +1171,9 @@ mod tests {
 
     #[test]
     fn memory_larger_than_announced_fails() {
-        let mut s = Source::new(SourceConfig::default(), hello(4));
-        let mem = VecMemory::new(8);
-        drain(&mut s, &mem, 0);
-        s.on_bytes(&Record::Accept.encode().unwrap(), 1);
         // Before: migrated the first 4 pages, and a verify failed only at
         // the switchover, the VM paused.
-        assert!(failed(&drain(&mut s, &mem, 1)).contains("guest memory has 8 pages, Hello announced 4"));
+        assert!(failed(&accepted_over(4, 8)).contains("guest memory has 8 pages, Hello announced 4"));
     }
 
     #[test]
