@@ -422,6 +422,9 @@ impl Net {
             }
             NetCommand::Ping(ip, count) => self.ping(Ipv4Address::new(ip[0], ip[1], ip[2], ip[3]), count),
             NetCommand::BenchListen(port) => {
+                // A new measurement: `net bench result` waits for it rather
+                // than answering with the previous one.
+                self.last = None;
                 self.relisten(port);
                 if self.listener.is_none() {
                     return Err(format!("cannot listen on port {port}"));

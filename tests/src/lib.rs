@@ -8,7 +8,7 @@ use std::time::Duration;
 
 pub mod lab;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 pub use boot::{Console, Emulator, Firmware, Host, HostConfig, Images};
 
 /// Budget for one console reply under QEMU TCG.
@@ -47,6 +47,26 @@ pub fn command(c: &mut Console, cmd: &str, reply: Duration) -> Result<serde_json
         bail!("{cmd}: {}", v["error"]);
     }
     Ok(v)
+}
+
+/// The receiver's result of the `net bench` transfer of `mib` MiB that has
+/// just been sent to it, once it has one (it records it after draining its
+/// buffer and seeing the FIN): its MB/s, after checking that all the bytes
+/// arrived intact. `net bench listen` clears the previous result, so a
+/// result read here is this transfer's.
+pub fn bench_result(c: &mut Console, mib: u64) -> Result<f64> {
+    let start = std::time::Instant::now();
+    let r = loop {
+        let r = c.json("net bench result", REPLY)?;
+        if r["ok"] == true || start.elapsed() > std::time::Duration::from_secs(10) {
+            break r;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    if r["ok"] != true || r["bytes"].as_u64() != Some(mib << 20) || r["intact"] != true {
+        bail!("net bench result after {mib} MiB: {r}");
+    }
+    r["mb_per_s"].as_str().and_then(|s| s.parse().ok()).context("net bench result without mb_per_s")
 }
 
 /// A QEMU host with room for a guest of `guest_mib`, its copy's page

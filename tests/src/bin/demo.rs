@@ -89,9 +89,7 @@ fn main() -> Result<()> {
     for _ in 0..3 {
         ok(b.console(), "net bench listen")?;
         ok(a.console(), "net bench send 10.77.0.12 128")?;
-        std::thread::sleep(Duration::from_millis(500));
-        let bench = ok(b.console(), "net bench result")?;
-        bench_runs.push(bench["mb_per_s"].as_str().unwrap_or("0").parse::<f64>().unwrap_or(0.0));
+        bench_runs.push(tests::bench_result(b.console(), 128)?);
     }
     let mut sorted = bench_runs.clone();
     sorted.sort_by(f64::total_cmp);
