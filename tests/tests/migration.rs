@@ -89,6 +89,8 @@ fn failures_before_switchover_leave_the_vm_running_on_the_source() {
     assert_eq!(s["vm_running_here"], true);
     let info = ok(a.console(), "vm info m");
     assert_eq!((info["state"].as_str(), info["migrating"].as_bool()), (Some("running"), Some(false)), "{info}");
+    // The tracking armed for the migration is gone again.
+    assert_eq!(info["dirty_mode"], "off", "{info}");
     // A VM its operator paused stays paused when its migration fails.
     ok(a.console(), "vm pause m");
     ok(a.console(), "migrate m 10.77.0.12");

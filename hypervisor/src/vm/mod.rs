@@ -187,6 +187,8 @@ struct Vm {
     /// Paused by the operator when its migration began: it stays paused
     /// if the migration fails, and arrives paused if it succeeds.
     paused_before_migration: bool,
+    /// Its dirty tracking when its migration began, restored if it fails.
+    dirty_before_migration: DirtyMode,
     /// The guest executed `HLT` and waits for its wake time
     /// (`guest::st::WAKE_TSC`): it does not run, and takes no CPU.
     halted: bool,
@@ -258,6 +260,7 @@ impl Manager {
             return Err(format!("VM '{name}' is {}; only a started VM can migrate", vm.state.name()));
         }
         let mode = if vm.dirty_mode == DirtyMode::Off { default } else { vm.dirty_mode };
+        vm.dirty_before_migration = vm.dirty_mode;
         vm.dirty(DirtyMode::Off)?;
         vm.dirty(mode)?;
         vm.migrating = true;
@@ -291,7 +294,8 @@ impl Manager {
     }
 
     /// Ends a migration on the source: `finished` frees the VM; otherwise
-    /// it runs again (unless `in_doubt`, which keeps it paused).
+    /// it runs again (unless `in_doubt`, which keeps it paused), without the
+    /// dirty tracking the migration armed.
     pub fn end_migration(&mut self, name: &str, finished: bool, in_doubt: bool, resume: bool) {
         if finished {
             if let Some(i) = self.vms.iter().position(|vm| vm.name == name) {
@@ -303,6 +307,14 @@ impl Manager {
             vm.migrating = false;
             vm.throttle = 0;
             vm.in_doubt = in_doubt;
+            if vm.dirty_before_migration == DirtyMode::Off {
+                // The tracking armed for the migration goes (write
+                // protection and PML cost the guest exits); a mode the
+                // operator had chosen stays.
+                if let Err(e) = vm.dirty(DirtyMode::Off) {
+                    log::warn!("VM '{name}': dirty tracking stays on after its migration: {e}");
+                }
+            }
             if in_doubt {
                 vm.state = VmState::Paused;
             } else if resume && vm.state == VmState::Paused && !vm.paused_before_migration {
@@ -567,6 +579,7 @@ impl Manager {
             in_doubt: false,
             halted: false,
             paused_before_migration: false,
+            dirty_before_migration: DirtyMode::Off,
         };
         let reply = Obj::new()
             .with("created", name)
