@@ -119,8 +119,16 @@ print("connected", connected)
     std::thread::sleep(Duration::from_millis(500));
     let sent = a.console().json("net bench send 10.77.0.12 8", BENCH).unwrap();
     assert_eq!(sent["ok"], true, "after a port scan: {sent}");
+    let heap = |b: &mut Host| ok(b.console(), "mem", REPLY)["heap_used_bytes"].as_u64().unwrap();
+    ok(b.console(), "net bench listen", REPLY);
+    let listening = heap(&mut b);
     let (tx, rx) = transfer(&mut a, &mut b, 64);
     println!("network: MTU 1500, 64 MiB: sender {tx} MB/s, receiver {rx} MB/s");
+    // The finished connection's socket (a 4 MiB buffer) is freed within
+    // its 2 s of grace, not only at the next `net bench listen`.
+    std::thread::sleep(Duration::from_secs(3));
+    let after = heap(&mut b);
+    assert!(after < listening + (1 << 20), "heap {listening} listening, {after} after the transfer");
     lab.set_mtu(9000).unwrap();
     ok(a.console(), "net mtu 9000", REPLY);
     ok(b.console(), "net mtu 9000", REPLY);
