@@ -98,7 +98,8 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     }
     let mut out = [0u8; 6];
     for (o, p) in out.iter_mut().zip(parts) {
-        if p.len() != 2 {
+        // Two hex digits: `from_str_radix` alone also takes "+f".
+        if p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(bad());
         }
         *o = u8::from_str_radix(p, 16).map_err(|_| bad())?;
@@ -275,6 +276,8 @@ mod tests {
         assert!(err("net bench fly").contains("usage: net bench"));
         assert!(err("net blast 52:54:00:77:00 8").contains("bad MAC"));
         assert!(err("net blast zz:54:00:77:00:01 8").contains("bad MAC"));
+        // Was taken as 0f:..., a multicast address.
+        assert!(err("net blast +f:54:00:77:00:01 8").contains("bad MAC"));
         assert!(err("net frob").contains("usage: net"));
     }
 
