@@ -391,6 +391,14 @@ impl Host {
         }
     }
 
+    /// The last `n` lines of the emulator's own log (Bochs writes one to
+    /// its work directory; QEMU's goes to its stderr, not kept).
+    pub fn emulator_log_tail(&self, n: usize) -> Option<String> {
+        let log = std::fs::read_to_string(self.workdir.as_ref()?.join("bochs.log")).ok()?;
+        let lines: Vec<&str> = log.lines().collect();
+        Some(lines[lines.len().saturating_sub(n)..].join("\n"))
+    }
+
     /// Kills the emulator (idempotent).
     pub fn kill(&mut self) {
         let _ = self.child.kill();

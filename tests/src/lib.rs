@@ -77,9 +77,29 @@ pub fn qemu_for_guest(guest_mib: u64) -> Result<HostConfig> {
 }
 
 /// Boots a host, waits for "hypervisor ready" and switches it to json mode.
+///
+/// An emulator that exits before the kernel printed a single line is
+/// started once more: a CI run saw Bochs quit that way once in many
+/// hundreds of boots, with nothing to tell why. Its log is printed, and a
+/// second such exit fails with it.
 pub fn boot_json(config: &HostConfig) -> Result<Host> {
+    let with_log = |e: anyhow::Error, host: &Host| match host.emulator_log_tail(20) {
+        Some(log) => e.context(format!("emulator log, last lines:\n{log}")),
+        None => e,
+    };
     let mut host = Host::launch(images(), config)?;
-    boot::wait_ready(host.console(), BOOT)?;
+    if let Err(e) = boot::wait_ready(host.console(), BOOT) {
+        let e = with_log(e, &host);
+        if !host.console().transcript.is_empty() {
+            return Err(e);
+        }
+        eprintln!("emulator exited before the kernel printed anything, starting it again: {e:#}");
+        drop(host);
+        host = Host::launch(images(), config)?;
+        if let Err(e) = boot::wait_ready(host.console(), BOOT) {
+            return Err(with_log(e, &host));
+        }
+    }
     host.console().enter_json(REPLY)?;
     Ok(host)
 }
