@@ -79,14 +79,21 @@ pub fn qemu_for_guest(guest_mib: u64) -> Result<HostConfig> {
 /// Boots a host, waits for "hypervisor ready" and switches it to json mode.
 ///
 /// An emulator that exits before the kernel printed a single line is
-/// started once more: a CI run saw Bochs quit that way once in many
-/// hundreds of boots, with nothing to tell why. Its log is printed, and a
-/// second such exit fails with it.
+/// started once more, its log printed; a second such exit fails with it.
+/// A CI run saw Bochs quit that way once (see the lock below).
 pub fn boot_json(config: &HostConfig) -> Result<Host> {
     let with_log = |e: anyhow::Error, host: &Host| match host.emulator_log_tail(20) {
         Some(log) => e.context(format!("emulator log, last lines:\n{log}")),
         None => e,
     };
+    // Bochs hosts start one at a time: Bochs 2.7's RFB display sets
+    // SO_REUSEADDR, so two starting together can both bind port 5900;
+    // the one whose listen() then fails tries the next ports on the same,
+    // already bound socket, fails them all and panics ("RFB could not
+    // bind any port"), after its COM1 had connected.
+    static BOCHS_START: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = (config.emulator == boot::Emulator::Bochs)
+        .then(|| BOCHS_START.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
     let mut host = Host::launch(images(), config)?;
     if let Err(e) = boot::wait_ready(host.console(), BOOT) {
         let e = with_log(e, &host);
