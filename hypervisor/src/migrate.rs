@@ -574,31 +574,32 @@ impl Migrator {
                     }
                     return false;
                 }
-                (Some(_), Some(h)) if net.tcp_state(h) == TcpState::Closed => {
-                    net.tcp_remove(h);
-                    self.listener = None;
-                    return false;
-                }
-                (Some(_), Some(h)) if matches!(net.tcp_state(h), TcpState::Listen | TcpState::SynReceived) => {
-                    return false;
-                }
-                // Established, or already half closed: a client that sent
-                // its bytes and its FIN within one poll is read all the
-                // same, and one that hung up at once ends the connection
-                // (`Incoming` takes a close with nothing to read as lost).
-                // Left waiting, such a socket kept the port from listening.
-                (Some(_), Some(h)) => {
-                    let free = crate::arch::memory::free_bytes().saturating_sub(16 << 20);
-                    self.inc = Some(Incoming {
-                        dest: Destination::new(self.vendor, 0, free),
-                        socket: h,
-                        pending: Queue::default(),
-                        vm: None,
-                        last_heard_us: now,
-                        arrive_paused: false,
-                    });
-                    self.listener = None;
-                }
+                (Some(_), Some(h)) => match net.tcp_state(h) {
+                    TcpState::Listen | TcpState::SynReceived => return false,
+                    TcpState::Closed => {
+                        net.tcp_remove(h);
+                        self.listener = None;
+                        return false;
+                    }
+                    // Established, or already half closed: a client that
+                    // sent its bytes and its FIN within one poll is read all
+                    // the same, and one that hung up at once ends the
+                    // connection (`Incoming` takes a close with nothing to
+                    // read as lost). Left waiting, such a socket kept the
+                    // port from listening.
+                    _ => {
+                        let free = crate::arch::memory::free_bytes().saturating_sub(16 << 20);
+                        self.inc = Some(Incoming {
+                            dest: Destination::new(self.vendor, 0, free),
+                            socket: h,
+                            pending: Queue::default(),
+                            vm: None,
+                            last_heard_us: now,
+                            arrive_paused: false,
+                        });
+                        self.listener = None;
+                    }
+                },
                 (None, _) => return false,
             }
         }

@@ -103,6 +103,11 @@ fn protocol(reason: String) -> Fault {
     (reason, true)
 }
 
+/// A record of `kind` from the source that does not hold together.
+fn bad_record(kind: RecordType, e: WireError) -> Fault {
+    protocol(format!("bad {kind:?} from source: {e}"))
+}
+
 impl Destination {
     /// A destination for this host: its CPU vendor string, the CPU features
     /// it offers, and the most guest memory it can give a VM.
@@ -147,7 +152,7 @@ impl Destination {
         let pushed = self.decoder.push(bytes);
         while self.active() {
             let Some(frame) = self.decoder.next_frame() else { break };
-            let bad = |e| protocol(format!("bad {:?} from source: {e}", frame.kind));
+            let bad = |e| bad_record(frame.kind, e);
             let result = if frame.kind == RecordType::PageBatch && self.state == DestState::Receiving {
                 // The hot path: pages go from the frame straight to memory,
                 // hashed on the way (`on_pages` compares the hashes).
@@ -350,8 +355,7 @@ impl Destination {
                     // not match is already in memory, but the batch fails
                     // and with it the skeleton, which never runs.
                     if mem.write_page_hashed(gfn, data) != hash {
-                        let e = WireError::PageHash { gfn };
-                        return Err(protocol(format!("bad {:?} from source: {e}", RecordType::PageBatch)));
+                        return Err(bad_record(RecordType::PageBatch, WireError::PageHash { gfn }));
                     }
                     hash
                 }
