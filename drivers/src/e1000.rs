@@ -2877,17 +2877,18 @@ mod tests {
         }
     }
 
+    /// The next frame the driver hands smoltcp (there must be one).
+    fn received(nic: &mut E1000<FakeRegs>) -> Vec<u8> {
+        let (rx, _) = nic.receive(Instant::from_millis(0)).expect("a frame");
+        phy::RxToken::consume(rx, <[u8]>::to_vec)
+    }
+
     #[test]
     fn parts_whose_ip_headers_are_bad_or_differ_are_not_merged() {
         let regs = FakeRegs::new(MAC_A);
         let wire = FakeWire::new(&regs);
         let mut dma = HeapDma::default();
         let mut nic = nic_with(&regs, &mut dma, Config { lro: true, ..config(16) });
-        let now = Instant::from_millis(0);
-        let take = |nic: &mut E1000<FakeRegs>| {
-            let (rx, _) = nic.receive(now).expect("a frame");
-            phy::RxToken::consume(rx, <[u8]>::to_vec)
-        };
         // A TTL changed on the way without its checksum: before, this part
         // was merged and the merged frame got a good IPv4 checksum.
         let first = segment(7000, 100, 1000, 1, false);
@@ -2901,12 +2902,12 @@ mod tests {
         for f in [&first, &bad, &marked, &after] {
             assert!(wire.inject(f));
         }
-        assert_eq!(take(&mut nic), first);
-        assert_eq!(take(&mut nic), bad, "handed over as it came, for smoltcp to drop");
-        let merged = take(&mut nic);
+        assert_eq!(received(&mut nic), first);
+        assert_eq!(received(&mut nic), bad, "handed over as it came, for smoltcp to drop");
+        let merged = received(&mut nic);
         assert_eq!(merged.len(), 54 + 1000, "the marked part alone: {}", merged.len());
         assert_eq!(merged, marked);
-        assert_eq!(take(&mut nic), after);
+        assert_eq!(received(&mut nic), after);
         assert_eq!(nic.counters().rx_coalesced, 0);
     }
 
@@ -2943,19 +2944,15 @@ mod tests {
         for f in &frames {
             assert!(wire.inject(f));
         }
-        let take = |nic: &mut E1000<FakeRegs>| {
-            let (rx, _) = nic.receive(now).expect("a frame");
-            phy::RxToken::consume(rx, <[u8]>::to_vec)
-        };
-        let merged = take(&mut nic);
+        let merged = received(&mut nic);
         let ip = Ipv4Packet::new_checked(&merged[14..]).unwrap();
         assert!(ip.verify_checksum());
         let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
         assert_eq!((tcp.seq_number().0, tcp.ack_number().0, tcp.window_len(), tcp.psh()), (100, 3, 3, true));
         let expect: Vec<u8> = frames[..3].iter().flat_map(|f| f[54..].to_vec()).collect();
         assert_eq!(tcp.payload(), &expect[..]);
-        assert_eq!(take(&mut nic), frames[3], "another flow");
-        let merged = take(&mut nic);
+        assert_eq!(received(&mut nic), frames[3], "another flow");
+        let merged = received(&mut nic);
         assert_eq!(merged.len(), 54 + 200, "after the gap, the next two");
         assert!(nic.receive(now).is_none());
         let c = nic.counters();
@@ -2974,8 +2971,8 @@ mod tests {
         for f in [&fin, &next, &bad] {
             assert!(wire.inject(f));
         }
-        assert_eq!(take(&mut nic), fin);
-        assert_eq!(take(&mut nic), next);
+        assert_eq!(received(&mut nic), fin);
+        assert_eq!(received(&mut nic), next);
         assert!(nic.receive(now).is_none(), "the bad one is dropped");
         assert_eq!(nic.counters().rx_bad_checksum, 1);
     }
