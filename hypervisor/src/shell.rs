@@ -330,6 +330,11 @@ fn version() -> Reply {
 
 fn cpuinfo(host: &dyn Host) -> Reply {
     let (c, r) = (host.cpu(), host.routines());
+    let invept = match (c.vmx && c.slat, c.invept_single) {
+        (false, _) => "none",
+        (true, true) => "single",
+        (true, false) => "all",
+    };
     Reply::data(
         Obj::new()
             .with("vendor", c.vendor_str())
@@ -346,6 +351,7 @@ fn cpuinfo(host: &dyn Host) -> Reply {
             .with("ept", c.vmx && c.slat)
             .with("npt", c.svm && !c.vmx && c.slat)
             .with("ept_ad", c.ept_ad)
+            .with("invept", invept)
             .with("pml", c.pml)
             .with("vpid", c.vpid)
             .with("asids", if c.vmx { 0 } else { c.tlb_tags })

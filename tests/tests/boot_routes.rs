@@ -52,6 +52,7 @@ fn bochs_reports_vmx_with_ept_ad_and_pml() -> anyhow::Result<()> {
     }
     assert_eq!(cpu["svm"], false);
     assert_eq!(cpu["backend"], "vmx");
+    assert_eq!(cpu["invept"], "single");
     assert_eq!(cpu["tlb_tags"], 65535);
     Ok(())
 }

@@ -17,6 +17,17 @@ pub const MSR_VMX_PROCBASED_CTLS2: u32 = 0x48B;
 /// IA32_VMX_EPT_VPID_CAP: EPT and VPID capabilities.
 pub const MSR_VMX_EPT_VPID_CAP: u32 = 0x48C;
 
+/// IA32_VMX_EPT_VPID_CAP bits (SDM Vol. 3D A.10) the EPT backend relies on:
+/// the 4-level tables and write-back type its EPTP names, the EPT A/D flags
+/// that D-bit tracking and PML need, and an INVEPT to drop the translations
+/// dirty tracking changes (single-context preferred, all-context else).
+const EPT_WALK_LENGTH_4: u64 = 1 << 6;
+const EPT_WRITE_BACK: u64 = 1 << 14;
+const EPT_INVEPT: u64 = 1 << 20;
+const EPT_ACCESSED_DIRTY: u64 = 1 << 21;
+const EPT_INVEPT_SINGLE: u64 = 1 << 25;
+const EPT_INVEPT_ALL: u64 = 1 << 26;
+
 /// Which hardware virtualization the processor offers, in the order the
 /// hypervisor prefers them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,8 +68,12 @@ pub struct CpuReport {
     pub vmx: bool,
     /// CPUID.80000001:ECX.SVM.
     pub svm: bool,
-    /// EPT (Intel) or NPT (AMD) second-level address translation.
+    /// EPT (Intel) or NPT (AMD) second-level address translation. On Intel
+    /// only EPT the backend can use: 4-level tables, write-back, INVEPT.
     pub slat: bool,
+    /// INVEPT single-context (Intel); without it the backend flushes all
+    /// contexts.
+    pub invept_single: bool,
     /// EPT accessed and dirty flags (Intel only).
     pub ept_ad: bool,
     /// Page-modification logging (Intel only).
@@ -89,6 +104,7 @@ impl Default for CpuReport {
             vmx: false,
             svm: false,
             slat: false,
+            invept_single: false,
             ept_ad: false,
             pml: false,
             vpid: false,
@@ -159,15 +175,19 @@ impl CpuReport {
             return; // no secondary controls: no EPT, no VPID
         }
         let secondary_allowed1 = rdmsr(MSR_VMX_PROCBASED_CTLS2) >> 32;
-        self.slat = secondary_allowed1 & (1 << 1) != 0;
+        let ept = secondary_allowed1 & (1 << 1) != 0;
         self.vpid = secondary_allowed1 & (1 << 5) != 0;
         self.unrestricted_guest = secondary_allowed1 & (1 << 7) != 0;
         if self.vpid {
             self.tlb_tags = 65535;
         }
-        if self.slat {
+        if ept {
             let cap = rdmsr(MSR_VMX_EPT_VPID_CAP);
-            self.ept_ad = cap & (1 << 21) != 0;
+            let has = |bits: u64| cap & bits == bits;
+            let invept = has(EPT_INVEPT) && cap & (EPT_INVEPT_SINGLE | EPT_INVEPT_ALL) != 0;
+            self.slat = has(EPT_WALK_LENGTH_4 | EPT_WRITE_BACK) && invept;
+            self.invept_single = self.slat && has(EPT_INVEPT_SINGLE);
+            self.ept_ad = self.slat && has(EPT_ACCESSED_DIRTY);
             self.pml = self.ept_ad && secondary_allowed1 & (1 << 17) != 0;
         }
     }
@@ -257,12 +277,16 @@ mod tests {
         }
     }
 
+    /// Bochs 2.7's corei7 EPT capabilities less the page sizes: 4-level
+    /// walk, WB, INVEPT both kinds, A/D flags.
+    const SKYLAKE_EPT_CAP: u64 = (1 << 6) | (1 << 14) | (1 << 20) | (1 << 21) | (1 << 25) | (1 << 26);
+
     fn skylake_msrs(index: u32) -> u64 {
         match index {
             MSR_VMX_BASIC => 1 << 55,
             MSR_VMX_PROCBASED_CTLS => (1u64 << 31) << 32,
             MSR_VMX_PROCBASED_CTLS2 => ((1u64 << 1) | (1 << 5) | (1 << 7) | (1 << 17)) << 32,
-            MSR_VMX_EPT_VPID_CAP => 1 << 21,
+            MSR_VMX_EPT_VPID_CAP => SKYLAKE_EPT_CAP,
             _ => 0,
         }
     }
@@ -273,7 +297,7 @@ mod tests {
         assert_eq!(r.vendor_str(), "GenuineIntel");
         assert_eq!((r.family, r.model, r.stepping), (6, 0x55, 4));
         assert!(r.vmx && r.slat && r.ept_ad && r.pml && r.vpid && r.unrestricted_guest);
-        assert!(r.vmx_true_controls);
+        assert!(r.vmx_true_controls && r.invept_single);
         assert_eq!(r.tlb_tags, 65535);
         assert_eq!(r.backend(), Backend::Vmx);
         assert_eq!(r.brand_str(), "Intel(R)");
@@ -289,10 +313,32 @@ mod tests {
     #[test]
     fn pml_needs_ept_ad() {
         let r = CpuReport::probe(skylake_x, |i| match i {
-            MSR_VMX_EPT_VPID_CAP => 0,
+            MSR_VMX_EPT_VPID_CAP => SKYLAKE_EPT_CAP & !EPT_ACCESSED_DIRTY,
             other => skylake_msrs(other),
         });
         assert!(r.slat && !r.ept_ad && !r.pml);
+    }
+
+    #[test]
+    fn ept_the_backend_cannot_use_is_no_slat() {
+        // Without any of these the EPTP the backend writes is invalid or
+        // stale translations could not be dropped: no backend, rather than
+        // a failed entry or a #UD at the first INVEPT.
+        for missing in [EPT_WALK_LENGTH_4, EPT_WRITE_BACK, EPT_INVEPT, EPT_INVEPT_SINGLE | EPT_INVEPT_ALL] {
+            let r = CpuReport::probe(skylake_x, |i| match i {
+                MSR_VMX_EPT_VPID_CAP => SKYLAKE_EPT_CAP & !missing,
+                other => skylake_msrs(other),
+            });
+            assert!(!r.slat && !r.ept_ad && !r.pml, "without {missing:#x}");
+            assert_eq!(r.backend(), Backend::None, "without {missing:#x}");
+        }
+        // All-context INVEPT alone will do.
+        let r = CpuReport::probe(skylake_x, |i| match i {
+            MSR_VMX_EPT_VPID_CAP => SKYLAKE_EPT_CAP & !EPT_INVEPT_SINGLE,
+            other => skylake_msrs(other),
+        });
+        assert!(r.slat && !r.invept_single && r.pml);
+        assert_eq!(r.backend(), Backend::Vmx);
     }
 
     #[test]

@@ -158,6 +158,8 @@ pub struct VmxVcpu {
     pml_pa: u64,
     proc2: u32,
     pml_supported: bool,
+    /// INVEPT type: 1 single-context (this EPTP only), 2 all-context.
+    invept_type: u64,
 }
 
 unsafe extern "C" {
@@ -269,6 +271,7 @@ impl VmxVcpu {
             pml_pa,
             proc2: 0,
             pml_supported: cpu.pml,
+            invept_type: if cpu.invept_single { 1 } else { 2 },
         };
         region_insn!("vmclear", &vmcs_pa, "VMCLEAR failed")?;
         vcpu.make_current()?;
@@ -456,11 +459,22 @@ impl VmxVcpu {
         memory::free_frames(self.pml_pa, 1);
     }
 
-    fn invept(&self) {
+    /// Drops the cached translations of this vCPU's EPT (or of all EPTs
+    /// where the processor has no single-context INVEPT).
+    fn invept(&self) -> Result<(), VmxError> {
         let descriptor: [u64; 2] = [self.eptp, 0];
-        // SAFETY: INVEPT type 1 (single-context) with a descriptor naming
-        // this vCPU's EPTP only drops cached translations.
-        unsafe { asm!("invept {t}, [{d}]", t = in(reg) 1u64, d = in(reg) &descriptor, options(nostack)) };
+        let (cf, zf): (u8, u8);
+        // SAFETY: the CPU report said INVEPT and this type exist (without
+        // them there is no EPT backend); the descriptor names this vCPU's
+        // EPTP, and either type only drops cached translations.
+        unsafe {
+            asm!(
+                "invept {t}, [{d}]", "setc {cf}", "setz {zf}",
+                t = in(reg) self.invept_type, d = in(reg) &descriptor, cf = out(reg_byte) cf, zf = out(reg_byte) zf,
+                options(nostack)
+            )
+        };
+        check(cf, zf, "INVEPT failed")
     }
 }
 
@@ -470,7 +484,11 @@ impl Vcpu for VmxVcpu {
             return VmExit::EntryFailed { code: 0, reason };
         }
         if self.flush_pending {
-            self.invept();
+            // Entering with stale translations would let the guest write
+            // pages dirty tracking believes protected or clean.
+            if let Err(VmxError::Instruction(reason)) = self.invept() {
+                return VmExit::EntryFailed { code: 0, reason };
+            }
             self.flush_pending = false;
         }
         // SAFETY: this vCPU's VMCS is current and fully set up; `regs` is a
