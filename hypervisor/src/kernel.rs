@@ -1,5 +1,6 @@
 //! Kernel start-up after either boot route, and the console loop.
 
+use alloc::format;
 use alloc::string::String;
 use core::fmt::Write;
 use core::sync::atomic::Ordering;
@@ -60,9 +61,21 @@ impl Host for Machine {
         self.vms.command(cmd)
     }
     fn migrate(&mut self, cmd: MigrateCommand) -> Result<Reply, String> {
+        // Two listeners on one port: smoltcp gives each connection to
+        // whichever comes first, so a migration could land in the bench.
+        if let (MigrateCommand::Listen(Some(port)), Some(net)) = (&cmd, &self.net) {
+            if net.bench_port() == Some(*port) {
+                return Err(format!("port {port} is taken by 'net bench listen'"));
+            }
+        }
         self.migrator.command(cmd, self.net.as_mut(), &mut self.vms)
     }
     fn net(&mut self, cmd: NetCommand) -> Result<Reply, String> {
+        if let NetCommand::BenchListen(port) = cmd {
+            if self.migrator.listen_port() == Some(port) {
+                return Err(format!("port {port} is the migration port ('migrate listen' moves it)"));
+            }
+        }
         match self.net.as_mut() {
             Some(net) => net.command(cmd),
             None => Err(String::from("no network card: this host has no e1000")),

@@ -326,6 +326,11 @@ impl Migrator {
         }
     }
 
+    /// The port incoming migrations are accepted on, if any.
+    pub fn listen_port(&self) -> Option<u16> {
+        self.listen_port
+    }
+
     /// Executes a `migrate` command.
     pub fn command(&mut self, cmd: MigrateCommand, net: Option<&mut Net>, vms: &mut Manager) -> Result<Reply, String> {
         match cmd {

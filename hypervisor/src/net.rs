@@ -15,7 +15,7 @@ use alloc::vec::Vec;
 use drivers::e1000::{Config as NicConfig, DEVICE_82540EM, E1000, VENDOR_INTEL};
 use drivers::pci::{self, Bar};
 use hypervisor::json::Obj;
-use hypervisor::netcmd::{NetCommand, Pattern};
+use hypervisor::netcmd::{ephemeral_port, NetCommand, Pattern};
 use hypervisor::shell::Reply;
 pub use smoltcp::iface::SocketHandle as TcpHandle;
 use smoltcp::iface::{Config, Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet};
@@ -320,6 +320,11 @@ impl Net {
         }
     }
 
+    /// The port `net bench listen` holds, if any.
+    pub fn bench_port(&self) -> Option<u16> {
+        self.listener.as_ref().map(|l| l.port)
+    }
+
     /// Whether an address is set (TCP needs one).
     pub fn has_ip(&self) -> bool {
         self.cidr.is_some()
@@ -331,7 +336,7 @@ impl Net {
         self.need_ip()?;
         let mut socket = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; rx]), tcp::SocketBuffer::new(vec![0; tx]));
         socket.set_nagle_enabled(false);
-        let local = 40000 + u16::try_from(clock::uptime_us() % 9000).unwrap_or(0);
+        let local = ephemeral_port(clock::uptime_us(), 0);
         let addr = IpAddress::Ipv4(Ipv4Address::new(ip[0], ip[1], ip[2], ip[3]));
         socket.connect(self.iface.context(), (addr, port), local).map_err(|e| format!("connect: {e}"))?;
         Ok(self.sockets.add(socket))
@@ -581,7 +586,7 @@ impl Net {
         let start = clock::uptime_us();
         // 20 s to connect and start, then at least 2 MB/s.
         let deadline = start + 20_000_000 + total / 2;
-        let local_port = 49152 + u16::try_from(start % 16000).unwrap_or(0);
+        let local_port = ephemeral_port(start, 0);
         let mut socket = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0; 64 * 1024]),
             tcp::SocketBuffer::new(vec![0; BULK_SEND_BUFFER]),
@@ -591,7 +596,8 @@ impl Net {
             .connect(self.iface.context(), (IpAddress::Ipv4(ip), port), local_port)
             .map_err(|e| format!("connect: {e}"))?;
         let handle = self.sockets.add(socket);
-        let mut sent = 0u64;
+        // Bytes handed to the socket, and those the receiver acknowledged.
+        let (mut sent, mut acked) = (0u64, 0u64);
         let mut established_at = 0u64;
         let mut retries = 0;
         let outcome = loop {
@@ -615,7 +621,7 @@ impl Net {
                     if t - start > 5_000_000 {
                         break Err(format!("connection to {ip}:{port} refused"));
                     }
-                    let lp = local_port.wrapping_add(retries);
+                    let lp = ephemeral_port(start, retries);
                     if socket.connect(self.iface.context(), (IpAddress::Ipv4(ip), port), lp).is_err() {
                         break Err(String::from("connect failed"));
                     }
@@ -623,8 +629,13 @@ impl Net {
                 }
                 // Our FIN acknowledged means every byte was: done, whether
                 // or not the receiver has sent its own FIN yet.
-                tcp::State::FinWait2 | tcp::State::Closed | tcp::State::TimeWait if sent == total => break Ok(()),
-                tcp::State::Closed => break Err(format!("connection reset after {sent} bytes")),
+                tcp::State::FinWait2 | tcp::State::TimeWait if sent == total => break Ok(()),
+                // Reset before our FIN was acknowledged: bytes handed to
+                // the socket may never have arrived (a reset empties its
+                // buffer, so what was acknowledged is counted as it goes).
+                tcp::State::Closed => {
+                    break Err(format!("connection reset after {acked} of {total} bytes were acknowledged"));
+                }
                 // A SYN nobody answers (no such host): smoltcp retries
                 // forever, and this loop held the console for the whole
                 // transfer's time budget (half an hour for 4 GiB).
@@ -634,6 +645,7 @@ impl Net {
                 tcp::State::Established if established_at == 0 => established_at = t,
                 _ => {}
             }
+            acked = sent.saturating_sub(socket.send_queue() as u64);
             while sent < total && socket.can_send() {
                 let n = usize::try_from(total - sent).unwrap_or(usize::MAX).min(self.pattern.max_chunk());
                 let chunk = self.pattern.slice(sent, n);

@@ -17,6 +17,21 @@ pub const MAX_PING: u32 = 100;
 /// Largest bench or blast transfer, MiB.
 pub const MAX_MIB: u32 = 4096;
 
+/// First port of the dynamic range (RFC 6335, 49152..=65535) that the local
+/// ends of outgoing connections take.
+pub const EPHEMERAL_FIRST: u16 = 49152;
+
+/// The local port of an outgoing connection's attempt `attempt` (a refused
+/// connection is tried again from the next port), spread by a clock
+/// reading `seed`: always in the dynamic range, however many attempts. The
+/// bench's retries once counted up past 65535 to port 0, which smoltcp
+/// refuses ("connect failed").
+pub fn ephemeral_port(seed: u64, attempt: u32) -> u16 {
+    let span = u64::from(u16::MAX - EPHEMERAL_FIRST) + 1;
+    let offset = seed.wrapping_add(u64::from(attempt)) % span;
+    EPHEMERAL_FIRST + u16::try_from(offset).unwrap_or(0)
+}
+
 /// A parsed network command.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NetCommand {
@@ -229,6 +244,19 @@ mod tests {
             Some((&"net", rest)) => parse_net(rest),
             _ => Err(String::from("?")),
         }
+    }
+
+    #[test]
+    fn ephemeral_ports_stay_in_the_dynamic_range_however_many_retries() {
+        for seed in [0, 15_999, 16_383, 1 << 40, u64::MAX] {
+            let ports: Vec<u16> = (0..70_000).map(|a| ephemeral_port(seed, a)).collect();
+            assert!(ports.iter().all(|&p| p >= EPHEMERAL_FIRST), "seed {seed}");
+            // Each retry takes another port than the one before.
+            assert!(ports.windows(2).all(|w| w[0] != w[1]), "seed {seed}");
+        }
+        assert_eq!(ephemeral_port(0, 0), 49152);
+        assert_eq!(ephemeral_port(16_383, 0), 65535);
+        assert_eq!(ephemeral_port(16_383, 1), 49152);
     }
 
     #[test]

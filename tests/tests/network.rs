@@ -88,10 +88,63 @@ fn lab_hosts_ping_each_other_and_the_bridge_learns_their_macs() {
     let e = a.console().json("net bench send 10.77.0.99 4096", Duration::from_secs(30)).unwrap();
     assert!(e["error"].as_str().unwrap_or("").contains("no answer from 10.77.0.99"), "{e}");
     assert!(start.elapsed() < Duration::from_secs(15), "{:?}", start.elapsed());
+    reset_before_the_last_bytes_fails_the_bench(&lab, &mut a);
+    // One port, one listener: smoltcp hands a connection to whichever
+    // socket listening on its port comes first, so a migration could have
+    // landed in the bench, or a bench in the migration.
+    let e = a.console().json("net bench listen 7070", REPLY).unwrap();
+    assert!(e["error"].as_str().unwrap_or("").contains("is the migration port"), "{e}");
+    ok(a.console(), "net bench listen 7100", REPLY);
+    let e = a.console().json("migrate listen 7100", REPLY).unwrap();
+    assert!(e["error"].as_str().unwrap_or("").contains("taken by 'net bench listen'"), "{e}");
+    assert_eq!(ok(a.console(), "migrate status", REPLY)["listening"], 7070);
     // An address that would have halted the kernel (smoltcp panics on it).
     let e = a.console().json("net ip 224.0.0.1/24", REPLY).unwrap();
     assert!(e["error"].as_str().unwrap_or("").contains("multicast"), "{e}");
     assert_eq!(ok(a.console(), "version", REPLY)["name"], "hypervisor");
+}
+
+/// A host-side receiver reads 7 of 8 MiB, then resets the connection. The
+/// sender has handed all 8 MiB to its socket by then (1 MiB of buffer), and
+/// took the reset, which empties the socket, for a finished transfer.
+fn reset_before_the_last_bytes_fails_the_bench(lab: &Lab, a: &mut Host) {
+    let receiver = r#"
+import socket, struct, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+# A small receive buffer: the kernel acknowledges little beyond what is read.
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+s.bind(("10.77.0.1", 5300))
+s.listen(1)
+print("listening", flush=True)
+c, _ = s.accept()
+got = 0
+while got < 7 << 20:
+    d = c.recv(65536)
+    if not d:
+        break
+    got += len(d)
+time.sleep(0.5)
+c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+c.close()
+print("reset after", got, flush=True)
+"#;
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", lab.ns(), "python3", "-c", receiver])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("host-side receiver");
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "listening");
+    let e = a.console().json(&format!("net bench send {} 8 5300", lab::MGMT_IP), BENCH).unwrap();
+    let status = child.wait().unwrap();
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert!(status.success() && line.starts_with("reset after"), "receiver: {status} {line}");
+    assert_eq!(e["ok"], false, "a reset transfer was reported done: {e}");
+    assert!(e["error"].as_str().unwrap_or("").contains("connection reset after"), "{e}");
 }
 
 #[test]
