@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(qemu-system-x86 ovmf bochs bochsbios vgabios grub-pc-bin grub-common xorriso mtools iproute2 iputils-ping)
+packages=(qemu-system-x86 ovmf bochs bochsbios vgabios grub-pc-bin grub-common xorriso mtools iproute2 iputils-ping python3)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
