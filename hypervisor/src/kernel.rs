@@ -58,6 +58,11 @@ impl Host for Machine {
         self.cpu_time
     }
     fn vm(&mut self, cmd: VmCommand) -> Result<Reply, String> {
+        if let (VmCommand::Verify(name), true) = (&cmd, self.migrator.busy()) {
+            // The check runs the guest for up to a minute without polling
+            // the network: a migration's link would time out meanwhile.
+            return Err(format!("a migration is running; verify '{name}' after it"));
+        }
         self.vms.command(cmd)
     }
     fn migrate(&mut self, cmd: MigrateCommand) -> Result<Reply, String> {

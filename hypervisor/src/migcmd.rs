@@ -58,6 +58,10 @@ pub enum MigrateCommand {
     Cancel,
     /// `migrate listen [port|off]`
     Listen(Option<u16>),
+    /// `migrate lose-resumed` (hidden test hook): the next incoming
+    /// migration runs the VM here but never tells the source, as if its
+    /// `Resumed` record were lost, so the source ends in doubt.
+    LoseResumed,
 }
 
 /// Usage lines for `help`.
@@ -83,6 +87,7 @@ pub fn parse(args: &[&str]) -> Result<MigrateCommand, String> {
     match args {
         ["status"] => return Ok(MigrateCommand::Status),
         ["cancel"] => return Ok(MigrateCommand::Cancel),
+        ["lose-resumed"] => return Ok(MigrateCommand::LoseResumed),
         ["listen"] => return Ok(MigrateCommand::Listen(Some(MIGRATION_PORT))),
         ["listen", "off"] => return Ok(MigrateCommand::Listen(None)),
         ["listen", p] => {
@@ -251,6 +256,7 @@ mod tests {
         assert_eq!(p("listen"), Ok(MigrateCommand::Listen(Some(MIGRATION_PORT))));
         assert_eq!(p("listen off"), Ok(MigrateCommand::Listen(None)));
         assert_eq!(p("listen 9000"), Ok(MigrateCommand::Listen(Some(9000))));
+        assert_eq!(p("lose-resumed"), Ok(MigrateCommand::LoseResumed));
     }
 
     #[test]

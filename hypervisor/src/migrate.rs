@@ -259,6 +259,9 @@ struct Incoming {
     last_heard_us: u64,
     /// The VM was paused on the source and stays paused here.
     arrive_paused: bool,
+    /// Test hook (`migrate lose-resumed`): what the destination sends
+    /// after the VM resumed here is dropped.
+    lose_resumed: bool,
 }
 
 /// Migration state of this host.
@@ -272,6 +275,8 @@ pub struct Migrator {
     last: Option<Obj>,
     /// Sockets closing after a migration ended.
     closing: Vec<(TcpHandle, u64)>,
+    /// The next incoming migration loses its `Resumed` (test hook).
+    lose_next_resumed: bool,
 }
 
 fn report_obj(vm: &str, peer: &str, r: &Report) -> Obj {
@@ -312,6 +317,7 @@ impl Migrator {
             inc: None,
             last: None,
             closing: Vec::new(),
+            lose_next_resumed: false,
         }
     }
 
@@ -324,6 +330,11 @@ impl Migrator {
             (None, Some(_)) => Some(hypervisor::migcmd::DEFAULT_SHARE),
             (None, None) => None,
         }
+    }
+
+    /// Whether a migration runs, out of or into this host.
+    pub fn busy(&self) -> bool {
+        self.out.is_some() || self.inc.is_some()
     }
 
     /// The port incoming migrations are accepted on, if any.
@@ -342,6 +353,10 @@ impl Migrator {
                 }
                 None => Err(String::from("no outgoing migration to cancel")),
             },
+            MigrateCommand::LoseResumed => {
+                self.lose_next_resumed = true;
+                Ok(Reply::data(Obj::new().with("lose_next_resumed", true)))
+            }
             MigrateCommand::Listen(port) => {
                 if let (Some(net), Some(h)) = (net, self.listener.take()) {
                     net.tcp_remove(h);
@@ -601,6 +616,7 @@ impl Migrator {
                             vm: None,
                             last_heard_us: now,
                             arrive_paused: false,
+                            lose_resumed: core::mem::take(&mut self.lose_next_resumed),
                         });
                         self.listener = None;
                     }
@@ -637,7 +653,11 @@ impl Migrator {
         while let Some(action) = i.dest.poll() {
             busy = true;
             match action {
-                DestAction::Send(bytes) => i.pending.push(bytes),
+                DestAction::Send(bytes) => {
+                    if !(i.lose_resumed && i.dest.state() == DestState::Resumed) {
+                        i.pending.push(bytes);
+                    }
+                }
                 DestAction::CreateVm(cfg) => match vms.create_incoming(&cfg.name, cfg.mem_bytes) {
                     Ok(()) => i.vm = Some(cfg.name),
                     Err(e) => {

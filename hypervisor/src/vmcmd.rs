@@ -96,8 +96,9 @@ pub enum VmCommand {
     Start(String),
     /// `vm pause <name>`
     Pause(String),
-    /// `vm resume <name>`
-    Resume(String),
+    /// `vm resume <name> [force]` (`force`: also a VM in doubt after a
+    /// migration, once the operator knows the destination does not run it)
+    Resume(String, bool),
     /// `vm stop <name>`
     Stop(String),
     /// `vm destroy <name>`
@@ -123,6 +124,7 @@ pub enum VmCommand {
 pub const USAGE: &[(&str, &str)] = &[
     ("vm create <name> mem=<MiB> [workload=idle|sweep|random|hot:<pages>] [rate=<pages/s>]", "create a VM"),
     ("vm start|pause|resume|stop|destroy <name>", "VM lifecycle"),
+    ("vm resume <name> force", "resume a VM in doubt after a migration (only if the peer does not run it)"),
     ("vm list", "all VMs"),
     ("vm info <name>", "state, memory, ticks, exits, dirty mode"),
     ("vm dirty <name> [dbit|wp|pml|off]", "harvest dirty pages now (and pick the mechanism)"),
@@ -158,7 +160,11 @@ pub fn parse(args: &[&str]) -> Result<VmCommand, String> {
         "create" => parse_create(rest),
         "start" => one(VmCommand::Start),
         "pause" => one(VmCommand::Pause),
-        "resume" => one(VmCommand::Resume),
+        "resume" => match rest {
+            [n] => Ok(VmCommand::Resume(name(Some(n))?, false)),
+            [n, "force"] => Ok(VmCommand::Resume(name(Some(n))?, true)),
+            _ => Err(String::from("usage: vm resume <name> [force]")),
+        },
         "stop" => one(VmCommand::Stop),
         "destroy" => one(VmCommand::Destroy),
         "info" => one(VmCommand::Info),
@@ -272,6 +278,9 @@ mod tests {
         assert_eq!(p("dirty a wp"), Ok(VmCommand::Dirty("a".into(), Some(DirtyMode::Wp))));
         assert_eq!(p("dirty a"), Ok(VmCommand::Dirty("a".into(), None)));
         assert!(p("dirty a xyz").unwrap_err().contains("bad dirty mode"));
+        assert_eq!(p("resume a"), Ok(VmCommand::Resume("a".into(), false)));
+        assert_eq!(p("resume a force"), Ok(VmCommand::Resume("a".into(), true)));
+        assert!(p("resume a now").unwrap_err().contains("usage: vm resume <name> [force]"));
         assert!(p("start a b").unwrap_err().contains("just a VM name"));
         assert!(p("start").unwrap_err().contains("missing VM name"));
         assert!(p("list x").is_err());

@@ -256,6 +256,10 @@ fn cutting_the_link_mid_round_leaves_the_vm_on_the_source() {
         assert!(start.elapsed() < Duration::from_secs(60), "no round 1 after a minute: {s}");
         std::thread::sleep(Duration::from_millis(200));
     }
+    // Verify runs a guest for up to a minute without polling the network,
+    // which would let this migration's link time out.
+    let e = a.console().json("vm verify i", REPLY).unwrap();
+    assert!(e["error"].as_str().unwrap_or("").contains("a migration is running"), "{e}");
     lab.ip(&["link", "set", "tap2", "down"]).unwrap(); // B's port on the switch
     let s = wait_end(a.console(), Duration::from_secs(60));
     println!("after the cut: {s}");
@@ -284,4 +288,28 @@ fn cutting_the_link_mid_round_leaves_the_vm_on_the_source() {
     assert!(ticks(b.console(), "i") > t, "the idle VM does not tick on B");
     assert_eq!(a.console().json("vm info i", REPLY).unwrap()["error"], "no VM named 'i'");
     assert_eq!(ok(a.console(), "vm info m")["state"], "running");
+    // A lost `Resumed`: B runs the VM, A never hears so. A keeps its copy
+    // paused and in doubt, and neither `vm resume` nor another migration
+    // may run it without the operator saying so (both made a second
+    // running copy: the second migration's failure also cleared the doubt).
+    ok(b.console(), "migrate lose-resumed");
+    ok(a.console(), "migrate m 10.77.0.12");
+    let r = wait_end(a.console(), Duration::from_secs(120));
+    assert_eq!(r["stage"], "in_doubt", "{r}");
+    let info = ok(a.console(), "vm info m");
+    assert_eq!((info["state"].as_str(), info["in_doubt"].as_bool()), (Some("paused"), Some(true)), "{info}");
+    assert_eq!(ok(b.console(), "vm info m")["state"], "running");
+    let e = a.console().json("vm resume m", REPLY).unwrap();
+    assert!(e["error"].as_str().unwrap_or("").contains("in doubt after a migration"), "{e}");
+    let e = a.console().json("migrate m 10.77.0.12", REPLY).unwrap();
+    assert!(e["error"].as_str().unwrap_or("").contains("in doubt after a migration"), "{e}");
+    assert_eq!(ok(a.console(), "vm info m")["in_doubt"], true);
+    // The operator finds it does not run on B (destroyed there), and
+    // resumes A's copy.
+    ok(b.console(), "vm destroy m");
+    assert_eq!(ok(a.console(), "vm resume m force")["state"], "running");
+    assert_eq!(ok(a.console(), "vm info m")["in_doubt"], false);
+    let t = ticks(a.console(), "m");
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(ticks(a.console(), "m") > t, "the resumed VM does not tick on A");
 }

@@ -256,6 +256,13 @@ impl Manager {
         if vm.migrating {
             return Err(format!("VM '{name}' is already being migrated"));
         }
+        if vm.in_doubt {
+            // Its last migration may have moved it already: another would
+            // make a second copy, and its failure would clear the doubt.
+            return Err(format!(
+                "VM '{name}' is in doubt after a migration; 'vm destroy' or 'vm resume {name} force' it first"
+            ));
+        }
         if !matches!(vm.state, VmState::Running | VmState::Paused) {
             return Err(format!("VM '{name}' is {}; only a started VM can migrate", vm.state.name()));
         }
@@ -393,7 +400,19 @@ impl Manager {
             VmCommand::Create { name, mem_mib, workload, rate } => self.create(name, mem_mib, workload, rate),
             VmCommand::Start(n) => self.find(&n)?.transition("start"),
             VmCommand::Pause(n) => self.find(&n)?.transition("pause"),
-            VmCommand::Resume(n) => self.find(&n)?.transition("resume"),
+            VmCommand::Resume(n, force) => {
+                let vm = self.find(&n)?;
+                if vm.in_doubt && !force {
+                    // A lost `Resumed`: the destination may run it already.
+                    return Err(format!(
+                        "VM '{n}' is in doubt after a migration: the destination may be running it. Check there, \
+                         then 'vm destroy {n}' here, or 'vm resume {n} force' if it does not run there"
+                    ));
+                }
+                let reply = vm.transition("resume")?;
+                vm.in_doubt = false;
+                Ok(reply)
+            }
             VmCommand::Stop(n) => self.find(&n)?.transition("stop"),
             VmCommand::Destroy(n) => {
                 let i = self.vms.iter().position(|vm| vm.name == n).ok_or_else(|| format!("no VM named '{n}'"))?;
