@@ -259,7 +259,10 @@ impl VmxVcpu {
     /// A vCPU in 64-bit mode at `rip`, on the EPT `eptp`, tagged `vpid`.
     pub fn new(cpu: &CpuReport, vpid: u16, eptp: u64, rip: u64, rsp: u64, cr3: u64) -> Result<Self, VmxError> {
         let vmcs_pa = memory::alloc_zeroed(1).ok_or(VmxError::OutOfMemory)?;
-        let pml_pa = memory::alloc_zeroed(1).ok_or(VmxError::OutOfMemory)?;
+        let Some(pml_pa) = memory::alloc_zeroed(1) else {
+            memory::free_frames(vmcs_pa, 1);
+            return Err(VmxError::OutOfMemory);
+        };
         // SAFETY: the VMCS frame is fresh; its first word takes the revision.
         unsafe { memory::phys_to_virt(vmcs_pa).cast::<u32>().write(revision()) };
         let mut vcpu = VmxVcpu {
@@ -273,10 +276,18 @@ impl VmxVcpu {
             pml_supported: cpu.pml,
             invept_type: if cpu.invept_single { 1 } else { 2 },
         };
-        region_insn!("vmclear", &vmcs_pa, "VMCLEAR failed")?;
-        vcpu.make_current()?;
-        vcpu.setup(cpu, vpid, rip, rsp, cr3)?;
-        Ok(vcpu)
+        let ready = region_insn!("vmclear", &vmcs_pa, "VMCLEAR failed")
+            .and_then(|()| vcpu.make_current())
+            .and_then(|()| vcpu.setup(cpu, vpid, rip, rsp, cr3));
+        match ready {
+            Ok(()) => Ok(vcpu),
+            Err(e) => {
+                // A control this processor refuses failed every `vm create`
+                // and leaked both frames each time.
+                vcpu.destroy();
+                Err(e)
+            }
+        }
     }
 
     fn make_current(&self) -> Result<(), VmxError> {
