@@ -407,6 +407,7 @@ impl Sim {
         self.failure();
         assert!(self.src_running && !self.dst_running);
         assert_eq!(self.guest.throttle, 0);
+        assert_eq!(self.src.status().throttle, 0, "status shows the throttle taken back");
         assert_eq!(self.dst.state(), if self.dst_created { DestState::Failed } else { self.dst.state() });
         assert_eq!(self.dst_destroyed, self.dst_created, "skeleton destroyed iff created");
     }

@@ -327,6 +327,8 @@ pub struct Source {
     // Time.
     start_us: Option<u64>,
     last_progress_us: Option<u64>,
+    /// The transport carried some of the backlog since the last tick.
+    backlog_drained: bool,
     paused_at_us: u64,
     next_send_us: u64,
     round_start_us: Option<u64>,
@@ -376,6 +378,7 @@ impl Source {
             device_state: Vec::new(),
             start_us: None,
             last_progress_us: None,
+            backlog_drained: false,
             paused_at_us: 0,
             next_send_us: 0,
             round_start_us: None,
@@ -439,6 +442,7 @@ impl Source {
         }
         if self.throttle > 0 {
             self.out.push_back(SourceAction::SetThrottle(0));
+            self.throttle = 0;
         }
         if self.pause_requested {
             self.out.push_back(SourceAction::ResumeVm);
@@ -634,6 +638,7 @@ impl Source {
     /// still holds (queued, or sent and not acknowledged). Call before
     /// each poll; see the module docs on bandwidth.
     pub fn set_backlog(&mut self, bytes: u64) {
+        self.backlog_drained |= bytes < self.backlog;
         self.backlog = bytes;
     }
 
@@ -641,6 +646,11 @@ impl Source {
     pub fn on_tick(&mut self, now_us: u64) {
         if self.terminal() {
             return;
+        }
+        // Bytes the peer acknowledged are progress too: a round end and
+        // the wait for Ready hand out nothing while the transport drains.
+        if core::mem::take(&mut self.backlog_drained) {
+            self.progress(now_us);
         }
         let since = *self.last_progress_us.get_or_insert(now_us);
         if now_us.saturating_sub(since) >= PROGRESS_TIMEOUT_US {
@@ -1083,6 +1093,30 @@ mod tests {
         let a = drain(&mut s, &mem, 5 + PROGRESS_TIMEOUT_US);
         assert!(matches!(&sent(&a)[..], [Record::Cancel { .. }]));
         assert!(failed(&a).contains("no progress"));
+    }
+
+    #[test]
+    fn a_slow_link_draining_its_backlog_is_progress() {
+        // A round end waits for the transport to carry what was handed
+        // out; on a slow link that takes longer than the timeout.
+        let mem = VecMemory::new(300);
+        let mut s = Source::new(SourceConfig::default(), hello(300));
+        drain(&mut s, &mem, 0);
+        s.on_bytes(&Record::Accept.encode().unwrap(), 10);
+        s.set_backlog(1 << 20);
+        drain(&mut s, &mem, 20);
+        let mut now = 20;
+        for left in (1..=10u64).rev() {
+            now += PROGRESS_TIMEOUT_US / 2;
+            s.set_backlog(ROUND_END_BACKLOG + left * 4096);
+            s.on_tick(now);
+            assert!(drain(&mut s, &mem, now).is_empty(), "failed with {left} pages still draining");
+        }
+        // A backlog that stays put is no progress.
+        now += PROGRESS_TIMEOUT_US;
+        s.set_backlog(ROUND_END_BACKLOG + 4096);
+        s.on_tick(now);
+        assert!(failed(&drain(&mut s, &mem, now)).contains("no progress"));
     }
 
     #[test]
