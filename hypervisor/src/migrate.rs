@@ -24,7 +24,7 @@ use migration::{GuestMemory as MigMemory, PAGE_SIZE, PROTOCOL_VERSION};
 
 use crate::arch::clock;
 use crate::arch::guest_memory::GuestMemory;
-use crate::net::{Net, TcpHandle, TcpState, BULK_RECEIVE_BUFFER, BULK_SEND_BUFFER};
+use crate::net::{Net, TcpHandle, TcpState, BULK_RECEIVE_BUFFER, BULK_SEND_BUFFER, MAX_CLOSING};
 use crate::vm::Manager;
 
 /// Buffer for the direction of a migration socket that carries only
@@ -277,6 +277,17 @@ pub struct Migrator {
     closing: Vec<(TcpHandle, u64)>,
     /// The next incoming migration loses its `Resumed` (test hook).
     lose_next_resumed: bool,
+}
+
+/// Closes `socket` and keeps it for up to 2 s so its last bytes and FIN
+/// go out; beyond [`MAX_CLOSING`] such sockets the oldest is reset.
+fn close_later(closing: &mut Vec<(TcpHandle, u64)>, net: &mut Net, socket: TcpHandle, now: u64) {
+    net.tcp_close(socket);
+    if closing.len() >= MAX_CLOSING {
+        let (oldest, _) = closing.remove(0);
+        net.tcp_remove(oldest);
+    }
+    closing.push((socket, now + 2_000_000));
 }
 
 fn report_obj(vm: &str, peer: &str, r: &Report) -> Obj {
@@ -576,8 +587,7 @@ impl Migrator {
         }
         if let Some(obj) = ended {
             let socket = o.socket;
-            net.tcp_close(socket);
-            self.closing.push((socket, now + 2_000_000));
+            close_later(&mut self.closing, net, socket, now);
             self.out = None;
             self.last = Some(obj);
         }
@@ -701,8 +711,7 @@ impl Migrator {
         }
         if ended && (i.pending.is_empty() || matches!(state, TcpState::Closed | TcpState::CloseWait)) {
             let socket = i.socket;
-            net.tcp_close(socket);
-            self.closing.push((socket, now + 2_000_000));
+            close_later(&mut self.closing, net, socket, now);
             self.inc = None;
         }
         busy

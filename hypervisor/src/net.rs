@@ -48,6 +48,12 @@ const INGRESS_BURSTS: usize = 16;
 /// times larger and read on every poll, so its window never closes.
 pub const BULK_SEND_BUFFER: usize = 1 << 20;
 pub const BULK_RECEIVE_BUFFER: usize = 4 * BULK_SEND_BUFFER;
+/// Most finished connections one listener keeps closing at once. Each
+/// holds its socket's buffers (4 MiB to receive) until its FIN is out or
+/// 2 s pass, and the listener opens anew for the next client at once: a
+/// client connecting and hanging up in a loop filled the heap, and a
+/// failed allocation halts the kernel. The oldest is reset beyond this.
+pub const MAX_CLOSING: usize = 2;
 const ICMP_IDENT: u16 = 0x4856;
 /// `net bench send` gives up on a peer that has not answered its SYN by then.
 const CONNECT_TIMEOUT_US: u64 = 5_000_000;
@@ -305,6 +311,10 @@ impl Net {
                 self.sockets.remove(old.handle);
             } else {
                 s.close();
+                if self.closing.len() >= MAX_CLOSING {
+                    let (oldest, _) = self.closing.remove(0);
+                    self.tcp_remove(oldest);
+                }
                 self.closing.push((old.handle, clock::uptime_us() + 2_000_000));
             }
         }

@@ -189,6 +189,29 @@ print("sent")
 "#;
     let out = lab.exec(&["python3", "-c", client]).expect("garbage client");
     assert!(String::from_utf8_lossy(&out.stdout).contains("sent"), "{out:?}");
+    // A flood of clients that send garbage and stay connected without
+    // reading: each of B's failed connections waits out its FIN with a
+    // 4 MiB buffer while the port opens anew. They filled B's heap until a
+    // failed allocation halted it.
+    let flood = r#"
+import socket, time
+held, t0 = [], time.time()
+while time.time() - t0 < 4:
+    try:
+        s = socket.create_connection(("10.77.0.12", 7070), timeout=2)
+        s.sendall(b"garbage garbage!")
+        held.append(s)
+    except OSError:
+        time.sleep(0.005)
+print("held", len(held))
+"#;
+    let out = lab.exec(&["python3", "-c", flood]).expect("flooding client");
+    let held: u32 = String::from_utf8_lossy(&out.stdout).trim().trim_start_matches("held ").parse().unwrap_or(0);
+    println!("flood: {held} connections in 4 s");
+    assert!(held >= 20, "too few connections to load B: {out:?}");
+    assert_eq!(ok(b.console(), "version")["name"], "hypervisor");
+    let heap = ok(b.console(), "mem")["heap_used_bytes"].as_u64().unwrap();
+    assert!(heap < 32 << 20, "B's heap after the flood: {heap}");
     assert_eq!(ok(b.console(), "vm list")["vms"], serde_json::json!([]), "a skeleton was left behind");
     assert_eq!(ok(b.console(), "version")["name"], "hypervisor");
     std::thread::sleep(Duration::from_secs(1));
