@@ -76,6 +76,14 @@ impl Host for Machine {
         self.migrator.command(cmd, self.net.as_mut(), &mut self.vms)
     }
     fn net(&mut self, cmd: NetCommand) -> Result<Reply, String> {
+        if matches!(cmd, NetCommand::Ping(..) | NetCommand::BenchSend(..) | NetCommand::Blast(..))
+            && self.migrator.busy()
+        {
+            // These run their own loop until done (a ping to a silent host
+            // waits 2 s per request, a bench up to minutes): the migration
+            // and every VM would stand still, and the peer give up on it.
+            return Err(String::from("a migration is running; this command waits for it to end"));
+        }
         if let NetCommand::BenchListen(port) = cmd {
             if self.migrator.listen_port() == Some(port) {
                 return Err(format!("port {port} is the migration port ('migrate listen' moves it)"));

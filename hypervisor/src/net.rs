@@ -689,12 +689,14 @@ impl Net {
         let per_frame = mtu as u64;
         let frames = total.div_ceil(per_frame);
         let start = clock::uptime_us();
-        let deadline = start + 60_000_000;
         let mut sent = 0u64;
         while sent < frames {
             frame[14..22].copy_from_slice(&sent.to_le_bytes());
+            // Stuck is a ring that takes nothing for 5 s; a deadline over
+            // the whole transfer failed a long blast on a slow link.
+            let full_since = clock::uptime_us();
             while !self.nic.send_raw(&frame) {
-                if clock::uptime_us() > deadline {
+                if clock::uptime_us() - full_since > 5_000_000 {
                     return Err(format!("transmit ring stuck after {sent} frames"));
                 }
                 core::hint::spin_loop();

@@ -119,9 +119,13 @@ fn failures_before_switchover_leave_the_vm_running_on_the_source() {
     assert!(e["error"].as_str().unwrap_or("").contains("still arriving by migration"), "{e}");
     // On A, commands that would take the migration's dirty pages or run
     // the guest outside it are refused.
-    for cmd in ["vm dirty m", "vm dirty m wp", "vm verify m"] {
+    for (cmd, why) in [
+        ("vm dirty m", "being migrated"),
+        ("vm dirty m wp", "being migrated"),
+        ("vm verify m", "a migration is running"),
+    ] {
         let e = a.console().json(cmd, REPLY).unwrap();
-        assert!(e["error"].as_str().unwrap_or("").contains("being migrated"), "{cmd}: {e}");
+        assert!(e["error"].as_str().unwrap_or("").contains(why), "{cmd}: {e}");
     }
     ok(a.console(), "migrate cancel");
     let s = wait_end(a.console(), Duration::from_secs(60));
@@ -283,6 +287,12 @@ fn cutting_the_link_mid_round_leaves_the_vm_on_the_source() {
     // which would let this migration's link time out.
     let e = a.console().json("vm verify i", REPLY).unwrap();
     assert!(e["error"].as_str().unwrap_or("").contains("a migration is running"), "{e}");
+    // So would a ping to a silent host (2 s a request), a bench or a blast,
+    // on either end.
+    for (host, cmd) in [(&mut a, "ping 10.77.0.99 100"), (&mut b, "net bench send 10.77.0.11 64")] {
+        let e = host.console().json(cmd, REPLY).unwrap();
+        assert!(e["error"].as_str().unwrap_or("").contains("a migration is running"), "{cmd}: {e}");
+    }
     lab.ip(&["link", "set", "tap2", "down"]).unwrap(); // B's port on the switch
     let s = wait_end(a.console(), Duration::from_secs(60));
     println!("after the cut: {s}");
