@@ -9,8 +9,8 @@ use vmx::cpu::{Backend, CpuReport};
 
 use crate::guest::{Workload, MAX_MEM_MIB, MIN_MEM_MIB};
 
-/// Longest VM name.
-pub const MAX_NAME: usize = 32;
+/// Longest VM name (the migration protocol's limit).
+pub use migration::record::MAX_NAME;
 /// Highest accepted `rate=` (page writes per second).
 pub const MAX_RATE: u64 = 10_000_000;
 
@@ -136,7 +136,7 @@ pub const USAGE: &[(&str, &str)] = &[
 /// '_'.
 pub(crate) fn name(s: Option<&&str>) -> Result<String, String> {
     let s = s.ok_or("missing VM name")?;
-    if s.is_empty() || s.len() > MAX_NAME || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+    if !migration::record::is_vm_name(s) {
         return Err(format!("bad VM name '{s}': 1-{MAX_NAME} letters, digits, '-' or '_'"));
     }
     Ok(s.to_string())

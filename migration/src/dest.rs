@@ -23,7 +23,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use crate::delta;
-use crate::record::{clip_reason, Hello, PageBatchView, PageDataRef, Record, RoundEnd, VmConfig};
+use crate::record::{clip_reason, is_vm_name, Hello, PageBatchView, PageDataRef, Record, RoundEnd, VmConfig, MAX_NAME};
 use crate::wire::{FrameDecoder, RecordType, WireError};
 use crate::{GuestMemory, PAGE_SIZE, PROTOCOL_VERSION};
 
@@ -297,6 +297,11 @@ impl Destination {
         if vm.vcpus == 0 || vm.vcpus > MAX_VCPUS {
             return Some(format!("{} vCPUs unsupported", vm.vcpus));
         }
+        if !is_vm_name(&vm.name) {
+            // Not echoed: it could carry terminal escapes. Such a VM could
+            // not be named on this host's console, so never destroyed.
+            return Some(format!("VM name of {} bytes is not 1-{MAX_NAME} letters, digits, '-' or '_'", vm.name.len()));
+        }
         None
     }
 
@@ -494,13 +499,16 @@ mod tests {
     #[test]
     fn hello_is_checked_against_this_host() {
         type Spoil = fn(&mut Hello);
-        let cases: [(Spoil, &str); 6] = [
+        let cases: [(Spoil, &str); 9] = [
             (|h| h.cpu_vendor = *b"GenuineIntel", "vendor mismatch"),
             (|h| h.features = 0b1000, "features 0x8"),
             (|h| h.vm.mem_bytes = 2 << 20, "bytes of memory"),
             (|h| h.vm.page_size = 2 << 20, "page size"),
             (|h| h.vm.mem_bytes = 4097, "whole number of pages"),
             (|h| h.vm.vcpus = 0, "vCPUs"),
+            (|h| h.vm.name = String::new(), "VM name of 0 bytes"),
+            (|h| h.vm.name = "a b".into(), "VM name of 3 bytes"),
+            (|h| h.vm.name = "x\u{1b}[2J".into(), "VM name of 5 bytes"),
         ];
         for (spoil, needle) in cases {
             let mut h = hello();

@@ -5,7 +5,8 @@
 //! ```text
 //! Hello        protocol_version u16 | cpu_vendor [u8; 12] | features u64
 //!              | mem_bytes u64 | vcpus u32 | page_size u32
-//!              | name_len u8 (<= 32) | name [u8; name_len] (UTF-8)
+//!              | name_len u8 (<= 32) | name [u8; name_len] (UTF-8; a
+//!              destination refuses any but 1-32 ASCII letters, digits, - or _)
 //! Accept, Ready, Commit, Resumed
 //!              empty
 //! Reject, Cancel, Error
@@ -38,6 +39,14 @@ use crate::{copy_page_hashed, crc, page_hash, PAGE_SIZE};
 
 /// Longest VM name, in bytes.
 pub const MAX_NAME: usize = 32;
+
+/// Whether `name` is a VM name hosts accept: 1 to [`MAX_NAME`] ASCII
+/// letters, digits, '-' or '_' (what a console can type and show).
+pub fn is_vm_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
 /// Longest reason in Reject, Cancel and Error, in bytes.
 pub const MAX_REASON: usize = REASON_MAX as usize;
 /// Most pages in one batch.
