@@ -40,6 +40,20 @@ pub const MIN_MEM_MIB: u64 = 16;
 /// See [`MIN_MEM_MIB`].
 pub const MAX_MEM_MIB: u64 = 4096;
 
+/// Host memory a VM of `bytes` needs besides its RAM once dirty tracking
+/// splits its 2 MiB mappings into 4 KiB tables: 8 bytes per page plus the
+/// upper levels.
+pub fn table_bytes(bytes: u64) -> u64 {
+    bytes / 256
+}
+
+/// The largest guest memory, in whole 2 MiB, whose RAM and split tables
+/// fit in `avail` bytes: what a destination with `avail` to spare accepts.
+pub fn largest_guest(avail: u64) -> u64 {
+    let fits = u128::from(avail) * 256 / 257;
+    u64::try_from(fits).unwrap_or(u64::MAX) & !((2 << 20) - 1)
+}
+
 /// Config fields (byte offsets in the config page), written by the
 /// hypervisor.
 pub mod cfg {
@@ -216,6 +230,17 @@ pub fn pd_entry(n: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn largest_guest_is_the_largest_that_fits_with_its_tables() {
+        for avail in [0, 1 << 20, 2 << 20, (2 << 20) + (8 << 10), 100 << 20, (4 << 30) + (16 << 20), u64::MAX / 2] {
+            let m = largest_guest(avail);
+            assert_eq!(m % (2 << 20), 0, "{avail}");
+            assert!(m + table_bytes(m) <= avail, "{avail}: {m} does not fit");
+            let next = m + (2 << 20);
+            assert!(next + table_bytes(next) > avail, "{avail}: {next} would fit too");
+        }
+    }
 
     #[test]
     fn layout_leaves_room_for_the_generation_table() {

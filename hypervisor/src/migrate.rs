@@ -618,9 +618,8 @@ impl Migrator {
                     // read as lost). Left waiting, such a socket kept the
                     // port from listening.
                     _ => {
-                        let free = crate::arch::memory::free_bytes().saturating_sub(16 << 20);
                         self.inc = Some(Incoming {
-                            dest: Destination::new(self.vendor, 0, free),
+                            dest: Destination::new(self.vendor, 0, vms.largest_incoming()),
                             socket: h,
                             pending: Queue::default(),
                             vm: None,

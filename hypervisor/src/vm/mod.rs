@@ -171,6 +171,10 @@ struct Vm {
     state: VmState,
     exits: BTreeMap<&'static str, u64>,
     dirty_mode: DirtyMode,
+    /// Its 2 MiB mappings were split into 4 KiB tables (the first dirty
+    /// tracking does it); until then [`guest::table_bytes`] of host memory
+    /// stay promised to it.
+    tables_split: bool,
     /// The guest's generation table at the last harvest.
     gen_snapshot: Option<Vec<u32>>,
     /// Pages the PML log reported since the last harvest (PML-full exits
@@ -377,6 +381,19 @@ impl Manager {
         Ok(())
     }
 
+    /// Host memory promised to the page tables of VMs not yet split.
+    fn promised_table_bytes(&self) -> u64 {
+        self.vms.iter().filter(|vm| !vm.tables_split).map(|vm| guest::table_bytes(vm.layout.mem_bytes)).sum()
+    }
+
+    /// The largest VM an incoming migration may bring: what `create_incoming`
+    /// would build now (the destination refuses a larger one at its Hello,
+    /// before the source sends anything).
+    pub fn largest_incoming(&self) -> u64 {
+        let promised = self.promised_table_bytes();
+        guest::largest_guest(memory::free_bytes().saturating_sub(promised + HOST_RESERVE))
+    }
+
     /// Destroys an incoming skeleton (failed migration).
     pub fn destroy_incoming(&mut self, name: &str) {
         if let Some(i) = self.vms.iter().position(|vm| vm.name == name && vm.state == VmState::Incoming) {
@@ -525,15 +542,19 @@ impl Manager {
             }
         }
         let bytes = mem_mib << 20;
-        // Guest memory, 4 KiB tables after splitting (8 bytes per page plus
-        // upper levels), and the host's own reserve.
-        let needed = bytes + bytes / 256 + HOST_RESERVE;
+        // Guest memory, its 4 KiB tables after splitting, the tables other
+        // VMs will take when tracking first splits theirs (a create once
+        // took those frames, and tracking or migrating those VMs then
+        // failed), and the host's own reserve.
+        let promised = self.promised_table_bytes();
+        let needed = bytes + guest::table_bytes(bytes) + promised + HOST_RESERVE;
         let free = memory::free_bytes();
         if needed > free {
             return Err(format!(
-                "not enough host memory for mem={mem_mib}: {} MiB free, {} MiB needed (guest, its page tables and {} MiB kept for the host)",
+                "not enough host memory for mem={mem_mib}: {} MiB free, {} MiB needed (guest, its page tables, {} MiB for other VMs' page tables and {} MiB kept for the host)",
                 free >> 20,
                 needed.div_ceil(1 << 20),
+                promised.div_ceil(1 << 20),
                 HOST_RESERVE >> 20
             ));
         }
@@ -591,6 +612,7 @@ impl Manager {
             state: VmState::Created,
             exits: BTreeMap::new(),
             dirty_mode: DirtyMode::Off,
+            tables_split: false,
             gen_snapshot: None,
             pml_log: DirtyBitmap::new(bytes / 4096),
             migrating: false,
@@ -883,6 +905,7 @@ impl Vm {
             }
             let f = self.slat.split_all(&mut fa).map_err(|e| format!("splitting 2 MiB pages: {e:?}"))?;
             self.flush(f);
+            self.tables_split = true;
             match mode {
                 DirtyMode::Dbit | DirtyMode::Pml => {
                     let (_, f) = self.slat.harvest_dirty(&fa, &mut bitmap);
