@@ -28,7 +28,9 @@ fn page_fault_is_reported_with_cr2_then_the_kernel_halts() -> anyhow::Result<()>
     assert_eq!((v["vector"].as_u64(), v["name"].as_str()), (Some(14), Some("#PF")));
     assert_eq!(v["cr2"], "0xffffa000dead0000");
     assert_eq!(v["error"], 0, "a read of a non-present page: {v}");
-    c.wait_for("kernel halted", REPLY)?;
+    // In json mode the last line is JSON too (it was "kernel halted").
+    let halted: serde_json::Value = serde_json::from_str(&c.wait_for("halted", REPLY)?)?;
+    assert_eq!(halted["event"], "halted");
     // The machine did not reset or exit (-no-reboot would end QEMU on a triple fault).
     std::thread::sleep(Duration::from_millis(500));
     assert!(host.wait_exit(Duration::from_millis(200)).is_err(), "QEMU exited after a reported fault");

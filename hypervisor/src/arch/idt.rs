@@ -39,7 +39,9 @@ fn report(vector: u8, mnemonic: &str, error: Option<u64>, frame: &InterruptStack
 
 fn fatal(vector: u8, mnemonic: &str, error: Option<u64>, frame: &InterruptStackFrame) -> ! {
     report(vector, mnemonic, error, frame);
-    let _ = write!(RawWriter, "kernel halted\r\n");
+    // In json mode every line is JSON, this one too.
+    let halted = if JSON_EVENTS.load(Ordering::Relaxed) { "{\"event\":\"halted\"}" } else { "kernel halted" };
+    let _ = write!(RawWriter, "{halted}\r\n");
     super::power::halt_forever()
 }
 
