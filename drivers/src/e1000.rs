@@ -21,6 +21,19 @@
 //! that a full ring is distinguishable from an empty one. For transmit, the
 //! driver fills the slot at TDT and advances TDT; a slot is free again once
 //! hardware has set its DD bit (reclaimed lazily before queueing).
+//!
+//! # Code placement
+//!
+//! The code every received frame runs (`RxRing::next_good`, `coalesce`,
+//! `lro_segment`, `tcp_checksum_ok`, the `Device::receive` of `E1000`)
+//! is aligned to a power of two at least its size, so no layout puts an
+//! instruction across a 4 KiB page. Under QEMU's TCG such an instruction
+//! starts a translated block that spans two pages, which QEMU never
+//! chains into: every frame then went back through QEMU's main loop, and
+//! in one build a straddling branch in `coalesce` drew a quarter of the
+//! receiver's samples, and aligning that function alone made `net bench`
+//! and migrations faster (README, "Learned this time", has the numbers).
+//! `tests/tests/kernel_code.rs` checks the placement.
 
 use alloc::vec::Vec;
 use core::ptr::{addr_of, addr_of_mut, NonNull};
@@ -432,6 +445,7 @@ const LRO_MAX_PART: usize = 4096;
 /// fragment, carrying TCP without options, flags ACK (and maybe PSH), a
 /// payload, and no bytes after the segment. Returns the TCP sequence number
 /// and the payload length.
+#[rustc_align(512)]
 fn lro_segment(frame: &[u8]) -> Option<(u32, usize)> {
     let (ihl, total) = ipv4_tcp(frame)?;
     let tcp = frame.get(ETH_HEADER + 20..ETH_HEADER + 40)?;
@@ -479,6 +493,7 @@ pub struct Diverted {
 impl RxRing {
     /// Skips (counting and recycling) bad descriptors and returns the index
     /// and length of the next good frame, if hardware has completed one.
+    #[rustc_align(1024)]
     fn next_good(&mut self) -> Option<(usize, usize)> {
         for _ in 0..self.descs.count {
             let index = self.next;
@@ -562,6 +577,7 @@ impl RxRing {
     /// returns true; the parts wait in `merged_parts` until the segment is
     /// consumed, then go back in ring order. The first frame that does not
     /// continue the flow (or is not a whole good frame) stays in the ring.
+    #[rustc_align(4096)]
     fn coalesce(&mut self, index: usize, length: usize) -> bool {
         let Some((seq, payload)) = lro_segment(self.frame(index, length)) else { return false };
         let mut next_seq = seq.wrapping_add(u32::try_from(payload).unwrap_or(0));
@@ -782,6 +798,7 @@ fn pseudo_header_sum(frame: &[u8], tcp_len: usize) -> u64 {
 /// Whether a received frame is not an IPv4 TCP segment, or is one whose
 /// checksum is right. Frames this cannot judge (truncated, fragments) pass:
 /// smoltcp drops them anyway.
+#[rustc_align(1024)]
 fn tcp_checksum_ok(frame: &[u8]) -> bool {
     let Some((ihl, total)) = ipv4_tcp(frame) else { return true };
     let fragment = is_fragment(frame);
@@ -1549,6 +1566,7 @@ impl<R: Registers> phy::Device for E1000<R> {
     where
         Self: 'a;
 
+    #[rustc_align(512)]
     fn receive(&mut self, timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
         self.rx.now_us = u64::try_from(timestamp.total_micros()).unwrap_or(0);
         let found = self.rx.next_good();

@@ -7,6 +7,9 @@
 //! registers, DMA memory), so the drivers are unit-tested on the host against
 //! fake devices.
 #![cfg_attr(not(test), no_std)]
+// `rustc_align` keeps the per-frame receive code off page boundaries (see
+// `e1000`'s "Code placement").
+#![feature(fn_align)]
 
 extern crate alloc;
 

@@ -6,6 +6,8 @@
 //! compiles to an empty program so that `cargo test` at the root works.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 #![cfg_attr(target_os = "none", feature(abi_x86_interrupt))]
+// `rustc_align` on `memcpy` and `memcmp` (see `arch::mem`).
+#![cfg_attr(target_os = "none", feature(fn_align))]
 
 #[cfg(not(target_os = "none"))]
 fn main() {

@@ -95,3 +95,37 @@ fn hot_loops_never_straddle_a_page() {
         }
     }
 }
+
+/// Instruction addresses of a disassembled function.
+fn addresses(body: &[String]) -> Vec<u64> {
+    body.iter().filter_map(|l| u64::from_str_radix(l.trim().split(':').next().unwrap_or(""), 16).ok()).collect()
+}
+
+#[test]
+fn per_frame_code_has_no_instruction_across_a_page() {
+    // Under TCG an instruction across a 4 KiB page starts a translated
+    // block spanning both pages, which QEMU 7.2 never chains into: each
+    // time the code runs it goes back through QEMU's main loop. These
+    // functions run for every received frame; they are aligned to a power
+    // of two at least their size (drivers' e1000, "Code placement"). If
+    // one grows past its alignment, raise the alignment.
+    let per_frame = [
+        "<drivers::e1000::RxRing>::coalesce",
+        "<drivers::e1000::RxRing>::next_good",
+        "drivers::e1000::lro_segment",
+        "drivers::e1000::tcp_checksum_ok",
+        "<drivers::e1000::E1000<hypervisor::arch::nic::Mmio> as smoltcp::phy::Device>::receive",
+        "memcpy",
+        "memcmp",
+    ];
+    for name in per_frame {
+        let at = addresses(&disassembly(name));
+        let (first, last) = (at[0], at[at.len() - 1]);
+        // (The last instruction, a return or a jump, ends a few bytes on.)
+        let end = last + 1;
+        let align = (end - first).next_power_of_two().min(4096);
+        assert_eq!(first % align, 0, "{name}: {first:#x}..{end:#x} not aligned to {align}");
+        let across: Vec<_> = at.windows(2).filter(|w| w[0] / 4096 != (w[1] - 1) / 4096).collect();
+        assert!(across.is_empty(), "{name}: instructions across a page at {across:x?}");
+    }
+}

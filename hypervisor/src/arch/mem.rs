@@ -18,7 +18,10 @@ static USE_REP: AtomicBool = AtomicBool::new(false);
 ///
 /// # Safety
 /// `src..src+n` readable, `dst..dst+n` writable, not overlapping.
+// Aligned like the receive path's code (drivers' e1000, "Code placement"):
+// each received frame is copied and its payload compared through these.
 #[unsafe(no_mangle)]
+#[rustc_align(512)]
 pub unsafe extern "C" fn memcpy(dst: *mut c_void, src: *const c_void, n: usize) -> *mut c_void {
     // SAFETY: forwarded contract.
     unsafe { mem::copy_forward(dst.cast(), src.cast(), n, USE_REP.load(Ordering::Relaxed)) };
@@ -52,6 +55,7 @@ pub unsafe extern "C" fn memset(dst: *mut c_void, c: c_int, n: usize) -> *mut c_
 /// # Safety
 /// `a..a+n` and `b..b+n` readable.
 #[unsafe(no_mangle)]
+#[rustc_align(512)]
 pub unsafe extern "C" fn memcmp(a: *const c_void, b: *const c_void, n: usize) -> c_int {
     // SAFETY: forwarded contract.
     unsafe { mem::compare(a.cast(), b.cast(), n) }
