@@ -41,6 +41,9 @@ impl Slat {
     /// set the bit of every page of a leaf whose D was set (512 bits for a
     /// 2 MiB leaf) in `out`. Returns the number of pages marked (within
     /// `out.pages()`) and the flush token (needed if any D was cleared).
+    /// A leaf reaching past `out` keeps its D bit (it is reported as far
+    /// as `out` goes, and again by the next harvest): clearing it lost the
+    /// writes to the pages `out` has no bit for.
     ///
     /// Also clears a D bit found on a level-2 entry that points at a page
     /// table and reports its 512 pages: a processor that set D on a 2 MiB
@@ -54,15 +57,20 @@ impl Slat {
             if v & d == 0 {
                 return;
             }
-            if e.fetch_and(!d, Ordering::AcqRel) & d == 0 {
-                return;
-            }
-            cleared = true;
             let pages = match kind {
                 Visit::Leaf(size) => size.pages(),
                 Visit::PageTable => PageSize::Size2M.pages(),
             };
-            marked += out.set_range(Gpa(gpa).gfn(), pages);
+            let first = Gpa(gpa).gfn();
+            if first.0 + pages > out.pages() {
+                marked += out.set_range(first, pages);
+                return;
+            }
+            if e.fetch_and(!d, Ordering::AcqRel) & d == 0 {
+                return;
+            }
+            cleared = true;
+            marked += out.set_range(first, pages);
         });
         (count(marked), flush_if(cleared))
     }
@@ -117,7 +125,8 @@ impl Slat {
 
     /// Report every tracked leaf that is writable (was written since the
     /// last harvest or arm) into `out` and clear its W again. Returns (pages
-    /// marked, flush); the flush is needed if any W was cleared.
+    /// marked, flush); the flush is needed if any W was cleared. A leaf
+    /// reaching past `out` stays writable, as in [`Slat::harvest_dirty`].
     pub fn wp_harvest(&self, fa: &impl FrameAccess, out: &mut DirtyBitmap) -> (usize, TlbFlush) {
         let mut marked = 0;
         let mut cleared = false;
@@ -126,11 +135,16 @@ impl Slat {
             if v & (TRACKED | WRITE) != TRACKED | WRITE {
                 return;
             }
+            let first = Gfn(gpa >> 12);
+            if first.0 + size.pages() > out.pages() {
+                marked += out.set_range(first, size.pages());
+                return;
+            }
             if e.fetch_and(!WRITE, Ordering::AcqRel) & WRITE == 0 {
                 return;
             }
             cleared = true;
-            marked += out.set_range(Gfn(gpa >> 12), size.pages());
+            marked += out.set_range(first, size.pages());
         });
         (count(marked), flush_if(cleared))
     }
@@ -311,7 +325,9 @@ mod tests {
     }
 
     #[test]
-    fn harvest_ignores_pages_beyond_the_bitmap() {
+    fn a_bitmap_too_small_loses_no_write() {
+        // A 2 MiB leaf reaching past the bitmap is reported as far as the
+        // bitmap goes and stays dirty (clearing it lost pages 100..512).
         let (mut slat, mut fa) = setup(Format::Ept, 64 << 20);
         map(&mut slat, &mut fa, 0, PageSize::Size2M, Perms::RWX);
         guest_write(&slat, &fa, Gpa(0)).unwrap();
@@ -319,6 +335,18 @@ mod tests {
         let (n, flush) = slat.harvest_dirty(&fa, &mut out);
         flush.done();
         assert_eq!((n, out.count()), (100, 100));
+        let mut full = DirtyBitmap::new(1 << 14);
+        slat.harvest_dirty(&fa, &mut full).1.done();
+        assert_eq!(full.count(), 512, "the leaf's D bit was cleared");
+        // The same for write protection.
+        slat.wp_arm(&fa).done();
+        assert!(slat.wp_fault(&mut fa, Gpa(128 << 12)).unwrap().0);
+        let mut out = DirtyBitmap::new(100);
+        slat.wp_harvest(&fa, &mut out).1.done();
+        assert_eq!(out.count(), 0);
+        let mut full = DirtyBitmap::new(1 << 14);
+        slat.wp_harvest(&fa, &mut full).1.done();
+        assert!(full.get(Gfn(128)), "the written page was write-protected unreported");
     }
 
     #[test]
