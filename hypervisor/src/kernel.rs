@@ -61,7 +61,7 @@ impl Host for Machine {
         if let (VmCommand::Verify(name), true) = (&cmd, self.migrator.busy()) {
             // The check runs the guest for up to a minute without polling
             // the network: a migration's link would time out meanwhile.
-            return Err(format!("a migration is running; verify '{name}' after it"));
+            return Err(format!("a migration is running; verify '{name}' after it ends"));
         }
         self.vms.command(cmd)
     }
@@ -82,7 +82,7 @@ impl Host for Machine {
             // These run their own loop until done (a ping to a silent host
             // waits 2 s per request, a bench up to minutes): the migration
             // and every VM would stand still, and the peer give up on it.
-            return Err(String::from("a migration is running; this command waits for it to end"));
+            return Err(String::from("a migration is running; run this after it ends"));
         }
         if let NetCommand::BenchListen(port) = cmd {
             if self.migrator.listen_port() == Some(port) {

@@ -274,20 +274,31 @@ pub struct Migrator {
     /// The last finished or failed migration, for `migrate status`.
     last: Option<Obj>,
     /// Sockets closing after a migration ended.
-    closing: Vec<(TcpHandle, u64)>,
+    closing: Vec<Closing>,
     /// The next incoming migration loses its `Resumed` (test hook).
     lose_next_resumed: bool,
 }
 
 /// Closes `socket` and keeps it for up to 2 s so its last bytes and FIN
-/// go out; beyond [`MAX_CLOSING`] such sockets the oldest is reset.
-fn close_later(closing: &mut Vec<(TcpHandle, u64)>, net: &mut Net, socket: TcpHandle, now: u64) {
+/// go out. Beyond [`MAX_CLOSING`] such sockets the oldest one not `kept`
+/// is dropped; `kept` marks a destination's socket after the VM resumed,
+/// whose `Resumed` must reach the source (there is one such per
+/// migration, so a flood of failed connections cannot grow the list).
+fn close_later(closing: &mut Vec<Closing>, net: &mut Net, socket: TcpHandle, now: u64, kept: bool) {
     net.tcp_close(socket);
-    if closing.len() >= MAX_CLOSING {
-        let (oldest, _) = closing.remove(0);
-        net.tcp_remove(oldest);
+    if closing.iter().filter(|c| !c.kept).count() >= MAX_CLOSING {
+        if let Some(i) = closing.iter().position(|c| !c.kept) {
+            net.tcp_remove(closing.remove(i).socket);
+        }
     }
-    closing.push((socket, now + 2_000_000));
+    closing.push(Closing { socket, until_us: now + 2_000_000, kept });
+}
+
+/// A connection closing after its migration ended.
+struct Closing {
+    socket: TcpHandle,
+    until_us: u64,
+    kept: bool,
 }
 
 fn report_obj(vm: &str, peer: &str, r: &Report) -> Obj {
@@ -345,7 +356,10 @@ impl Migrator {
 
     /// Whether a migration runs, out of or into this host.
     pub fn busy(&self) -> bool {
-        self.out.is_some() || self.inc.is_some()
+        // An incoming connection counts once it brought a VM: a client
+        // that connects and says nothing does not hold the console's
+        // commands off for the 30 s until it times out.
+        self.out.is_some() || self.inc.as_ref().is_some_and(|i| i.vm.is_some())
     }
 
     /// The port incoming migrations are accepted on, if any.
@@ -471,10 +485,10 @@ impl Migrator {
     /// Moves both directions forward. Returns true when there was work.
     pub fn poll(&mut self, net: &mut Net, vms: &mut Manager) -> bool {
         let now = clock::uptime_us();
-        self.closing.retain(|&(h, until)| {
-            let done = matches!(net.tcp_state(h), TcpState::Closed | TcpState::TimeWait) || now > until;
+        self.closing.retain(|c| {
+            let done = matches!(net.tcp_state(c.socket), TcpState::Closed | TcpState::TimeWait) || now > c.until_us;
             if done {
-                net.tcp_remove(h);
+                net.tcp_remove(c.socket);
             }
             !done
         });
@@ -587,7 +601,7 @@ impl Migrator {
         }
         if let Some(obj) = ended {
             let socket = o.socket;
-            close_later(&mut self.closing, net, socket, now);
+            close_later(&mut self.closing, net, socket, now, false);
             self.out = None;
             self.last = Some(obj);
         }
@@ -710,7 +724,8 @@ impl Migrator {
         }
         if ended && (i.pending.is_empty() || matches!(state, TcpState::Closed | TcpState::CloseWait)) {
             let socket = i.socket;
-            close_later(&mut self.closing, net, socket, now);
+            let resumed = i.dest.state() == DestState::Resumed;
+            close_later(&mut self.closing, net, socket, now, resumed);
             self.inc = None;
         }
         busy

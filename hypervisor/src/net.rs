@@ -52,7 +52,8 @@ pub const BULK_RECEIVE_BUFFER: usize = 4 * BULK_SEND_BUFFER;
 /// holds its socket's buffers (4 MiB to receive) until its FIN is out or
 /// 2 s pass, and the listener opens anew for the next client at once: a
 /// client connecting and hanging up in a loop filled the heap, and a
-/// failed allocation halts the kernel. The oldest is reset beyond this.
+/// failed allocation halts the kernel. Beyond this the oldest is dropped
+/// (freed at once; its peer is reset at its next segment).
 pub const MAX_CLOSING: usize = 2;
 const ICMP_IDENT: u16 = 0x4856;
 /// `net bench send` gives up on a peer that has not answered its SYN by then.
