@@ -18,11 +18,13 @@ pub const MSR_VMX_PROCBASED_CTLS2: u32 = 0x48B;
 pub const MSR_VMX_EPT_VPID_CAP: u32 = 0x48C;
 
 /// IA32_VMX_EPT_VPID_CAP bits (SDM Vol. 3D A.10) the EPT backend relies on:
-/// the 4-level tables and write-back type its EPTP names, the EPT A/D flags
+/// the 4-level tables and write-back type its EPTP names, the 2 MiB pages
+/// it maps guest memory with, the EPT A/D flags
 /// that D-bit tracking and PML need, and an INVEPT to drop the translations
 /// dirty tracking changes (single-context preferred, all-context else).
 const EPT_WALK_LENGTH_4: u64 = 1 << 6;
 const EPT_WRITE_BACK: u64 = 1 << 14;
+const EPT_PAGES_2M: u64 = 1 << 16;
 const EPT_INVEPT: u64 = 1 << 20;
 const EPT_ACCESSED_DIRTY: u64 = 1 << 21;
 const EPT_INVEPT_SINGLE: u64 = 1 << 25;
@@ -69,7 +71,8 @@ pub struct CpuReport {
     /// CPUID.80000001:ECX.SVM.
     pub svm: bool,
     /// EPT (Intel) or NPT (AMD) second-level address translation. On Intel
-    /// only EPT the backend can use: 4-level tables, write-back, INVEPT.
+    /// only EPT the backend can use: 4-level tables, write-back, 2 MiB
+    /// pages, INVEPT.
     pub slat: bool,
     /// INVEPT single-context (Intel); without it the backend flushes all
     /// contexts.
@@ -185,7 +188,7 @@ impl CpuReport {
             let cap = rdmsr(MSR_VMX_EPT_VPID_CAP);
             let has = |bits: u64| cap & bits == bits;
             let invept = has(EPT_INVEPT) && cap & (EPT_INVEPT_SINGLE | EPT_INVEPT_ALL) != 0;
-            self.slat = has(EPT_WALK_LENGTH_4 | EPT_WRITE_BACK) && invept;
+            self.slat = has(EPT_WALK_LENGTH_4 | EPT_WRITE_BACK | EPT_PAGES_2M) && invept;
             self.invept_single = self.slat && has(EPT_INVEPT_SINGLE);
             self.ept_ad = self.slat && has(EPT_ACCESSED_DIRTY);
             self.pml = self.ept_ad && secondary_allowed1 & (1 << 17) != 0;
@@ -277,9 +280,9 @@ mod tests {
         }
     }
 
-    /// Bochs 2.7's corei7 EPT capabilities less the page sizes: 4-level
-    /// walk, WB, INVEPT both kinds, A/D flags.
-    const SKYLAKE_EPT_CAP: u64 = (1 << 6) | (1 << 14) | (1 << 20) | (1 << 21) | (1 << 25) | (1 << 26);
+    /// What the backend needs of Bochs 2.7's corei7 EPT capabilities:
+    /// 4-level walk, WB, 2 MiB pages, INVEPT both kinds, A/D flags.
+    const SKYLAKE_EPT_CAP: u64 = (1 << 6) | (1 << 14) | (1 << 16) | (1 << 20) | (1 << 21) | (1 << 25) | (1 << 26);
 
     fn skylake_msrs(index: u32) -> u64 {
         match index {
@@ -324,7 +327,8 @@ mod tests {
         // Without any of these the EPTP the backend writes is invalid or
         // stale translations could not be dropped: no backend, rather than
         // a failed entry or a #UD at the first INVEPT.
-        for missing in [EPT_WALK_LENGTH_4, EPT_WRITE_BACK, EPT_INVEPT, EPT_INVEPT_SINGLE | EPT_INVEPT_ALL] {
+        for missing in [EPT_WALK_LENGTH_4, EPT_WRITE_BACK, EPT_PAGES_2M, EPT_INVEPT, EPT_INVEPT_SINGLE | EPT_INVEPT_ALL]
+        {
             let r = CpuReport::probe(skylake_x, |i| match i {
                 MSR_VMX_EPT_VPID_CAP => SKYLAKE_EPT_CAP & !missing,
                 other => skylake_msrs(other),
