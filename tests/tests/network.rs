@@ -116,8 +116,10 @@ s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
 s.bind(("10.77.0.1", 5300))
 s.listen(1)
+s.settimeout(60)
 print("listening", flush=True)
 c, _ = s.accept()
+c.settimeout(60)
 got = 0
 while got < 7 << 20:
     d = c.recv(65536)

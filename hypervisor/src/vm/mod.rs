@@ -391,7 +391,8 @@ impl Manager {
     /// before the source sends anything).
     pub fn largest_incoming(&self) -> u64 {
         let promised = self.promised_table_bytes();
-        guest::largest_guest(memory::free_bytes().saturating_sub(promised + HOST_RESERVE))
+        let fits = guest::largest_guest(memory::free_bytes().saturating_sub(promised + HOST_RESERVE));
+        fits.min(guest::MAX_MEM_MIB << 20)
     }
 
     /// Destroys an incoming skeleton (failed migration).
