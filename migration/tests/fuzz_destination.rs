@@ -281,7 +281,8 @@ fn apply_delta(page: &mut [u8; PAGE_SIZE], d: &[u8]) {
 }
 
 /// Whether this host must accept the Hello (lib.rs: vendor, features,
-/// memory; dest.rs: page size, vCPU count).
+/// memory; dest.rs: page size, vCPU count, a name of ASCII letters,
+/// digits, '-' or '_' (the decoder already bounds its length)).
 fn acceptable(h: &Hello) -> bool {
     h.protocol_version == PROTOCOL_VERSION
         && h.cpu_vendor == VENDOR
@@ -291,6 +292,8 @@ fn acceptable(h: &Hello) -> bool {
         && h.vm.mem_bytes.is_multiple_of(PAGE_SIZE as u64)
         && h.vm.mem_bytes <= DEST_MAX_MEM
         && (1..=MAX_VCPUS).contains(&h.vm.vcpus)
+        && !h.vm.name.is_empty()
+        && h.vm.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// Why the model ended in `Failed`.
@@ -863,6 +866,7 @@ const REJECTS: &[(&str, &str)] = &[
     ("whole number of pages", "reject/memory-not-pages"),
     ("bytes of memory", "reject/memory-too-large"),
     ("vCPUs", "reject/vcpus"),
+    ("VM name", "reject/vm-name"),
 ];
 const WIRE_ERRORS: &[(&str, &str)] = &[
     ("bad magic", "wire/bad-magic"),
@@ -1049,6 +1053,8 @@ fn sample_records() -> Vec<Record> {
     big.vm.name = "n".repeat(MAX_NAME);
     let mut amd = hello(4, 1);
     amd.cpu_vendor = *b"AuthenticAMD";
+    let mut unnamable = hello(4, 1);
+    unnamable.vm.name = "a b".into();
     let pages = vec![
         Page { gfn: 0, data: PageData::Zero },
         Page { gfn: 1, data: PageData::Full(random_page(&mut rng)) },
@@ -1058,6 +1064,7 @@ fn sample_records() -> Vec<Record> {
     vec![
         Record::Hello(hello(4, 1)),
         Record::Hello(big),
+        Record::Hello(unnamable),
         Record::Hello(amd),
         Record::Accept,
         Record::Reject { reason: "no".into() },
