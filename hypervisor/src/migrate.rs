@@ -32,6 +32,11 @@ use crate::vm::Manager;
 const CONTROL_BUFFER: usize = 64 * 1024;
 /// An incoming migration that hears nothing for this long is dropped.
 const INCOMING_IDLE_US: u64 = 30_000_000;
+/// An incoming connection whose Hello has not come by then is dropped: a
+/// source sends it as soon as it is connected, and this host takes one
+/// incoming migration at a time, so a client connecting and saying nothing
+/// held the port for [`INCOMING_IDLE_US`].
+const HELLO_TIMEOUT_US: u64 = 5_000_000;
 /// Stop pulling records from the source while this much is still unsent.
 const MAX_PENDING: usize = 1024 * 1024;
 /// Most page-batch bytes the source writes into its socket per poll, so
@@ -257,6 +262,8 @@ struct Incoming {
     pending: Queue,
     vm: Option<String>,
     last_heard_us: u64,
+    /// When the connection was taken.
+    accepted_us: u64,
     /// The VM was paused on the source and stays paused here.
     arrive_paused: bool,
     /// Test hook (`migrate lose-resumed`): what the destination sends
@@ -638,6 +645,7 @@ impl Migrator {
                             pending: Queue::default(),
                             vm: None,
                             last_heard_us: now,
+                            accepted_us: now,
                             arrive_paused: false,
                             lose_resumed: core::mem::take(&mut self.lose_next_resumed),
                         });
@@ -671,6 +679,8 @@ impl Migrator {
             i.dest.on_abort("connection to the source lost");
         } else if now - i.last_heard_us > INCOMING_IDLE_US {
             i.dest.on_abort("the source went silent");
+        } else if i.dest.state() == DestState::AwaitHello && now - i.accepted_us > HELLO_TIMEOUT_US {
+            i.dest.on_abort("no Hello within 5 s of connecting");
         }
         let mut ended = false;
         while let Some(action) = i.dest.poll() {

@@ -217,20 +217,22 @@ print("held", len(held))
     let heap = ok(b.console(), "mem")["heap_used_bytes"].as_u64().unwrap();
     assert!(heap < 32 << 20, "B's heap after the flood: {heap}");
     // A client that connects and says nothing is no migration: B's
-    // commands that a migration refuses still run meanwhile.
+    // commands that a migration refuses still run meanwhile, and B drops
+    // it after 5 s without a Hello (it held B's one incoming slot, so
+    // the migration below was refused, for 30 s).
     let silent = r#"
 import os, socket, time
 s = socket.create_connection(("10.77.0.12", 7070), timeout=5)
 if os.fork() == 0:
     os.close(1); os.close(2)
-    time.sleep(3)
+    time.sleep(15)
     os._exit(0)
 print("connected")
 "#;
     let out = lab.exec(&["python3", "-c", silent]).expect("silent client");
     assert!(String::from_utf8_lossy(&out.stdout).contains("connected"), "{out:?}");
     assert_eq!(ok(b.console(), "ping 10.77.0.11 1")["received"], 1);
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(6));
     assert_eq!(ok(b.console(), "vm list")["vms"], serde_json::json!([]), "a skeleton was left behind");
     assert_eq!(ok(b.console(), "version")["name"], "hypervisor");
     std::thread::sleep(Duration::from_secs(1));
