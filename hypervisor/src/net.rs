@@ -694,10 +694,12 @@ impl Net {
         while sent < frames {
             frame[14..22].copy_from_slice(&sent.to_le_bytes());
             // Stuck is a ring that takes nothing for 5 s; a deadline over
-            // the whole transfer failed a long blast on a slow link.
-            let full_since = clock::uptime_us();
+            // the whole transfer failed a long blast on a slow link. The
+            // clock is read only once the ring is full.
+            let mut full_since = None;
             while !self.nic.send_raw(&frame) {
-                if clock::uptime_us() - full_since > 5_000_000 {
+                let since = *full_since.get_or_insert_with(clock::uptime_us);
+                if clock::uptime_us() - since > 5_000_000 {
                     return Err(format!("transmit ring stuck after {sent} frames"));
                 }
                 core::hint::spin_loop();
