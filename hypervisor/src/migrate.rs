@@ -24,7 +24,7 @@ use migration::{GuestMemory as MigMemory, PAGE_SIZE, PROTOCOL_VERSION};
 
 use crate::arch::clock;
 use crate::arch::guest_memory::GuestMemory;
-use crate::net::{Net, TcpHandle, TcpState, BULK_RECEIVE_BUFFER, BULK_SEND_BUFFER, MAX_CLOSING};
+use crate::net::{Net, TcpHandle, TcpState, BULK_RECEIVE_BUFFER, BULK_SEND_BUFFER};
 use crate::vm::Manager;
 
 /// Buffer for the direction of a migration socket that carries only
@@ -280,32 +280,8 @@ pub struct Migrator {
     inc: Option<Incoming>,
     /// The last finished or failed migration, for `migrate status`.
     last: Option<Obj>,
-    /// Sockets closing after a migration ended.
-    closing: Vec<Closing>,
     /// The next incoming migration loses its `Resumed` (test hook).
     lose_next_resumed: bool,
-}
-
-/// Closes `socket` and keeps it for up to 2 s so its last bytes and FIN
-/// go out. Beyond [`MAX_CLOSING`] such sockets the oldest one not `kept`
-/// is dropped; `kept` marks a destination's socket after the VM resumed,
-/// whose `Resumed` must reach the source (there is one such per
-/// migration, so a flood of failed connections cannot grow the list).
-fn close_later(closing: &mut Vec<Closing>, net: &mut Net, socket: TcpHandle, now: u64, kept: bool) {
-    net.tcp_close(socket);
-    if closing.iter().filter(|c| !c.kept).count() >= MAX_CLOSING {
-        if let Some(i) = closing.iter().position(|c| !c.kept) {
-            net.tcp_remove(closing.remove(i).socket);
-        }
-    }
-    closing.push(Closing { socket, until_us: now + 2_000_000, kept });
-}
-
-/// A connection closing after its migration ended.
-struct Closing {
-    socket: TcpHandle,
-    until_us: u64,
-    kept: bool,
 }
 
 fn report_obj(vm: &str, peer: &str, r: &Report) -> Obj {
@@ -345,7 +321,6 @@ impl Migrator {
             out: None,
             inc: None,
             last: None,
-            closing: Vec::new(),
             lose_next_resumed: false,
         }
     }
@@ -492,13 +467,6 @@ impl Migrator {
     /// Moves both directions forward. Returns true when there was work.
     pub fn poll(&mut self, net: &mut Net, vms: &mut Manager) -> bool {
         let now = clock::uptime_us();
-        self.closing.retain(|c| {
-            let done = matches!(net.tcp_state(c.socket), TcpState::Closed | TcpState::TimeWait) || now > c.until_us;
-            if done {
-                net.tcp_remove(c.socket);
-            }
-            !done
-        });
         let mut busy = self.poll_out(net, vms, now);
         busy |= self.poll_in(net, vms, now);
         busy
@@ -608,7 +576,7 @@ impl Migrator {
         }
         if let Some(obj) = ended {
             let socket = o.socket;
-            close_later(&mut self.closing, net, socket, now, false);
+            net.close_later(socket, false);
             self.out = None;
             self.last = Some(obj);
         }
@@ -735,7 +703,7 @@ impl Migrator {
         if ended && (i.pending.is_empty() || matches!(state, TcpState::Closed | TcpState::CloseWait)) {
             let socket = i.socket;
             let resumed = i.dest.state() == DestState::Resumed;
-            close_later(&mut self.closing, net, socket, now, resumed);
+            net.close_later(socket, resumed);
             self.inc = None;
         }
         busy

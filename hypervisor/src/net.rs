@@ -48,13 +48,13 @@ const INGRESS_BURSTS: usize = 16;
 /// times larger and read on every poll, so its window never closes.
 pub const BULK_SEND_BUFFER: usize = 1 << 20;
 pub const BULK_RECEIVE_BUFFER: usize = 4 * BULK_SEND_BUFFER;
-/// Most finished connections one listener keeps closing at once. Each
-/// holds its socket's buffers (4 MiB to receive) until its FIN is out or
-/// 2 s pass, and the listener opens anew for the next client at once: a
-/// client connecting and hanging up in a loop filled the heap, and a
-/// failed allocation halts the kernel. Beyond this the oldest is dropped
-/// (freed at once; its peer is reset at its next segment).
-pub const MAX_CLOSING: usize = 2;
+/// Most finished connections one local port (a listener's) keeps closing
+/// at once. Each holds its socket's buffers (4 MiB to receive) until its
+/// FIN is out or 2 s pass, and the listener opens anew for the next client
+/// at once: a client connecting and hanging up in a loop filled the heap,
+/// and a failed allocation halts the kernel. Beyond this the oldest is
+/// dropped (freed at once; its peer is reset at its next segment).
+const MAX_CLOSING: usize = 2;
 const ICMP_IDENT: u16 = 0x4856;
 /// `net bench send` gives up on a peer that has not answered its SYN by then.
 const CONNECT_TIMEOUT_US: u64 = 5_000_000;
@@ -83,6 +83,17 @@ struct BenchResult {
     elapsed_us: u64,
 }
 
+/// A connection closing: see [`Net::close_later`].
+struct Closing {
+    handle: SocketHandle,
+    /// Dropped anyway after this.
+    until_us: u64,
+    /// Its local port, which [`MAX_CLOSING`] counts by.
+    port: u16,
+    /// Never dropped early for the cap.
+    kept: bool,
+}
+
 /// The host's network stack.
 pub struct Net {
     nic: E1000<Mmio>,
@@ -90,9 +101,9 @@ pub struct Net {
     sockets: SocketSet<'static>,
     cidr: Option<(Ipv4Address, u8)>,
     listener: Option<Listener>,
-    /// Finished bench connections still sending their FIN, with the time
-    /// after which they are dropped anyway.
-    closing: Vec<(SocketHandle, u64)>,
+    /// Finished connections (bench and migration) still sending their
+    /// last bytes and FIN.
+    closing: Vec<Closing>,
     last: Option<BenchResult>,
     pattern: Pattern,
     irq: u8,
@@ -284,18 +295,38 @@ impl Net {
         worked
     }
 
-    /// Removes finished bench connections whose FIN is out, or whose time
-    /// is up. Polled, not only at the next `relisten`: each holds a 4 MiB
-    /// receive buffer, which stayed allocated after the last transfer.
+    /// Closes a finished connection and keeps its socket for up to 2 s, so
+    /// its last bytes and FIN go out; the poll frees it then. Beyond
+    /// [`MAX_CLOSING`] on its local port the oldest not `kept` is dropped.
+    /// `kept` is for a socket that must finish (a destination's after the
+    /// VM resumed: its `Resumed` must reach the source; one per migration,
+    /// so a flood of failed connections cannot grow the list).
+    pub fn close_later(&mut self, handle: SocketHandle, kept: bool) {
+        let s = self.sockets.get_mut::<tcp::Socket>(handle);
+        let port = s.local_endpoint().map_or(0, |e| e.port);
+        s.close();
+        let capped = |c: &Closing| !c.kept && c.port == port;
+        if self.closing.iter().filter(|c| capped(c)).count() >= MAX_CLOSING {
+            if let Some(i) = self.closing.iter().position(capped) {
+                let oldest = self.closing.remove(i);
+                self.tcp_remove(oldest.handle);
+            }
+        }
+        self.closing.push(Closing { handle, until_us: clock::uptime_us() + 2_000_000, port, kept });
+    }
+
+    /// Removes finished connections whose FIN is out, or whose time is up.
+    /// Polled, not only at the next `relisten`: each holds its buffers (a
+    /// bench receiver 4 MiB), which stayed allocated after the last one.
     fn reap_closing(&mut self) {
         let t = clock::uptime_us();
         let sockets = &mut self.sockets;
-        self.closing.retain(|&(handle, until)| {
-            let s = sockets.get_mut::<tcp::Socket>(handle);
-            let done = !s.is_open() || s.state() == tcp::State::TimeWait || t > until;
+        self.closing.retain(|c| {
+            let s = sockets.get_mut::<tcp::Socket>(c.handle);
+            let done = !s.is_open() || s.state() == tcp::State::TimeWait || t > c.until_us;
             if done {
                 s.abort();
-                sockets.remove(handle);
+                sockets.remove(c.handle);
             }
             !done
         });
@@ -311,12 +342,7 @@ impl Net {
                 s.abort();
                 self.sockets.remove(old.handle);
             } else {
-                s.close();
-                if self.closing.len() >= MAX_CLOSING {
-                    let (oldest, _) = self.closing.remove(0);
-                    self.tcp_remove(oldest);
-                }
-                self.closing.push((old.handle, clock::uptime_us() + 2_000_000));
+                self.close_later(old.handle, false);
             }
         }
         self.reap_closing();
@@ -416,11 +442,6 @@ impl Net {
             }
         }
         total
-    }
-
-    /// Closes (FIN) the socket; `tcp_remove` frees it later.
-    pub fn tcp_close(&mut self, h: SocketHandle) {
-        self.sockets.get_mut::<tcp::Socket>(h).close();
     }
 
     /// Resets the connection and frees the socket.
