@@ -962,12 +962,19 @@ mod tests {
 
     /// A source past Accept, its memory, and the actions up to the first harvest.
     fn accepted(pages: u64) -> (Source, VecMemory, Vec<SourceAction>) {
+        accepted_behind(pages, 0)
+    }
+
+    /// As [`accepted`], with `backlog` bytes still in the transport when
+    /// round 0 is handed out.
+    fn accepted_behind(pages: u64, backlog: u64) -> (Source, VecMemory, Vec<SourceAction>) {
         let mut mem = VecMemory::new(pages);
         mem.page_mut(1).fill(9);
         let mut s = Source::new(SourceConfig::default(), hello(pages));
         let a = drain(&mut s, &mem, 0);
         assert!(matches!(&sent(&a)[..], [Record::Hello(h)] if *h == hello(pages)));
         s.on_bytes(&Record::Accept.encode().unwrap(), 10);
+        s.set_backlog(backlog);
         let a = drain(&mut s, &mem, 20);
         (s, mem, a)
     }
@@ -1037,12 +1044,7 @@ mod tests {
 
     #[test]
     fn a_round_ends_only_once_the_transport_has_carried_it() {
-        let mem = VecMemory::new(300);
-        let mut s = Source::new(SourceConfig::default(), hello(300));
-        drain(&mut s, &mem, 0);
-        s.on_bytes(&Record::Accept.encode().unwrap(), 10);
-        s.set_backlog(1 << 20);
-        let a = drain(&mut s, &mem, 20);
+        let (mut s, mem, a) = accepted_behind(300, 1 << 20);
         assert!(!a.is_empty() && !a.contains(&SourceAction::HarvestDirty), "{a:?}");
         assert!(drain(&mut s, &mem, 500_000).is_empty(), "still on the wire");
         s.set_backlog(ROUND_END_BACKLOG);
@@ -1099,12 +1101,7 @@ mod tests {
     fn a_slow_link_draining_its_backlog_is_progress() {
         // A round end waits for the transport to carry what was handed
         // out; on a slow link that takes longer than the timeout.
-        let mem = VecMemory::new(300);
-        let mut s = Source::new(SourceConfig::default(), hello(300));
-        drain(&mut s, &mem, 0);
-        s.on_bytes(&Record::Accept.encode().unwrap(), 10);
-        s.set_backlog(1 << 20);
-        drain(&mut s, &mem, 20);
+        let (mut s, mem, _) = accepted_behind(300, 1 << 20);
         let mut now = 20;
         for left in (1..=10u64).rev() {
             now += PROGRESS_TIMEOUT_US / 2;
