@@ -62,6 +62,10 @@ const KEEP_ALIVE_MS: u64 = 1_000;
 /// without polling the network (creating a large incoming VM).
 const LINK_TIMEOUT_MS: u64 = 8_000;
 
+/// Every VM here has one vCPU: what a source announces, and the most a
+/// destination takes.
+const VCPUS_PER_VM: u32 = 1;
+
 /// How long the verify digest of all of `mem` will take, from timing it
 /// on 256 pages (1 MiB; about 0.3 ms under TCG): the VM's own memory,
 /// cold, on this host now. A timing at boot over a small buffer in cache
@@ -410,7 +414,7 @@ impl Migrator {
                     protocol_version: PROTOCOL_VERSION,
                     cpu_vendor: self.vendor,
                     features: 0,
-                    vm: VmConfig { name: vm.clone(), mem_bytes, vcpus: 1, page_size: 4096 },
+                    vm: VmConfig { name: vm.clone(), mem_bytes, vcpus: VCPUS_PER_VM, page_size: 4096 },
                 };
                 log::info!("migrating VM '{vm}' to {peer}");
                 self.last = None;
@@ -608,7 +612,7 @@ impl Migrator {
                     // port from listening.
                     _ => {
                         self.inc = Some(Incoming {
-                            dest: Destination::new(self.vendor, 0, vms.largest_incoming()),
+                            dest: Destination::new(self.vendor, 0, vms.largest_incoming()).with_max_vcpus(VCPUS_PER_VM),
                             socket: h,
                             pending: Queue::default(),
                             vm: None,

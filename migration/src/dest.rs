@@ -11,6 +11,10 @@
 //! DeviceState                              → SetDeviceState, Ready
 //! Commit                                   → ResumeVm, Resumed, Finished
 //! ```
+//! Round 0 carries every page in full or as a zero page (a delta there
+//! has no base). Like pages before `CreateVm`, a Commit that arrives
+//! before `poll` handed out Ready (and the actions before it) is a
+//! protocol error: the host must have loaded the state Ready vouches for.
 //! Anything else, or a frame that fails to decode, sends Error to the
 //! source and destroys the skeleton. Page records that arrive before
 //! `CreateVm` was handed out by `poll` are a protocol error (a correct
@@ -76,6 +80,7 @@ pub struct Destination {
     vendor: [u8; 12],
     features: u64,
     max_mem_bytes: u64,
+    max_vcpus: u32,
     state: DestState,
     out: VecDeque<DestAction>,
     decoder: FrameDecoder,
@@ -116,6 +121,7 @@ impl Destination {
             vendor: local_vendor,
             features: local_features,
             max_mem_bytes,
+            max_vcpus: MAX_VCPUS,
             state: DestState::AwaitHello,
             out: VecDeque::new(),
             decoder: FrameDecoder::new(),
@@ -130,6 +136,15 @@ impl Destination {
             vcpus_received: 0,
             scratch: Box::new([0; PAGE_SIZE]),
         }
+    }
+
+    /// Refuse VMs of more than `n` vCPUs (at most [`MAX_VCPUS`]): a host
+    /// that builds fewer would load every vCPU's state into the ones it
+    /// has, the last one winning.
+    #[must_use]
+    pub fn with_max_vcpus(mut self, n: u32) -> Self {
+        self.max_vcpus = n.min(MAX_VCPUS);
+        self
     }
 
     /// Current state.
@@ -252,6 +267,13 @@ impl Destination {
                 self.state = DestState::AwaitCommit;
                 Ok(())
             }
+            (DestState::AwaitCommit, Record::Commit) if !self.out.is_empty() => {
+                // A source commits only after reading Ready, which is the
+                // last action DeviceState queued: a Commit sent ahead of it
+                // would resume the VM before the host loaded (or refused,
+                // through `on_host_error`) its vCPU and device state.
+                Err(protocol(String::from("Commit before Ready was sent")))
+            }
             (DestState::AwaitCommit, Record::Commit) => {
                 self.out.push_back(DestAction::ResumeVm);
                 self.send(&Record::Resumed)?;
@@ -294,8 +316,8 @@ impl Destination {
         if vm.mem_bytes > self.max_mem_bytes {
             return Some(format!("VM needs {} bytes of memory, {} available", vm.mem_bytes, self.max_mem_bytes));
         }
-        if vm.vcpus == 0 || vm.vcpus > MAX_VCPUS {
-            return Some(format!("{} vCPUs unsupported", vm.vcpus));
+        if vm.vcpus == 0 || vm.vcpus > self.max_vcpus {
+            return Some(format!("{} vCPUs unsupported: this host takes 1 to {}", vm.vcpus, self.max_vcpus));
         }
         if !is_vm_name(&vm.name) {
             // Not echoed: it could carry terminal escapes. Such a VM could
@@ -363,6 +385,14 @@ impl Destination {
                         return Err(bad_record(RecordType::PageBatch, WireError::PageHash { gfn }));
                     }
                     hash
+                }
+                PageDataRef::Delta(_) if self.round == 0 => {
+                    // Round 0 is each page's first send, so a delta has no
+                    // base: it would apply to the skeleton's unzeroed frames
+                    // (another VM's old memory) and hand them to this VM.
+                    return Err(protocol(format!(
+                        "page {gfn:#x}: a delta in round 0, with nothing sent to apply it to"
+                    )));
                 }
                 PageDataRef::Delta(d) => {
                     mem.read_page(gfn, &mut self.scratch);
@@ -581,6 +611,71 @@ mod tests {
         d.on_bytes(&commit, &mut mem);
         assert_eq!(d.state(), DestState::Resumed);
         assert_eq!(drain(&mut d).last(), Some(&DestAction::Finished));
+    }
+
+    #[test]
+    fn commit_before_ready_was_handed_out_is_a_protocol_error() {
+        // Found in review: a source that sent Commit right behind its
+        // DeviceState got the VM resumed before the host had loaded the
+        // vCPU state, and a host that then refused that state
+        // (`on_host_error`) was ignored: the VM ran on garbage.
+        let (mut d, mut mem) = accepted();
+        let mut bytes = round0(7);
+        bytes.extend(frame(Record::VcpuState(vec![1])));
+        bytes.extend(frame(Record::DeviceState(vec![])));
+        bytes.extend(frame(Record::Commit));
+        d.on_bytes(&bytes, &mut mem);
+        let a = drain(&mut d);
+        assert_eq!(d.state(), DestState::Failed);
+        assert!(!a.contains(&DestAction::ResumeVm), "{a:?}");
+        assert!(matches!(&sent(&a)[..], [Record::Error { reason }] if reason.contains("Commit before Ready")), "{a:?}");
+        assert!(matches!(a.last(), Some(DestAction::DestroyVm { .. })), "{a:?}");
+    }
+
+    #[test]
+    fn a_host_refusing_the_vcpu_state_before_commit_destroys_the_skeleton() {
+        let (mut d, mut mem) = accepted();
+        let mut bytes = round0(7);
+        bytes.extend(frame(Record::VcpuState(vec![1])));
+        bytes.extend(frame(Record::DeviceState(vec![])));
+        d.on_bytes(&bytes, &mut mem);
+        assert!(matches!(d.poll(), Some(DestAction::SetVcpuState(_))));
+        d.on_host_error("bad vCPU state");
+        let a = drain(&mut d);
+        assert_eq!(d.state(), DestState::Failed);
+        assert!(matches!(&sent(&a)[..], [Record::Error { reason }] if reason.contains("bad vCPU state")), "{a:?}");
+        d.on_bytes(&frame(Record::Commit), &mut mem);
+        assert!(d.poll().is_none(), "nothing after the failure, no ResumeVm");
+    }
+
+    #[test]
+    fn a_delta_in_round_zero_is_a_protocol_error() {
+        // Found in review: round 0 took a delta (even an empty one) as the
+        // page's first send, so the VM kept the skeleton's unzeroed frame,
+        // another VM's old memory, and round 0 still counted complete.
+        let (mut d, mut mem) = accepted();
+        mem.bytes.fill(0xEE);
+        let pages = (0..4)
+            .map(|gfn| Page { gfn, data: if gfn == 2 { PageData::Delta(vec![]) } else { PageData::Zero } })
+            .collect();
+        let mut bytes = frame(Record::PageBatch(PageBatch { round: 0, pages }));
+        bytes.extend(frame(Record::RoundEnd(RoundEnd { round: 0, pages_sent: 4, ..RoundEnd::default() })));
+        d.on_bytes(&bytes, &mut mem);
+        assert_failed_with_error(&mut d, "page 0x2: a delta in round 0");
+    }
+
+    #[test]
+    fn more_vcpus_than_this_host_builds_are_refused_at_hello() {
+        let mut h = hello();
+        h.vm.vcpus = 2;
+        let mut d = Destination::new(VENDOR, 0b111, 1 << 20).with_max_vcpus(1);
+        d.on_bytes(&frame(Record::Hello(h.clone())), &mut VecMemory::new(4));
+        assert_eq!(d.state(), DestState::Rejected);
+        let a = drain(&mut d);
+        assert!(matches!(&sent(&a)[..], [Record::Reject { reason }] if reason.contains("takes 1 to 1")), "{a:?}");
+        let mut d = Destination::new(VENDOR, 0b111, 1 << 20);
+        d.on_bytes(&frame(Record::Hello(h)), &mut VecMemory::new(4));
+        assert_eq!(d.state(), DestState::Receiving, "the crate's own limit is MAX_VCPUS");
     }
 
     #[test]

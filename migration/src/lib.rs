@@ -86,9 +86,9 @@
 //!
 //! ```text
 //!             Hello ok                     DeviceState (all vCPUs in,
-//!  AwaitHello ────────> Receiving ───────> digest matched) ──> AwaitCommit
-//!     │  Hello bad        │ PageBatch, RoundEnd,                   │ Commit
-//!     v                   │ Verify, VcpuState                      v
+//!  AwaitHello ────────> Receiving ───────> any Verify matched) ──> AwaitCommit
+//!     │  Hello bad        │ PageBatch, RoundEnd,                   │ Commit (after
+//!     v                   │ Verify, VcpuState                      v  Ready went out)
 //!  Rejected               │ (loop)                              Resumed
 //!                         │                                    (abort ignored)
 //!  any state before Resumed: bad frame, unexpected record, peer Cancel/Error,
@@ -107,7 +107,12 @@
 //!   asks for `ResumeVm`. If Resumed does not arrive (timeout, link cut,
 //!   anything else), the source reports `InDoubt`: its copy stays paused and
 //!   must not be destroyed or resumed without an operator.
-//! - The destination resumes only on Commit, and after that ignores aborts.
+//! - The destination resumes only on Commit, and only once `poll` handed
+//!   out Ready: the host has loaded (or refused, failing the migration)
+//!   the vCPU and device state by then. After Commit it ignores aborts.
+//! - Round 0 carries every page, in full or as a zero page: the skeleton's
+//!   memory is not cleared, so a delta there would build on another VM's
+//!   old frames.
 
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]

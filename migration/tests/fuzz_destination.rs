@@ -323,6 +323,8 @@ struct Model {
     vcpu_states: Vec<Vec<u8>>,
     device_state: Option<Vec<u8>>,
     commit_seen: bool,
+    /// The host drained the actions up to Ready (after_drain in AwaitCommit).
+    ready_out: bool,
     mem: Option<ModelMem>,
     cause: Option<Cause>,
 }
@@ -344,6 +346,7 @@ impl Model {
             vcpu_states: Vec::new(),
             device_state: None,
             commit_seen: false,
+            ready_out: false,
             mem: None,
             cause: None,
         }
@@ -392,6 +395,7 @@ impl Model {
     /// a Hello was accepted and nothing failed since; the host refuses it
     /// (calls `on_abort`) when it is too large to allocate.
     fn after_drain(&mut self) {
+        self.ready_out |= self.state == DestState::AwaitCommit;
         if self.state == DestState::Receiving && !self.created {
             self.created = true;
             if self.vm.as_ref().is_some_and(|v| v.mem_bytes > HOST_ALLOC_LIMIT) {
@@ -423,6 +427,10 @@ impl Model {
             }
             if !hash_matches {
                 return self.fail(Cause::Detected(Some(WireError::PageHash { gfn: p.gfn }.to_string())));
+            }
+            // Round 0 is each page's first send: a delta has no base.
+            if self.round == 0 && matches!(p.data, PageData::Delta(_)) {
+                return self.protocol_error();
             }
             if let Some(m) = &mut self.mem {
                 m.write(p.gfn, &p.data);
@@ -480,6 +488,9 @@ impl Model {
                 self.device_state = Some(s.clone());
                 self.state = AwaitCommit;
             }
+            // Ready must have gone out (the host drained the actions of
+            // DeviceState's chunk) before a Commit counts.
+            (AwaitCommit, Record::Commit) if !self.ready_out => self.protocol_error(),
             (AwaitCommit, Record::Commit) => {
                 self.commit_seen = true;
                 self.state = Resumed;
@@ -903,6 +914,8 @@ const PROTOCOL_ERRORS: &[(&str, &str)] = &[
     ("more than", "proto/too-many-vcpu-states"),
     ("memory digest", "proto/digest-mismatch"),
     ("Verify after", "proto/verify-after-vcpu-state"),
+    ("a delta in round 0", "proto/delta-in-round-0"),
+    ("Commit before Ready", "proto/commit-before-ready"),
 ];
 
 fn classify(table: &[(&str, &'static str)], reason: &str, other: &'static str) -> &'static str {
@@ -2063,6 +2076,11 @@ fn regression_inputs() {
             with_hello(&raw(4, &batch_payload(&[(0, &wrong_hash)]))),
             Some("record/page-hash"),
         ),
+        (
+            "empty delta in round 0",
+            with_hello(&raw(4, &batch_payload(&[(0, &[2, 0, 0])]))),
+            Some("proto/delta-in-round-0"),
+        ),
         ("gfn beyond the VM", with_hello(&raw(4, &batch_payload(&[(4, &[0])]))), Some("proto/gfn-beyond-vm")),
         ("gfn u64::MAX", with_hello(&raw(4, &batch_payload(&[(u64::MAX, &[0])]))), Some("proto/gfn-beyond-vm")),
         ("Verify of 7 bytes", with_hello(&raw(8, &[0; 7])), Some("record/truncated")),
@@ -2072,6 +2090,13 @@ fn regression_inputs() {
         // is never written and the VM resumes (not asserted either way).
         ("round 0 sends page 0 twice, page 1 never", dup, None),
     ];
+    // DeviceState and Commit in one read: the Commit came before Ready
+    // went out, which no source that waits for Ready can send.
+    let stream = handmade_stream(4, 1, true, 2, 3, 99);
+    let mut early = plan_frames(&stream);
+    let commit = early.chunks.pop().unwrap();
+    *early.chunks.last_mut().unwrap() += commit;
+    assert_eq!(run_with_plan(&stream, &early).label, "proto/commit-before-ready");
     for (name, input, want) in &cases {
         for plan in [plan_frames(input), plan_whole(input), plan_for(input), Plan { abort: true, ..plan_frames(input) }]
         {
