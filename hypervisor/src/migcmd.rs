@@ -122,7 +122,11 @@ pub fn parse(args: &[&str]) -> Result<MigrateCommand, String> {
     let MigrateCommand::Start { downtime_ms, bandwidth_mbit, rounds, policy, verify, share, .. } = &mut cmd else {
         return Err(String::from("internal: not a start command"));
     };
-    for opt in options {
+    for (i, opt) in options.iter().enumerate() {
+        let key = opt.split_once('=').map_or(*opt, |(k, _)| k);
+        if options[..i].iter().any(|o| o.split_once('=').map_or(*o, |(k, _)| k) == key) {
+            return Err(format!("{key} given twice"));
+        }
         match opt.split_once('=') {
             None if *opt == "verify" => *verify = true,
             Some(("downtime", v)) => *downtime_ms = num("downtime", v, 1..=60_000)?,
@@ -197,7 +201,35 @@ pub fn decode_vcpu(bytes: &[u8]) -> Result<(VcpuState, u64), String> {
         r14: w[13],
         r15: w[14],
     };
-    Ok((VcpuState { regs, rip: w[15], rsp: w[16], rflags: w[17] }, w[18]))
+    let state = VcpuState { regs, rip: w[15], rsp: w[16], rflags: w[17] };
+    check_vcpu(&state)?;
+    Ok((state, w[18]))
+}
+
+/// RFLAGS bits that read as 0: 3, 5, 15 and 22-63.
+const RFLAGS_RESERVED: u64 = !0x003F_7FD7;
+/// RFLAGS bit 1 reads as 1; VM (bit 17) must be 0 in long mode.
+const RFLAGS_FIXED1: u64 = 1 << 1;
+const RFLAGS_VM: u64 = 1 << 17;
+
+/// Whether `a` is canonical with 48-bit linear addresses.
+fn canonical(a: u64) -> bool {
+    let top = a >> 47;
+    top == 0 || top == 0x1_FFFF
+}
+
+/// Refuses a vCPU state no long-mode guest can be in. Checked before Ready,
+/// so the source resumes its own copy: a VM entry would otherwise fail on
+/// its first run here (VT-x checks RFLAGS and RIP), after the source had
+/// freed the VM.
+fn check_vcpu(s: &VcpuState) -> Result<(), String> {
+    if s.rflags & (RFLAGS_RESERVED | RFLAGS_VM) != 0 || s.rflags & RFLAGS_FIXED1 == 0 {
+        return Err(format!("vCPU state has RFLAGS {:#x}, not a long-mode guest's", s.rflags));
+    }
+    if !canonical(s.rip) || !canonical(s.rsp) {
+        return Err(format!("vCPU state has a non-canonical RIP {:#x} or RSP {:#x}", s.rip, s.rsp));
+    }
+    Ok(())
 }
 
 /// The VM-level device state a migration carries: one byte, 1 if the VM
@@ -276,6 +308,9 @@ mod tests {
         assert_eq!(err("status 10.77.0.12"), "migrate status takes no arguments, got '10.77.0.12'");
         assert!(err("listen 7070 now").contains("unexpected 'now'"));
         assert!(err("bad!name 10.77.0.1").contains("bad VM name 'bad!name'"));
+        // Before, the last one silently won.
+        assert_eq!(err("vm1 10.77.0.1 downtime=50 downtime=5000"), "downtime given twice");
+        assert_eq!(err("vm1 10.77.0.1 verify policy=abort verify"), "verify given twice");
     }
 
     #[test]
@@ -287,6 +322,28 @@ mod tests {
         assert_eq!(bytes.len(), VCPU_STATE_LEN);
         assert_eq!(decode_vcpu(&bytes), Ok((s, 123_456)));
         assert!(decode_vcpu(&bytes[1..]).is_err());
+    }
+
+    #[test]
+    fn vcpu_state_no_long_mode_guest_can_be_in_is_refused() {
+        // Found in review: any RFLAGS and RIP were loaded, and VT-x then
+        // failed the VM's first entry on the destination, after the source
+        // had freed its copy.
+        let good =
+            VcpuState { rip: 0xffff_8000_0000_0000, rsp: 0x7fff_ffff_fff8, rflags: 0x246, ..VcpuState::default() };
+        assert!(decode_vcpu(&encode_vcpu(&good, 1)).is_ok());
+        for (rip, rsp, rflags, why) in [
+            (0x1000, 0x2000, 0x200, "RFLAGS 0x200"),
+            (0x1000, 0x2000, 0x202 | 1 << 3, "RFLAGS 0x20a"),
+            (0x1000, 0x2000, 0x202 | 1 << 17, "RFLAGS 0x20202"),
+            (0x1000, 0x2000, 0x202 | 1 << 40, "RFLAGS 0x10000000202"),
+            (0x0000_8000_0000_0000, 0x2000, 0x202, "non-canonical RIP 0x800000000000"),
+            (0x1000, 0xffff_7fff_ffff_fff0, 0x202, "RSP 0xffff7ffffffffff0"),
+        ] {
+            let s = VcpuState { rip, rsp, rflags, ..VcpuState::default() };
+            let err = decode_vcpu(&encode_vcpu(&s, 1)).unwrap_err();
+            assert!(err.contains(why), "{err}");
+        }
     }
 
     #[test]
