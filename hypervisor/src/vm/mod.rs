@@ -325,6 +325,14 @@ impl Manager {
                 if let Err(e) = vm.dirty(DirtyMode::Off) {
                     log::warn!("VM '{name}': dirty tracking stays on after its migration: {e}");
                 }
+            } else {
+                // The migration's harvests took the pages dirtied since it
+                // began, so the operator's `vm dirty` would call each page
+                // written meanwhile missed: a fresh baseline instead.
+                let mode = vm.dirty_mode;
+                if let Err(e) = vm.dirty(DirtyMode::Off).and_then(|_| vm.dirty(mode)) {
+                    log::warn!("VM '{name}': dirty tracking after its migration: {e}");
+                }
             }
             if in_doubt {
                 vm.state = VmState::Paused;
