@@ -893,7 +893,7 @@ fn syn_mss_at(frame: &[u8]) -> Option<usize> {
     None
 }
 
-/// Most peers whose MSS segmentation remembers.
+/// Most connections whose peer's MSS segmentation remembers.
 const MAX_PEERS: usize = 64;
 /// Smallest MSS taken from a SYN: IPv4's default (RFC 1122). A forged SYN
 /// announcing a few bytes must not make the NIC cut a peer's segments
@@ -903,30 +903,54 @@ const MIN_PEER_MSS: u16 = 536;
 /// standard 1500-byte Ethernet MTU.
 const FORGOTTEN_PEER_MSS: u16 = 1460;
 
+/// A TCP connection as the driver keys it: the peer's IPv4 address and
+/// port, and our port.
+type Conn = ([u8; 4], u16, u16);
+
+/// The connection of an IPv4 TCP frame whose TCP header starts at `tcp`:
+/// received (the peer is the source) or sent (the peer is the destination).
+fn conn(frame: &[u8], tcp: usize, received: bool) -> Option<Conn> {
+    let (ip, ports) = if received { (26, (tcp, tcp + 2)) } else { (30, (tcp + 2, tcp)) };
+    let peer = <[u8; 4]>::try_from(frame.get(ip..ip + 4)?).ok()?;
+    Some((peer, be16(frame, ports.0)?, be16(frame, ports.1)?))
+}
+
+/// Whether an IPv4 frame's header is whole (at least 20 bytes) and its
+/// checksum right, as smoltcp will insist.
+fn ip_header_ok(frame: &[u8], ihl: usize) -> bool {
+    ihl >= 20 && frame.get(ETH_HEADER..ETH_HEADER + ihl).is_some_and(|h| fold(ones_sum(h)) == 0xFFFF)
+}
+
 /// With segmentation smoltcp announces and expects MSSes of whole 64 KiB
 /// segments, while the wire carries honest ones: the driver announces its
 /// wire MSS in every SYN it sends, and hands smoltcp the most whole
 /// segments of the peer's MSS that fit 64 KiB in every SYN it receives,
 /// remembering the peer's own for cutting. Two hosts with different MTUs
 /// on one link thus cut to the smaller.
+///
+/// The table is kept per connection, and learns only from SYNs whose IP
+/// header holds (smoltcp drops the others): keyed by the peer's address
+/// alone, one forged SYN from that address to any port raised the MSS of
+/// every connection to it, whose frames the peer's NIC then dropped.
 #[derive(Default)]
 struct PeerMss {
-    peers: Vec<([u8; 4], u16)>,
+    peers: Vec<(Conn, u16)>,
 }
 
 impl PeerMss {
-    /// The MSS `peer` announced, if it sent a SYN.
-    fn get(&self, peer: [u8; 4]) -> Option<u16> {
-        self.peers.iter().find(|(ip, _)| *ip == peer).map(|&(_, mss)| mss)
+    /// The MSS the peer of `conn` announced, if it sent a SYN.
+    fn get(&self, conn: Conn) -> Option<u16> {
+        self.peers.iter().find(|(c, _)| *c == conn).map(|&(_, mss)| mss)
     }
 
     /// Notes the MSS of a received SYN and rewrites it for smoltcp (whose
     /// TCP checksum is not checked after the driver's).
     fn learn(&mut self, frame: &mut [u8], wire_mss: usize) {
         let Some(at) = syn_mss_at(frame) else { return };
+        let Some((ihl, _)) = ipv4_tcp(frame).filter(|&(ihl, _)| ip_header_ok(frame, ihl)) else { return };
+        let Some(peer) = conn(frame, ETH_HEADER + ihl, true) else { return };
         let Some(announced) = be16(frame, at).map(|m| m.max(MIN_PEER_MSS)) else { return };
-        let peer = [frame[26], frame[27], frame[28], frame[29]];
-        self.peers.retain(|(ip, _)| *ip != peer);
+        self.peers.retain(|(c, _)| *c != peer);
         if self.peers.len() == MAX_PEERS {
             self.peers.remove(0);
         }
@@ -1005,9 +1029,9 @@ impl TxRing {
         // others: a scan or a flood) gets segments any Ethernet host takes.
         // Cut at our own wire size, they stalled a connection to a host
         // with a smaller MTU, whose NIC dropped every one.
-        let peer_mss = ipv4_tcp(frame).map(|_| {
-            let peer = frame.get(30..34).and_then(|ip| <[u8; 4]>::try_from(ip).ok());
-            peer.and_then(|ip| self.peers.get(ip)).unwrap_or(FORGOTTEN_PEER_MSS)
+        let peer_mss = ipv4_tcp(frame).map(|(ihl, _)| {
+            let peer = conn(frame, ETH_HEADER + ihl, false);
+            peer.and_then(|c| self.peers.get(c)).unwrap_or(FORGOTTEN_PEER_MSS)
         });
         let limit = peer_mss.map_or(wire, |m| wire.min(TCP_HEADERS + usize::from(m)));
         (frame.len() > limit).then_some((wire, peer_mss))
@@ -2787,7 +2811,61 @@ mod tests {
         f[26..30].copy_from_slice(&ip);
         assert!(prepare_tcp_checksum(&mut f).is_some());
         finish_checksum(&mut f, 50, 34);
+        finish_checksum_of_ip_header(&mut f);
         f
+    }
+
+    /// Receives `f` (a SYN) and returns the MSS smoltcp is shown.
+    fn receive_syn(nic: &mut E1000<FakeRegs>, wire: &FakeWire, f: &[u8]) -> Option<u16> {
+        assert!(wire.inject(f));
+        let (rx, _) = nic.receive(Instant::from_millis(0)).expect("the SYN");
+        let seen = phy::RxToken::consume(rx, <[u8]>::to_vec);
+        nic.flush();
+        be16(&seen, 56)
+    }
+
+    #[test]
+    fn a_forged_syn_changes_no_other_connection_and_a_bad_one_nothing() {
+        // Found in review: keyed by address, one SYN from the peer's
+        // address to any port (a closed one, forged) raised the MSS of the
+        // established connection to it, whose 9014-byte frames the peer's
+        // NIC at MTU 1500 then dropped: the connection stalled.
+        let regs = FakeRegs::new(MAC_A);
+        let wire = FakeWire::new(&regs);
+        let mut dma = HeapDma::default();
+        let mut nic = nic_with(&regs, &mut dma, Config { tso: true, mtu: 9000, ..config(16) });
+        let with_ports = |mut f: Vec<u8>, from: u16, to: u16| {
+            f[34..36].copy_from_slice(&from.to_be_bytes());
+            f[36..38].copy_from_slice(&to.to_be_bytes());
+            f[50..52].fill(0);
+            assert!(prepare_tcp_checksum(&mut f).is_some());
+            finish_checksum(&mut f, 50, 34);
+            f
+        };
+        // The peer 10.0.0.1:7070 connects to our port 50000, at MSS 536.
+        receive_syn(&mut nic, &wire, &with_ports(syn([10, 0, 0, 1], 536), 7070, 50000));
+        let sizes = |nic: &mut E1000<FakeRegs>, to: u16| {
+            let mut long = with_ports(tcp_frame(3000), 50000, to);
+            long[30..34].copy_from_slice(&[10, 0, 0, 1]);
+            long[26..30].copy_from_slice(&[10, 0, 0, 2]);
+            assert!(nic.send_raw(&long));
+            nic.flush();
+            wire.take_sent().iter().map(Vec::len).collect::<Vec<_>>()
+        };
+        let at_536 = [590, 590, 590, 590, 590, 374];
+        assert_eq!(sizes(&mut nic, 7070), at_536);
+        // A SYN from that address and another port says 8960: that
+        // connection's business, not this one's.
+        receive_syn(&mut nic, &wire, &with_ports(syn([10, 0, 0, 1], 8960), 9, 50000));
+        assert_eq!(sizes(&mut nic, 7070), at_536);
+        // One with this connection's ports but a broken IP header is
+        // dropped by smoltcp, and learned from by nobody.
+        let mut bad = with_ports(syn([10, 0, 0, 1], 8960), 7070, 50000);
+        bad[24] ^= 0xFF;
+        receive_syn(&mut nic, &wire, &bad);
+        assert_eq!(sizes(&mut nic, 7070), at_536);
+        // A connection with no SYN seen gets an Ethernet host's MSS.
+        assert_eq!(sizes(&mut nic, 7071), [1514, 1514, 134]);
     }
 
     #[test]
@@ -2840,6 +2918,7 @@ mod tests {
         tiny[26..30].copy_from_slice(&[10, 0, 0, 3]);
         assert!(prepare_tcp_checksum(&mut tiny).is_some());
         finish_checksum(&mut tiny, 50, 34);
+        finish_checksum_of_ip_header(&mut tiny);
         assert!(wire.inject(&tiny));
         let (rx, _) = nic.receive(Instant::from_millis(0)).expect("the SYN");
         assert_eq!(be16(&phy::RxToken::consume(rx, <[u8]>::to_vec), 56), Some(122 * 536));
