@@ -62,6 +62,10 @@ const KEEP_ALIVE_MS: u64 = 1_000;
 /// without polling the network (creating a large incoming VM).
 const LINK_TIMEOUT_MS: u64 = 8_000;
 
+/// A connection to the migration port that has not completed its
+/// handshake by then is dropped (a SYN-ACK round trip takes far less).
+const HALF_OPEN_US: u64 = 2_000_000;
+
 /// Every VM here has one vCPU: what a source announces, and the most a
 /// destination takes.
 const VCPUS_PER_VM: u32 = 1;
@@ -201,6 +205,8 @@ struct Outgoing {
     socket: TcpHandle,
     pending: Queue,
     connected: bool,
+    /// When the connection was asked for.
+    connect_us: u64,
     /// Percent of the CPU this migration may take from running VMs.
     share: u8,
 }
@@ -286,6 +292,8 @@ pub struct Migrator {
     last: Option<Obj>,
     /// The next incoming migration loses its `Resumed` (test hook).
     lose_next_resumed: bool,
+    /// When the listener was last seen waiting for a SYN.
+    listening_us: u64,
 }
 
 fn report_obj(vm: &str, peer: &str, r: &Report) -> Obj {
@@ -326,6 +334,7 @@ impl Migrator {
             inc: None,
             last: None,
             lose_next_resumed: false,
+            listening_us: 0,
         }
     }
 
@@ -425,6 +434,7 @@ impl Migrator {
                     socket,
                     pending: Queue::default(),
                     connected: false,
+                    connect_us: clock::uptime_us(),
                     share,
                 });
                 Ok(Reply::data(Obj::new().with("migrating", vm).with("peer", peer)))
@@ -490,7 +500,14 @@ impl Migrator {
             TcpState::Closed | TcpState::CloseWait | TcpState::TimeWait | TcpState::Closing | TcpState::LastAck
         );
         if lost && (o.connected || state == TcpState::Closed) {
-            o.source.on_abort(if o.connected { "connection to the destination lost" } else { "connection refused" });
+            o.source.on_abort(if o.connected {
+                "connection to the destination lost"
+            } else if now - o.connect_us >= LINK_TIMEOUT_MS * 1000 {
+                // The socket's own timeout: no SYN-ACK, nor a reset.
+                "no answer from the destination (host down, wrong address, or no route)"
+            } else {
+                "connection refused (the destination does not listen on that port, or takes another migration)"
+            });
         }
         if !o.pending.is_empty() && o.connected {
             busy |= o.pending.send(net, o.socket) > 0;
@@ -592,13 +609,26 @@ impl Migrator {
             match (self.listen_port, self.listener) {
                 (Some(port), None) => {
                     self.listener = net.tcp_listen(port, BULK_RECEIVE_BUFFER, CONTROL_BUFFER).ok();
+                    self.listening_us = now;
                     if let Some(h) = self.listener {
                         net.tcp_liveness(h, KEEP_ALIVE_MS, LINK_TIMEOUT_MS);
                     }
                     return false;
                 }
                 (Some(_), Some(h)) => match net.tcp_state(h) {
-                    TcpState::Listen | TcpState::SynReceived => return false,
+                    TcpState::Listen => {
+                        self.listening_us = now;
+                        return false;
+                    }
+                    // A SYN whose sender never completes the handshake (a
+                    // vanished client, a forged SYN) held the port for the
+                    // socket's 8 s timeout, refusing real migrations.
+                    TcpState::SynReceived if now - self.listening_us > HALF_OPEN_US => {
+                        net.tcp_remove(h);
+                        self.listener = None;
+                        return false;
+                    }
+                    TcpState::SynReceived => return false,
                     TcpState::Closed => {
                         net.tcp_remove(h);
                         self.listener = None;

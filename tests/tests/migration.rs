@@ -89,6 +89,12 @@ fn failures_before_switchover_leave_the_vm_running_on_the_source() {
     ok(a.console(), "migrate m 10.77.0.12");
     let s = wait_end(a.console(), Duration::from_secs(60));
     assert_eq!(s["stage"], "failed", "{s}");
+    assert!(s["error"].as_str().unwrap_or("").contains("connection refused"), "{s}");
+    assert_eq!(s["vm_running_here"], true);
+    // Nobody at that address: no answer, which is not a refusal.
+    ok(a.console(), "migrate m 10.77.0.99");
+    let s = wait_end(a.console(), Duration::from_secs(60));
+    assert!(s["error"].as_str().unwrap_or("").contains("no answer from the destination"), "{s}");
     assert_eq!(s["vm_running_here"], true);
     let info = ok(a.console(), "vm info m");
     assert_eq!((info["state"].as_str(), info["migrating"].as_bool()), (Some("running"), Some(false)), "{info}");
@@ -244,7 +250,26 @@ print("connected")
     std::thread::sleep(Duration::from_secs(6));
     assert_eq!(ok(b.console(), "vm list")["vms"], serde_json::json!([]), "a skeleton was left behind");
     assert_eq!(ok(b.console(), "version")["name"], "hypervisor");
-    std::thread::sleep(Duration::from_secs(1));
+    // A SYN from an address nobody has: B's SYN-ACK goes nowhere. The
+    // half-open connection held B's port for 8 s, refusing migrations.
+    let half_open = r#"
+import socket, struct
+def csum(b):
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+src, dst = socket.inet_aton("10.77.0.99"), socket.inet_aton("10.77.0.12")
+tcp = struct.pack("!HHIIBBHHH", 40000, 7070, 1, 0, 5 << 4, 0x02, 65535, 0, 0)
+tcp = tcp[:16] + struct.pack("!H", csum(src + dst + struct.pack("!BBH", 0, 6, len(tcp)) + tcp)) + tcp[18:]
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0, 64, 6, 0, src, dst)
+ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW).sendto(ip + tcp, ("10.77.0.12", 0))
+print("sent")
+"#;
+    let out = lab.exec(&["python3", "-c", half_open]).expect("half-open SYN");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("sent"), "{out:?}");
+    std::thread::sleep(Duration::from_secs(3));
     // A to B and back to A.
     ok(a.console(), "vm create p mem=32 workload=sweep rate=500");
     ok(a.console(), "vm start p");
