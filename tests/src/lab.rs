@@ -3,7 +3,8 @@
 //! address 10.77.0.1/24 for host-side clients. The emulators (QEMU or
 //! Bochs) run inside the namespace. Everything is removed on drop;
 //! namespaces left by a killed or aborted run are removed by the next lab,
-//! which first kills the emulators still running in them. Traffic
+//! which first kills the emulators still running in them. A lab's drop
+//! kills what still runs in its namespace. Traffic
 //! never leaves the namespace.
 
 use std::process::{Command, Output};
@@ -51,13 +52,20 @@ fn remove_stale() {
             // Its emulators outlive a harness that aborted (the dev profile
             // panics by aborting, so no Drop ran): stop them first, or they
             // keep their RAM and the cores.
-            if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
-                for p in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                    let _ = Command::new("kill").args(["-KILL", p]).status();
-                }
-            }
+            kill_all_in(name);
             let _ = Command::new("ip").args(["netns", "del", name]).status();
         }
+    }
+}
+
+/// Kills every process still running in namespace `ns` (emulators, and
+/// the host-side clients a test forked to hold connections). Through
+/// bash's `kill` builtin: a fresh machine may lack procps.
+fn kill_all_in(ns: &str) {
+    let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() else { return };
+    let pids: Vec<String> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(String::from).collect();
+    if !pids.is_empty() {
+        let _ = Command::new("bash").arg("-c").arg(format!("kill -KILL {} 2>/dev/null", pids.join(" "))).status();
     }
 }
 
@@ -140,6 +148,9 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        // The hosts' own Drop stopped their emulators; a client a test
+        // forked (or left behind by failing) would outlive the namespace.
+        kill_all_in(&self.ns);
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
     }
 }

@@ -89,7 +89,9 @@ fn hot_loops_never_straddle_a_page() {
         }
     }
     for name in ["migration::copy_page_hashed", "migration::page_hash"] {
-        for (start, end) in loops(&disassembly(name)) {
+        let found = loops(&disassembly(name));
+        assert!(!found.is_empty(), "no loop found in {name}");
+        for (start, end) in found {
             assert_eq!(start / 4096, (end - 1) / 4096, "{name}: loop {start:#x}..{end:#x} straddles a page");
             assert_eq!(start % 64, 0, "{name}: loop at {start:#x} not aligned to 64 (-align-loops)");
         }
