@@ -82,6 +82,10 @@ fn num(key: &str, v: &str, range: core::ops::RangeInclusive<u64>) -> Result<u64,
     }
 }
 
+/// Words `migrate` takes as its subcommands, so no VM created here may be
+/// named one: `migrate status 10.77.0.12` could not move it.
+pub const SUBCOMMANDS: [&str; 4] = ["status", "cancel", "listen", "lose-resumed"];
+
 /// Parses the words after `migrate`.
 pub fn parse(args: &[&str]) -> Result<MigrateCommand, String> {
     match args {

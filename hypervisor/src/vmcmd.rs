@@ -185,9 +185,16 @@ pub fn parse(args: &[&str]) -> Result<VmCommand, String> {
 
 fn parse_create(rest: &[&str]) -> Result<VmCommand, String> {
     let name = name(rest.first())?;
+    if crate::migcmd::SUBCOMMANDS.contains(&name.as_str()) {
+        return Err(format!("'{name}' cannot name a VM: 'migrate {name}' is a subcommand"));
+    }
     let (mut mem_mib, mut workload, mut rate) = (None, Workload::Idle, 0);
-    for opt in rest.iter().skip(1) {
+    let options = rest.get(1..).unwrap_or_default();
+    for (i, opt) in options.iter().enumerate() {
         let (key, value) = opt.split_once('=').ok_or_else(|| format!("bad option '{opt}': expected key=value"))?;
+        if options[..i].iter().any(|o| o.split_once('=').is_some_and(|(k, _)| k == key)) {
+            return Err(format!("{key} given twice"));
+        }
         match key {
             "mem" => {
                 let m = number(key, value)?;
@@ -249,6 +256,12 @@ mod tests {
         assert!(err("create bad!name mem=16").contains("bad VM name"));
         assert!(err(&alloc::format!("create {} mem=16", "n".repeat(33))).contains("bad VM name"));
         assert!(err("create").contains("missing VM name"));
+        // Before, the last one silently won.
+        assert_eq!(err("create a mem=16 mem=32"), "mem given twice");
+        // Before, such a VM was created but could never be migrated.
+        for sub in crate::migcmd::SUBCOMMANDS {
+            assert!(err(&alloc::format!("create {sub} mem=16")).contains("is a subcommand"), "{sub}");
+        }
     }
 
     #[test]
