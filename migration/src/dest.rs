@@ -497,6 +497,14 @@ mod tests {
         v
     }
 
+    /// Round 0, one vCPU's state and the device state: all before Ready.
+    fn up_to_ready() -> Vec<u8> {
+        let mut bytes = round0(7);
+        bytes.extend(frame(Record::VcpuState(vec![1])));
+        bytes.extend(frame(Record::DeviceState(vec![])));
+        bytes
+    }
+
     fn assert_failed_with_error(d: &mut Destination, needle: &str) {
         let a = drain(d);
         assert_eq!(d.state(), DestState::Failed);
@@ -601,10 +609,7 @@ mod tests {
         // complete Commit before it, so the outcome depended on how TCP
         // split the bytes.
         let (mut d, mut mem) = accepted();
-        let mut bytes = round0(7);
-        bytes.extend(frame(Record::VcpuState(vec![1])));
-        bytes.extend(frame(Record::DeviceState(vec![])));
-        d.on_bytes(&bytes, &mut mem);
+        d.on_bytes(&up_to_ready(), &mut mem);
         drain(&mut d);
         let mut commit = frame(Record::Commit);
         commit.extend_from_slice(b"junk after the end");
@@ -620,9 +625,7 @@ mod tests {
         // vCPU state, and a host that then refused that state
         // (`on_host_error`) was ignored: the VM ran on garbage.
         let (mut d, mut mem) = accepted();
-        let mut bytes = round0(7);
-        bytes.extend(frame(Record::VcpuState(vec![1])));
-        bytes.extend(frame(Record::DeviceState(vec![])));
+        let mut bytes = up_to_ready();
         bytes.extend(frame(Record::Commit));
         d.on_bytes(&bytes, &mut mem);
         let a = drain(&mut d);
@@ -635,10 +638,7 @@ mod tests {
     #[test]
     fn a_host_refusing_the_vcpu_state_before_commit_destroys_the_skeleton() {
         let (mut d, mut mem) = accepted();
-        let mut bytes = round0(7);
-        bytes.extend(frame(Record::VcpuState(vec![1])));
-        bytes.extend(frame(Record::DeviceState(vec![])));
-        d.on_bytes(&bytes, &mut mem);
+        d.on_bytes(&up_to_ready(), &mut mem);
         assert!(matches!(d.poll(), Some(DestAction::SetVcpuState(_))));
         d.on_host_error("bad vCPU state");
         let a = drain(&mut d);
