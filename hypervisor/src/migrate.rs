@@ -292,8 +292,9 @@ pub struct Migrator {
     last: Option<Obj>,
     /// The next incoming migration loses its `Resumed` (test hook).
     lose_next_resumed: bool,
-    /// When the listener was last seen waiting for a SYN.
-    listening_us: u64,
+    /// When the listener was first seen half open (a SYN taken, its
+    /// handshake not completed), if it is.
+    half_open_since_us: Option<u64>,
 }
 
 fn report_obj(vm: &str, peer: &str, r: &Report) -> Obj {
@@ -334,7 +335,7 @@ impl Migrator {
             inc: None,
             last: None,
             lose_next_resumed: false,
-            listening_us: 0,
+            half_open_since_us: None,
         }
     }
 
@@ -609,7 +610,7 @@ impl Migrator {
             match (self.listen_port, self.listener) {
                 (Some(port), None) => {
                     self.listener = net.tcp_listen(port, BULK_RECEIVE_BUFFER, CONTROL_BUFFER).ok();
-                    self.listening_us = now;
+                    self.half_open_since_us = None;
                     if let Some(h) = self.listener {
                         net.tcp_liveness(h, KEEP_ALIVE_MS, LINK_TIMEOUT_MS);
                     }
@@ -617,18 +618,25 @@ impl Migrator {
                 }
                 (Some(_), Some(h)) => match net.tcp_state(h) {
                     TcpState::Listen => {
-                        self.listening_us = now;
+                        self.half_open_since_us = None;
                         return false;
                     }
                     // A SYN whose sender never completes the handshake (a
                     // vanished client, a forged SYN) held the port for the
-                    // socket's 8 s timeout, refusing real migrations.
-                    TcpState::SynReceived if now - self.listening_us > HALF_OPEN_US => {
-                        net.tcp_remove(h);
-                        self.listener = None;
+                    // socket's 8 s timeout, refusing real migrations. Timed
+                    // from when this poll first sees it half open (the
+                    // clock read now: `now` predates the outgoing side's
+                    // work), so a console command that kept the loop from
+                    // the network does not count against the peer.
+                    TcpState::SynReceived => {
+                        let t = clock::uptime_us();
+                        let since = *self.half_open_since_us.get_or_insert(t);
+                        if t - since > HALF_OPEN_US {
+                            net.tcp_remove(h);
+                            self.listener = None;
+                        }
                         return false;
                     }
-                    TcpState::SynReceived => return false,
                     TcpState::Closed => {
                         net.tcp_remove(h);
                         self.listener = None;
