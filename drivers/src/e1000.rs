@@ -932,15 +932,24 @@ fn ip_header_ok(frame: &[u8], ihl: usize) -> bool {
 /// header holds (smoltcp drops the others): keyed by the peer's address
 /// alone, one forged SYN from that address to any port raised the MSS of
 /// every connection to it, whose frames the peer's NIC then dropped.
+///
+/// When full, it forgets the oldest connection that never carried a
+/// segment long enough to cut, before any that did: a burst of SYNs (a
+/// scan, a flood, one client's reconnects) does not push out the
+/// connections moving data.
 #[derive(Default)]
 struct PeerMss {
-    peers: Vec<(Conn, u16)>,
+    /// Connection, its peer's MSS, and whether a segment was cut for it.
+    peers: Vec<(Conn, u16, bool)>,
 }
 
 impl PeerMss {
-    /// The MSS the peer of `conn` announced, if it sent a SYN.
-    fn get(&self, conn: Conn) -> Option<u16> {
-        self.peers.iter().find(|(c, _)| *c == conn).map(|&(_, mss)| mss)
+    /// The MSS the peer of `conn` announced, if it sent a SYN; marks the
+    /// connection as carrying data.
+    fn take(&mut self, conn: Conn) -> Option<u16> {
+        let (_, mss, used) = self.peers.iter_mut().find(|(c, _, _)| *c == conn)?;
+        *used = true;
+        Some(*mss)
     }
 
     /// Notes the MSS of a received SYN and rewrites it for smoltcp (whose
@@ -950,11 +959,12 @@ impl PeerMss {
         let Some((ihl, _)) = ipv4_tcp(frame).filter(|&(ihl, _)| ip_header_ok(frame, ihl)) else { return };
         let Some(peer) = conn(frame, ETH_HEADER + ihl, true) else { return };
         let Some(announced) = be16(frame, at).map(|m| m.max(MIN_PEER_MSS)) else { return };
-        self.peers.retain(|(c, _)| *c != peer);
+        self.peers.retain(|(c, _, _)| *c != peer);
         if self.peers.len() == MAX_PEERS {
-            self.peers.remove(0);
+            let idle = self.peers.iter().position(|&(_, _, used)| !used);
+            self.peers.remove(idle.unwrap_or(0));
         }
-        self.peers.push((peer, announced));
+        self.peers.push((peer, announced, false));
         let whole = whole_segments(usize::from(announced).min(wire_mss));
         frame[at..at + 2].copy_from_slice(&u16::try_from(whole).unwrap_or(u16::MAX).to_be_bytes());
     }
@@ -1018,7 +1028,7 @@ impl TxRing {
     /// than the wire takes or, for a TCP segment, than its peer's MSS;
     /// then the wire frame size and, for TCP, the MSS to cut to (the
     /// peer's, or [`FORGOTTEN_PEER_MSS`] if it is not remembered).
-    fn cut(&self, frame: &[u8]) -> Option<(usize, Option<u16>)> {
+    fn cut(&mut self, frame: &[u8]) -> Option<(usize, Option<u16>)> {
         let wire = self.segment_above?;
         // Nothing this short needs cutting, whatever the peer: skip the
         // lookup for ACKs and other small frames.
@@ -1031,7 +1041,7 @@ impl TxRing {
         // with a smaller MTU, whose NIC dropped every one.
         let peer_mss = ipv4_tcp(frame).map(|(ihl, _)| {
             let peer = conn(frame, ETH_HEADER + ihl, false);
-            peer.and_then(|c| self.peers.get(c)).unwrap_or(FORGOTTEN_PEER_MSS)
+            peer.and_then(|c| self.peers.take(c)).unwrap_or(FORGOTTEN_PEER_MSS)
         });
         let limit = peer_mss.map_or(wire, |m| wire.min(TCP_HEADERS + usize::from(m)));
         (frame.len() > limit).then_some((wire, peer_mss))
@@ -2825,7 +2835,7 @@ mod tests {
     }
 
     #[test]
-    fn a_forged_syn_changes_no_other_connection_and_a_bad_one_nothing() {
+    fn a_connections_mss_survives_forged_syns_and_bursts_of_others() {
         // Found in review: keyed by address, one SYN from the peer's
         // address to any port (a closed one, forged) raised the MSS of the
         // established connection to it, whose 9014-byte frames the peer's
@@ -2866,6 +2876,12 @@ mod tests {
         assert_eq!(sizes(&mut nic, 7070), at_536);
         // A connection with no SYN seen gets an Ethernet host's MSS.
         assert_eq!(sizes(&mut nic, 7071), [1514, 1514, 134]);
+        // A burst of SYNs from 64 other connections (a scan, a flood)
+        // fills the table; the one carrying data stays.
+        for port in 0..64 {
+            receive_syn(&mut nic, &wire, &with_ports(syn([10, 0, 1, 9], 1460), 1000 + port, 80));
+        }
+        assert_eq!(sizes(&mut nic, 7070), at_536);
     }
 
     #[test]
