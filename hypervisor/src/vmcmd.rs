@@ -185,9 +185,7 @@ pub fn parse(args: &[&str]) -> Result<VmCommand, String> {
 
 fn parse_create(rest: &[&str]) -> Result<VmCommand, String> {
     let name = name(rest.first())?;
-    if crate::migcmd::SUBCOMMANDS.contains(&name.as_str()) {
-        return Err(format!("'{name}' cannot name a VM: 'migrate {name}' is a subcommand"));
-    }
+    crate::migcmd::migratable_name(&name)?;
     let (mut mem_mib, mut workload, mut rate) = (None, Workload::Idle, 0);
     let options = rest.get(1..).unwrap_or_default();
     for (i, opt) in options.iter().enumerate() {

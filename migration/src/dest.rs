@@ -644,6 +644,7 @@ mod tests {
         let a = drain(&mut d);
         assert_eq!(d.state(), DestState::Failed);
         assert!(matches!(&sent(&a)[..], [Record::Error { reason }] if reason.contains("bad vCPU state")), "{a:?}");
+        assert!(matches!(a.last(), Some(DestAction::DestroyVm { .. })), "{a:?}");
         d.on_bytes(&frame(Record::Commit), &mut mem);
         assert!(d.poll().is_none(), "nothing after the failure, no ResumeVm");
     }

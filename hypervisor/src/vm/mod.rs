@@ -515,6 +515,7 @@ impl Manager {
     /// Creates the skeleton of a VM arriving by migration: memory, tables
     /// and a vCPU, no guest program; state `incoming`.
     pub fn create_incoming(&mut self, name: &str, mem_bytes: u64) -> Result<(), String> {
+        hypervisor::migcmd::migratable_name(name)?;
         if !mem_bytes.is_multiple_of(2 << 20) {
             return Err(format!("incoming VM memory {mem_bytes} is not a multiple of 2 MiB"));
         }
