@@ -107,6 +107,9 @@ pub mod st {
     /// and resumes it at the first host tick past it, or at once when a
     /// request (verify, crash) is pending.
     pub const WAKE_TSC: u64 = 0x148;
+    /// Data pages the last verify checked (all of them, unless its layout
+    /// in the config page is wrong).
+    pub const VERIFY_PAGES: u64 = 0x150;
 }
 
 /// Port the guest's heartbeat goes out on (`OUT 0xE0, AL`).

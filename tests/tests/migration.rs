@@ -164,6 +164,22 @@ fn failures_before_switchover_leave_the_vm_running_on_the_source() {
     std::thread::sleep(Duration::from_millis(1500));
     let e = b.console().json("vm info m", REPLY).unwrap();
     assert_eq!(e["error"], "no VM named 'm'", "B kept or started a copy: {e}");
+    // A write the host makes for a paused guest during pre-copy (here the
+    // crash request in its config page) reaches B: no D bit, fault or PML
+    // entry saw it, and B kept the page as round 0 had sent it.
+    ok(a.console(), "vm create q mem=32");
+    ok(a.console(), "vm start q");
+    ok(a.console(), "vm pause q");
+    ok(a.console(), "migrate q 10.77.0.12 bandwidth=100");
+    std::thread::sleep(Duration::from_millis(700));
+    ok(a.console(), "vm crash q");
+    let s = wait_end(a.console(), Duration::from_secs(120));
+    assert_eq!(s["stage"], "done", "{s}");
+    assert_eq!(ok(b.console(), "vm info q")["state"], "paused");
+    ok(b.console(), "vm resume q");
+    std::thread::sleep(Duration::from_millis(500));
+    let info = ok(b.console(), "vm info q");
+    assert!(info["state"].as_str().unwrap_or("").starts_with("stopped"), "B did not get the crash request: {info}");
 }
 
 #[test]

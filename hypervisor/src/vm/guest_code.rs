@@ -178,6 +178,7 @@ g_fill:
     ret
 
 g_verify:
+    push qword ptr [rbx + {verify_req}]
     xor r15, r15
     mov qword ptr [rbx + {verify_first_bad}], -1
     xor esi, esi
@@ -210,7 +211,8 @@ g_verify_next:
     jmp g_verify_page
 g_verify_done:
     mov [rbx + {verify_bad}], r15
-    mov rax, [rbx + {verify_req}]
+    mov [rbx + {verify_pages}], rsi
+    pop rax
     mov [rbx + {verify_done}], rax
     out {port_verify}, al
     jmp g_main
@@ -241,6 +243,7 @@ guest_image_end:
     verify_done = const hypervisor::guest::st::VERIFY_DONE,
     verify_bad = const hypervisor::guest::st::VERIFY_BAD,
     verify_first_bad = const hypervisor::guest::st::VERIFY_FIRST_BAD,
+    verify_pages = const hypervisor::guest::st::VERIFY_PAGES,
     cursor = const hypervisor::guest::st::CURSOR,
     rng = const hypervisor::guest::st::RNG,
 );

@@ -180,6 +180,10 @@ struct Vm {
     /// Pages the PML log reported since the last harvest (PML-full exits
     /// drain into it).
     pml_log: DirtyBitmap,
+    /// Pages the hypervisor wrote for the guest since the last harvest
+    /// (requests in its config page, test hooks), which no tracking
+    /// mechanism sees: see `Vm::host_write_u64`.
+    host_dirty: Vec<u64>,
     /// Being migrated out: lifecycle commands are refused until the
     /// migration ends.
     migrating: bool,
@@ -502,8 +506,18 @@ impl Manager {
             }
             VmCommand::Crash(n) => {
                 let vm = self.find(&n)?;
-                vm.mem.write_u64(guest::CONFIG_GPA + cfg::CRASH_REQ, 1);
+                vm.host_write_u64(guest::CONFIG_GPA + cfg::CRASH_REQ, 1);
                 Ok(Reply::data(Obj::new().with("crash_requested", n)))
+            }
+            VmCommand::Poke(n, page) => {
+                let vm = self.find(&n)?;
+                if page >= vm.layout.data_pages {
+                    return Err(format!("VM '{n}' has {} data pages", vm.layout.data_pages));
+                }
+                // A word in the middle of the page's stamp pattern.
+                let gpa = (vm.layout.gfn(page) << 12) + 8 * 100;
+                vm.host_write_u64(gpa, !vm.mem.read_u64(gpa));
+                Ok(Reply::data(Obj::new().with("poked", n).with("page", page)))
             }
         }
     }
@@ -625,6 +639,7 @@ impl Manager {
             tables_split: false,
             gen_snapshot: None,
             pml_log: DirtyBitmap::new(bytes / 4096),
+            host_dirty: Vec::new(),
             migrating: false,
             throttle: 0,
             in_doubt: false,
@@ -690,6 +705,20 @@ impl Vm {
     /// Guest status word from the config page.
     fn status(&self, field: u64) -> u64 {
         self.mem.read_u64(guest::CONFIG_GPA + field)
+    }
+
+    /// Writes a word of guest memory for the guest (a request in its
+    /// config page, a test hook). The write sets no D bit, takes no
+    /// write-protect fault and leaves no PML entry, so with tracking on its
+    /// page is reported at the next harvest by hand: a migration kept the
+    /// destination's older copy of the page (a `vm crash` of a paused VM
+    /// being migrated was lost).
+    fn host_write_u64(&mut self, gpa: u64, value: u64) {
+        self.mem.write_u64(gpa, value);
+        let gfn = gpa >> 12;
+        if self.dirty_mode != DirtyMode::Off && !self.host_dirty.contains(&gfn) {
+            self.host_dirty.push(gfn);
+        }
     }
 
     fn transition(&mut self, action: &str) -> Result<Reply, String> {
@@ -933,6 +962,7 @@ impl Vm {
                 DirtyMode::Off => {}
             }
             self.dirty_mode = mode;
+            self.host_dirty.clear();
             self.gen_snapshot = (mode != DirtyMode::Off).then(|| self.gen_table());
             return Ok(Obj::new()
                 .with("name", self.name.as_str())
@@ -995,6 +1025,9 @@ impl Vm {
             DirtyMode::Off => return Err(String::from("dirty tracking is off; say dbit or wp")),
         };
         self.flush(flush);
+        for gfn in self.host_dirty.drain(..) {
+            bitmap.set(ept::Gfn(gfn));
+        }
         Ok(())
     }
 
@@ -1005,7 +1038,7 @@ impl Vm {
             return Err(format!("VM '{}' is {}; only a started VM can verify", self.name, self.state.name()));
         }
         let req = self.status(cfg::VERIFY_REQ) + 1;
-        self.mem.write_u64(guest::CONFIG_GPA + cfg::VERIFY_REQ, req);
+        self.host_write_u64(guest::CONFIG_GPA + cfg::VERIFY_REQ, req);
         let deadline = clock::uptime_us() + VERIFY_TIMEOUT_US;
         let done = self.run_until(|vm| vm.status(st::VERIFY_DONE) == req, deadline, Slice::UntilInterrupt);
         if let VmState::Stopped(why) = &self.state {
@@ -1020,13 +1053,21 @@ impl Vm {
         }
         let bad = self.status(st::VERIFY_BAD);
         let first_bad = self.status(st::VERIFY_FIRST_BAD);
+        // The guest takes its layout from its config page, which migrates
+        // with it: a damaged one could make it check nothing and pass.
+        let checked = self.status(st::VERIFY_PAGES);
+        let config_ok = self.status(cfg::MAGIC) == guest::MAGIC
+            && self.status(cfg::DATA_PAGES) == self.layout.data_pages
+            && checked == self.layout.data_pages;
         Ok(Obj::new()
             .with("name", self.name.as_str())
             .with("pages", self.layout.data_pages)
+            .with("pages_checked", checked)
             .with("bad_pages", bad)
             .with("first_bad", (first_bad != u64::MAX).then_some(first_bad))
             .with("check_errors", self.status(st::CHECK_ERRORS))
-            .with("verified", bad == 0 && self.status(st::CHECK_ERRORS) == 0))
+            .with("config_ok", config_ok)
+            .with("verified", config_ok && bad == 0 && self.status(st::CHECK_ERRORS) == 0))
     }
 
     fn destroy(self) {
