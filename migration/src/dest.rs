@@ -492,6 +492,11 @@ mod tests {
                 data: if gfn == 1 { PageData::Full(Box::new([mem_page1; 4096])) } else { PageData::Zero },
             })
             .collect();
+        round0_of(pages)
+    }
+
+    /// Round 0 as one batch of `pages`, announced as 4 pages.
+    fn round0_of(pages: Vec<Page>) -> Vec<u8> {
         let mut v = frame(Record::PageBatch(PageBatch { round: 0, pages }));
         v.extend(frame(Record::RoundEnd(RoundEnd { round: 0, pages_sent: 4, ..RoundEnd::default() })));
         v
@@ -659,9 +664,7 @@ mod tests {
         let pages = (0..4)
             .map(|gfn| Page { gfn, data: if gfn == 2 { PageData::Delta(vec![]) } else { PageData::Zero } })
             .collect();
-        let mut bytes = frame(Record::PageBatch(PageBatch { round: 0, pages }));
-        bytes.extend(frame(Record::RoundEnd(RoundEnd { round: 0, pages_sent: 4, ..RoundEnd::default() })));
-        d.on_bytes(&bytes, &mut mem);
+        d.on_bytes(&round0_of(pages), &mut mem);
         assert_failed_with_error(&mut d, "page 0x2: a delta in round 0");
     }
 
@@ -685,9 +688,7 @@ mod tests {
         // missing passed the page count check.
         let (mut d, mut mem) = accepted();
         let pages = [0, 1, 2, 0].map(|gfn| Page { gfn, data: PageData::Zero }).to_vec();
-        let mut bytes = frame(Record::PageBatch(PageBatch { round: 0, pages }));
-        bytes.extend(frame(Record::RoundEnd(RoundEnd { round: 0, pages_sent: 4, ..RoundEnd::default() })));
-        d.on_bytes(&bytes, &mut mem);
+        d.on_bytes(&round0_of(pages), &mut mem);
         assert_failed_with_error(&mut d, "page 0x0 twice in round 0");
     }
 
