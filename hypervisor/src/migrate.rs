@@ -211,6 +211,20 @@ struct Outgoing {
     share: u8,
 }
 
+impl Incoming {
+    /// What `migrate status` shows of it.
+    fn status(&self) -> Obj {
+        let p = self.dest.progress();
+        Obj::new()
+            .with("vm", self.name.clone())
+            .with("peer", self.peer.clone())
+            .with("state", format!("{:?}", self.dest.state()).to_lowercase())
+            .with("round", p.round)
+            .with("pages_received", p.pages_received)
+            .with("bytes_received", p.bytes_received)
+    }
+}
+
 impl Outgoing {
     /// The source's next step. Once connected, a page batch is encoded
     /// straight into the socket's send buffer, its pages copied once
@@ -270,7 +284,11 @@ struct Incoming {
     dest: Destination,
     socket: TcpHandle,
     pending: Queue,
+    /// The skeleton VM, while it exists.
     vm: Option<String>,
+    /// The VM's name from its Hello, and the source's address.
+    name: Option<String>,
+    peer: Option<String>,
     last_heard_us: u64,
     /// When the connection was taken.
     accepted_us: u64,
@@ -290,6 +308,8 @@ pub struct Migrator {
     inc: Option<Incoming>,
     /// The last finished or failed migration, for `migrate status`.
     last: Option<Obj>,
+    /// How the last incoming migration ended, for `migrate status`.
+    last_incoming: Option<Obj>,
     /// The next incoming migration loses its `Resumed` (test hook).
     lose_next_resumed: bool,
     /// When the listener was first seen half open (a SYN taken, its
@@ -334,6 +354,7 @@ impl Migrator {
             out: None,
             inc: None,
             last: None,
+            last_incoming: None,
             lose_next_resumed: false,
             half_open_since_us: None,
         }
@@ -444,7 +465,7 @@ impl Migrator {
     }
 
     fn status(&self, net: Option<&Net>) -> Obj {
-        let mut o = match (&self.out, &self.last) {
+        let o = match (&self.out, &self.last) {
             (Some(out), _) => {
                 let s = out.source.status();
                 Obj::new()
@@ -469,14 +490,10 @@ impl Migrator {
             (None, Some(last)) => last.clone(),
             (None, None) => Obj::new().with("stage", "idle"),
         };
-        let incoming: Value = match &self.inc {
-            Some(i) => {
-                Obj::new().with("vm", i.vm.clone()).with("state", format!("{:?}", i.dest.state()).to_lowercase()).into()
-            }
-            None => Value::Null,
-        };
-        o = o.with("incoming", incoming).with("listening", self.listen_port);
-        o
+        let incoming: Value = self.inc.as_ref().map_or(Value::Null, |i| i.status().into());
+        o.with("incoming", incoming)
+            .with("last_incoming", self.last_incoming.clone())
+            .with("listening", self.listen_port)
     }
 
     /// Moves both directions forward. Returns true when there was work.
@@ -654,6 +671,8 @@ impl Migrator {
                             socket: h,
                             pending: Queue::default(),
                             vm: None,
+                            name: None,
+                            peer: net.tcp_remote(h),
                             last_heard_us: now,
                             accepted_us: now,
                             arrive_paused: false,
@@ -702,7 +721,10 @@ impl Migrator {
                     }
                 }
                 DestAction::CreateVm(cfg) => match vms.create_incoming(&cfg.name, cfg.mem_bytes) {
-                    Ok(()) => i.vm = Some(cfg.name),
+                    Ok(()) => {
+                        i.name = Some(cfg.name.clone());
+                        i.vm = Some(cfg.name);
+                    }
                     Err(e) => {
                         log::warn!("incoming migration of '{}' refused: {e}", cfg.name);
                         i.dest.on_host_error(&e);
@@ -746,6 +768,7 @@ impl Migrator {
             let socket = i.socket;
             let resumed = i.dest.state() == DestState::Resumed;
             net.close_later(socket, resumed);
+            self.last_incoming = Some(i.status().with("reason", i.dest.failure()));
             self.inc = None;
         }
         busy

@@ -444,6 +444,11 @@ impl Net {
         total
     }
 
+    /// The peer's address and port, once connected.
+    pub fn tcp_remote(&self, h: SocketHandle) -> Option<String> {
+        self.sockets.get::<tcp::Socket>(h).remote_endpoint().map(|e| format!("{e}"))
+    }
+
     /// Resets the connection and frees the socket.
     pub fn tcp_remove(&mut self, h: SocketHandle) {
         self.sockets.get_mut::<tcp::Socket>(h).abort();

@@ -75,6 +75,17 @@ pub enum DestState {
     Failed,
 }
 
+/// How far an incoming migration got, for its operator.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DestProgress {
+    /// The round being received (0 until round 0 ends).
+    pub round: u32,
+    /// Pages written so far, over all rounds.
+    pub pages_received: u64,
+    /// Bytes taken from the source so far.
+    pub bytes_received: u64,
+}
+
 /// The destination state machine. See the module docs.
 pub struct Destination {
     vendor: [u8; 12],
@@ -98,6 +109,10 @@ pub struct Destination {
     memory_done: bool,
     vcpus_received: u32,
     scratch: Box<[u8; PAGE_SIZE]>,
+    pages_received: u64,
+    bytes_received: u64,
+    /// Why it was refused or failed.
+    failure: Option<String>,
 }
 
 /// Why handling a record failed: `true` if the peer must be told (we found
@@ -135,6 +150,9 @@ impl Destination {
             memory_done: false,
             vcpus_received: 0,
             scratch: Box::new([0; PAGE_SIZE]),
+            pages_received: 0,
+            bytes_received: 0,
+            failure: None,
         }
     }
 
@@ -152,6 +170,16 @@ impl Destination {
         self.state
     }
 
+    /// Round, pages and bytes received so far.
+    pub fn progress(&self) -> DestProgress {
+        DestProgress { round: self.round, pages_received: self.pages_received, bytes_received: self.bytes_received }
+    }
+
+    /// Why the migration was refused (`Rejected`) or failed (`Failed`).
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
+    }
+
     fn active(&self) -> bool {
         matches!(self.state, DestState::AwaitHello | DestState::Receiving | DestState::AwaitCommit)
     }
@@ -162,6 +190,7 @@ impl Destination {
         if !self.active() {
             return;
         }
+        self.bytes_received += bytes.len() as u64;
         // Frames completed before a framing error are handled first, so
         // the outcome does not depend on how the transport split the bytes.
         let pushed = self.decoder.push(bytes);
@@ -214,6 +243,7 @@ impl Destination {
 
     fn fail(&mut self, (reason, tell_peer): Fault) {
         self.out.clear();
+        self.failure = Some(reason.clone());
         if tell_peer {
             if let Ok(frame) = (Record::Error { reason: clip_reason(&reason) }).encode() {
                 self.out.push_back(DestAction::Send(frame));
@@ -330,6 +360,7 @@ impl Destination {
     fn on_hello(&mut self, h: Hello) -> Result<(), Fault> {
         if let Some(reason) = self.refusal(&h) {
             self.send(&Record::Reject { reason: clip_reason(&reason) })?;
+            self.failure = Some(reason);
             self.state = DestState::Rejected;
             return Ok(());
         }
@@ -408,6 +439,7 @@ impl Destination {
             }
         }
         self.round_pages += b.len() as u64;
+        self.pages_received += b.len() as u64;
         Ok(())
     }
 
@@ -606,6 +638,24 @@ mod tests {
         d.on_abort("link down");
         assert!(d.poll().is_none(), "no DestroyVm after Commit");
         assert_eq!(d.state(), DestState::Resumed);
+    }
+
+    #[test]
+    fn progress_and_the_reason_of_a_failure_are_kept_for_the_operator() {
+        let (mut d, mut mem) = accepted();
+        let round = round0(7);
+        d.on_bytes(&round, &mut mem);
+        let hello_len = frame(Record::Hello(hello())).len() as u64;
+        let p = d.progress();
+        assert_eq!((p.round, p.pages_received, p.bytes_received), (1, 4, hello_len + round.len() as u64));
+        assert_eq!(d.failure(), None);
+        d.on_bytes(&frame(Record::Cancel { reason: "operator".into() }), &mut mem);
+        assert_eq!(d.failure(), Some("source cancelled: operator"));
+        let mut h = hello();
+        h.cpu_vendor = *b"GenuineIntel";
+        let mut r = Destination::new(VENDOR, 0b111, 1 << 20);
+        r.on_bytes(&frame(Record::Hello(h)), &mut VecMemory::new(4));
+        assert!(r.failure().is_some_and(|f| f.contains("vendor mismatch")), "{:?}", r.failure());
     }
 
     #[test]

@@ -135,7 +135,7 @@ mod e2e;
 pub(crate) mod testmem;
 
 pub use converge::{decide, Decision, Policy};
-pub use dest::{DestAction, DestState, Destination};
+pub use dest::{DestAction, DestProgress, DestState, Destination};
 pub use record::{Hello, Page, PageBatch, PageData, Record, RoundEnd, VmConfig};
 pub use source::{Polled, Report, Source, SourceAction, SourceConfig, Stage, Status};
 pub use wire::{Frame, FrameDecoder, RecordType, WireError, MAX_PAYLOAD, PROTOCOL_VERSION};

@@ -127,6 +127,11 @@ fn failures_before_switchover_leave_the_vm_running_on_the_source() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(ok(b.console(), "vm info m")["state"], "incoming");
+    // B shows the incoming migration's progress, and later how it ended.
+    let inc = ok(b.console(), "migrate status")["incoming"].clone();
+    assert_eq!((inc["vm"].as_str(), inc["state"].as_str()), (Some("m"), Some("receiving")), "{inc}");
+    assert!(inc["peer"].as_str().unwrap_or("").starts_with("10.77.0.11:"), "{inc}");
+    assert!(inc["round"].as_u64().unwrap() >= 1 && inc["pages_received"].as_u64().unwrap() > 0, "{inc}");
     let e = b.console().json("vm destroy m", REPLY).unwrap();
     assert!(e["error"].as_str().unwrap_or("").contains("still arriving by migration"), "{e}");
     // On A, commands that would take the migration's dirty pages or run
@@ -148,6 +153,9 @@ fn failures_before_switchover_leave_the_vm_running_on_the_source() {
     std::thread::sleep(Duration::from_millis(1500));
     let e = b.console().json("vm info m", REPLY).unwrap();
     assert_eq!(e["error"], "no VM named 'm'", "B kept a skeleton: {e}");
+    let last = ok(b.console(), "migrate status")["last_incoming"].clone();
+    assert_eq!((last["vm"].as_str(), last["state"].as_str()), (Some("m"), Some("failed")), "{last}");
+    assert!(last["reason"].as_str().unwrap_or("").contains("cancelled"), "{last}");
     assert_eq!(ok(a.console(), "vm verify m")["verified"], true);
     let d = ok(a.console(), "vm dirty m");
     assert_eq!(d["mode"], "wp", "{d}");
