@@ -196,6 +196,16 @@ impl Queue {
         self.head = 0;
         self.len = 0;
     }
+
+    /// What is still queued, as one run of bytes; empties the queue.
+    fn take(&mut self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(self.len);
+        for (i, frame) in self.frames.iter().enumerate() {
+            bytes.extend_from_slice(frame.get(if i == 0 { self.head } else { 0 }..).unwrap_or_default());
+        }
+        self.clear();
+        bytes
+    }
 }
 
 struct Outgoing {
@@ -614,8 +624,10 @@ impl Migrator {
             o.pending.send(net, o.socket);
         }
         if let Some(obj) = ended {
-            let socket = o.socket;
-            net.close_later(socket, false);
+            // What is still queued behind a full send buffer (the rest of
+            // a frame, then the Cancel or Error) goes out before the FIN.
+            let (socket, tail) = (o.socket, if o.connected { o.pending.take() } else { Vec::new() });
+            net.close_later(socket, false, tail);
             self.out = None;
             self.last = Some(obj);
         }
@@ -767,7 +779,7 @@ impl Migrator {
         if ended && (i.pending.is_empty() || matches!(state, TcpState::Closed | TcpState::CloseWait)) {
             let socket = i.socket;
             let resumed = i.dest.state() == DestState::Resumed;
-            net.close_later(socket, resumed);
+            net.close_later(socket, resumed, Vec::new());
             self.last_incoming = Some(i.status().with("reason", i.dest.failure()));
             self.inc = None;
         }

@@ -92,6 +92,8 @@ struct Closing {
     port: u16,
     /// Never dropped early for the cap.
     kept: bool,
+    /// Bytes still to send before the FIN (the send buffer was full).
+    tail: Vec<u8>,
 }
 
 /// The host's network stack.
@@ -301,10 +303,18 @@ impl Net {
     /// `kept` is for a socket that must finish (a destination's after the
     /// VM resumed: its `Resumed` must reach the source; one per migration,
     /// so a flood of failed connections cannot grow the list).
-    pub fn close_later(&mut self, handle: SocketHandle, kept: bool) {
+    ///
+    /// `tail` goes out first, as the send buffer makes room: a failing
+    /// source's Cancel or Error often waits behind a full buffer of pages,
+    /// and its peer should read why rather than see the connection close.
+    pub fn close_later(&mut self, handle: SocketHandle, kept: bool, mut tail: Vec<u8>) {
         let s = self.sockets.get_mut::<tcp::Socket>(handle);
         let port = s.local_endpoint().map_or(0, |e| e.port);
-        s.close();
+        let sent = s.send_slice(&tail).unwrap_or(0);
+        tail.drain(..sent);
+        if tail.is_empty() {
+            s.close();
+        }
         let capped = |c: &Closing| !c.kept && c.port == port;
         if self.closing.iter().filter(|c| capped(c)).count() >= MAX_CLOSING {
             if let Some(i) = self.closing.iter().position(capped) {
@@ -312,7 +322,7 @@ impl Net {
                 self.tcp_remove(oldest.handle);
             }
         }
-        self.closing.push(Closing { handle, until_us: clock::uptime_us() + 2_000_000, port, kept });
+        self.closing.push(Closing { handle, until_us: clock::uptime_us() + 2_000_000, port, kept, tail });
     }
 
     /// Removes finished connections whose FIN is out, or whose time is up.
@@ -321,8 +331,15 @@ impl Net {
     fn reap_closing(&mut self) {
         let t = clock::uptime_us();
         let sockets = &mut self.sockets;
-        self.closing.retain(|c| {
+        self.closing.retain_mut(|c| {
             let s = sockets.get_mut::<tcp::Socket>(c.handle);
+            if !c.tail.is_empty() {
+                let sent = s.send_slice(&c.tail).unwrap_or(0);
+                c.tail.drain(..sent);
+                if c.tail.is_empty() {
+                    s.close();
+                }
+            }
             let done = !s.is_open() || s.state() == tcp::State::TimeWait || t > c.until_us;
             if done {
                 s.abort();
@@ -342,7 +359,7 @@ impl Net {
                 s.abort();
                 self.sockets.remove(old.handle);
             } else {
-                self.close_later(old.handle, false);
+                self.close_later(old.handle, false, Vec::new());
             }
         }
         self.reap_closing();

@@ -156,6 +156,19 @@ fn failures_before_switchover_leave_the_vm_running_on_the_source() {
     let last = ok(b.console(), "migrate status")["last_incoming"].clone();
     assert_eq!((last["vm"].as_str(), last["state"].as_str()), (Some("m"), Some("failed")), "{last}");
     assert!(last["reason"].as_str().unwrap_or("").contains("cancelled"), "{last}");
+    // Cancelled at full speed, its Cancel waits behind a full send buffer
+    // of pages: it still reaches B (B read "connection lost" before).
+    ok(a.console(), "vm create c mem=192");
+    ok(a.console(), "vm start c");
+    ok(a.console(), "migrate c 10.77.0.12");
+    std::thread::sleep(Duration::from_millis(400));
+    ok(a.console(), "migrate cancel");
+    assert_eq!(wait_end(a.console(), Duration::from_secs(60))["stage"], "failed");
+    std::thread::sleep(Duration::from_millis(1500));
+    let last = ok(b.console(), "migrate status")["last_incoming"].clone();
+    assert_eq!(last["vm"], "c", "{last}");
+    assert!(last["reason"].as_str().unwrap_or("").contains("cancelled"), "{last}");
+    ok(a.console(), "vm destroy c");
     assert_eq!(ok(a.console(), "vm verify m")["verified"], true);
     let d = ok(a.console(), "vm dirty m");
     assert_eq!(d["mode"], "wp", "{d}");
