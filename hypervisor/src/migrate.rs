@@ -780,7 +780,11 @@ impl Migrator {
             let socket = i.socket;
             let resumed = i.dest.state() == DestState::Resumed;
             net.close_later(socket, resumed, Vec::new());
-            self.last_incoming = Some(i.status().with("reason", i.dest.failure()));
+            // A connection that never got its Hello answered (garbage, a
+            // port scan) was no migration: it must not hide the last one.
+            if i.dest.hello_answered() {
+                self.last_incoming = Some(i.status().with("reason", i.dest.failure()));
+            }
             self.inc = None;
         }
         busy

@@ -27,7 +27,9 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use crate::delta;
-use crate::record::{clip_reason, is_vm_name, Hello, PageBatchView, PageDataRef, Record, RoundEnd, VmConfig, MAX_NAME};
+use crate::record::{
+    clip_reason, is_vm_name, printable, Hello, PageBatchView, PageDataRef, Record, RoundEnd, VmConfig, MAX_NAME,
+};
 use crate::wire::{FrameDecoder, RecordType, WireError};
 use crate::{GuestMemory, PAGE_SIZE, PROTOCOL_VERSION};
 
@@ -180,6 +182,12 @@ impl Destination {
         self.failure.as_deref()
     }
 
+    /// Whether a Hello was answered (accepted or refused): a connection
+    /// that got no further was no migration (garbage, a port scan).
+    pub fn hello_answered(&self) -> bool {
+        self.vm.is_some() || self.state == DestState::Rejected
+    }
+
     fn active(&self) -> bool {
         matches!(self.state, DestState::AwaitHello | DestState::Receiving | DestState::AwaitCommit)
     }
@@ -263,8 +271,8 @@ impl Destination {
 
     fn on_record(&mut self, rec: Record) -> Result<(), Fault> {
         match (self.state, rec) {
-            (_, Record::Cancel { reason }) => Err((format!("source cancelled: {reason}"), false)),
-            (_, Record::Error { reason }) => Err((format!("source error: {reason}"), false)),
+            (_, Record::Cancel { reason }) => Err((format!("source cancelled: {}", printable(&reason)), false)),
+            (_, Record::Error { reason }) => Err((format!("source error: {}", printable(&reason)), false)),
             (DestState::AwaitHello, Record::Hello(h)) => self.on_hello(h),
             (DestState::Receiving, Record::RoundEnd(e)) => self.on_round_end(e),
             (DestState::Receiving, Record::Verify { digest }) => {
@@ -331,7 +339,7 @@ impl Destination {
         }
         if h.cpu_vendor != self.vendor {
             let (theirs, ours) = (String::from_utf8_lossy(&h.cpu_vendor), String::from_utf8_lossy(&self.vendor));
-            return Some(format!("CPU vendor mismatch: VM from {theirs}, host is {ours}"));
+            return Some(format!("CPU vendor mismatch: VM from {}, host is {ours}", printable(&theirs)));
         }
         let missing = h.features & !self.features;
         if missing != 0 {
@@ -556,6 +564,7 @@ mod tests {
         let mut mem = VecMemory::new(1);
         d.on_bytes(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n", &mut mem);
         assert_eq!(d.state(), DestState::Failed);
+        assert!(!d.hello_answered(), "no migration to report");
         let a = drain(&mut d);
         assert_eq!(a.len(), 1, "only an Error, no VM: {a:?}");
         assert!(matches!(&sent(&a)[..], [Record::Error { reason }] if reason.contains("bad magic")));
@@ -649,13 +658,19 @@ mod tests {
         let p = d.progress();
         assert_eq!((p.round, p.pages_received, p.bytes_received), (1, 4, hello_len + round.len() as u64));
         assert_eq!(d.failure(), None);
-        d.on_bytes(&frame(Record::Cancel { reason: "operator".into() }), &mut mem);
-        assert_eq!(d.failure(), Some("source cancelled: operator"));
+        assert!(d.hello_answered());
+        // The peer's text is shown escaped: it could hold terminal
+        // escapes that clear the operator's screen (found in review).
+        d.on_bytes(&frame(Record::Cancel { reason: "stop\u{1b}[2J".into() }), &mut mem);
+        assert_eq!(d.failure(), Some("source cancelled: stop\\u{1b}[2J"));
         let mut h = hello();
-        h.cpu_vendor = *b"GenuineIntel";
+        h.cpu_vendor = *b"Genuine\x1b[2J\x07";
         let mut r = Destination::new(VENDOR, 0b111, 1 << 20);
         r.on_bytes(&frame(Record::Hello(h)), &mut VecMemory::new(4));
-        assert!(r.failure().is_some_and(|f| f.contains("vendor mismatch")), "{:?}", r.failure());
+        let why = r.failure().unwrap_or_default();
+        assert!(why.contains("VM from Genuine\\u{1b}[2J\\u{7}"), "{why}");
+        let sent = sent(&drain(&mut r));
+        assert!(matches!(&sent[..], [Record::Reject { reason }] if !reason.contains('\u{1b}')), "{sent:?}");
     }
 
     #[test]

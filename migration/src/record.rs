@@ -313,6 +313,20 @@ pub enum Record {
     },
 }
 
+/// `s` (text from the peer: a reason, a vendor string) with its control
+/// characters escaped (`\u{1b}`), fit to print on a console: the peer
+/// could otherwise clear the operator's screen or retitle the terminal.
+pub fn printable(s: &str) -> String {
+    s.chars().fold(String::with_capacity(s.len()), |mut out, c| {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+        out
+    })
+}
+
 /// `s` cut to at most [`MAX_REASON`] bytes at a character boundary.
 pub fn clip_reason(s: &str) -> String {
     let mut end = s.len().min(MAX_REASON);

@@ -40,7 +40,7 @@ use alloc::vec::Vec;
 
 use crate::converge::{self, Decision, Inputs, Policy};
 use crate::record::{
-    clip_reason, page_batch_frame_len, Hello, PageBatchWriter, PageKind, Record, RoundEnd, MAX_BATCH_PAGES,
+    clip_reason, page_batch_frame_len, printable, Hello, PageBatchWriter, PageKind, Record, RoundEnd, MAX_BATCH_PAGES,
 };
 use crate::record::{MAX_DEVICE_STATE, MAX_VCPU_STATE};
 use crate::wire::{FrameBuf, FrameDecoder};
@@ -490,9 +490,11 @@ impl Source {
 
     fn on_record(&mut self, rec: Record, now_us: u64) {
         match (self.phase, rec) {
-            (_, Record::Reject { reason }) => self.fail(&format!("destination rejected: {reason}"), None),
-            (_, Record::Cancel { reason }) => self.fail(&format!("destination cancelled: {reason}"), None),
-            (_, Record::Error { reason }) => self.fail(&format!("destination error: {reason}"), None),
+            (_, Record::Reject { reason }) => self.fail(&format!("destination rejected: {}", printable(&reason)), None),
+            (_, Record::Cancel { reason }) => {
+                self.fail(&format!("destination cancelled: {}", printable(&reason)), None)
+            }
+            (_, Record::Error { reason }) => self.fail(&format!("destination error: {}", printable(&reason)), None),
             (Phase::Setup, Record::Accept) => {
                 self.report.setup_us = now_us.saturating_sub(self.start_us.unwrap_or(now_us));
                 self.last_harvest_us = now_us;
@@ -984,6 +986,18 @@ mod tests {
             Some(SourceAction::Failed { reason, vm_running: true }) => reason,
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_reject_is_reported_with_the_peers_control_characters_escaped() {
+        // Found in review: the reason went to the operator's console as
+        // sent, so a peer could clear the screen or retitle the terminal.
+        let mem = VecMemory::new(4);
+        let mut s = Source::new(SourceConfig::default(), hello(4));
+        drain(&mut s, &mem, 0);
+        s.on_bytes(&Record::Reject { reason: "full\u{1b}]0;owned\u{7}".into() }.encode().unwrap(), 10);
+        let a = drain(&mut s, &mem, 20);
+        assert_eq!(failed(&a), "destination rejected: full\\u{1b}]0;owned\\u{7}");
     }
 
     #[test]
