@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HV_GIT_REV="${HV_GIT_REV:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
-cargo build -q -p hypervisor --target x86_64-unknown-none --release
-cargo build -q -p boot
+cargo build -q --locked -p hypervisor --target x86_64-unknown-none --release
+cargo build -q --locked -p boot
 ./target/debug/boot image --kernel target/x86_64-unknown-none/release/hypervisor --out target/images >/dev/null
 echo "images in target/images (bios.img, uefi.img, grub.iso)"

@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh >/dev/null
+. "$HOME/.cargo/env"
 scripts/build.sh >/dev/null
 cargo build -q -p tests --bin demo
 exec ./target/debug/demo "$@"

@@ -5,5 +5,7 @@
 # Exits 0 when the kernel powers off (the `shutdown` command).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+scripts/setup.sh >&2
+. "$HOME/.cargo/env"
 scripts/build.sh >&2
 exec ./target/debug/boot run --images target/images "$@"
