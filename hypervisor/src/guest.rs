@@ -79,6 +79,9 @@ pub mod cfg {
     pub const VERIFY_REQ: u64 = 0x48;
     /// Nonzero: the guest triple-faults on purpose (containment test).
     pub const CRASH_REQ: u64 = 0x50;
+    /// Nonzero: the guest runs VMSAVE once (hidden `vm vmsave`, a test that
+    /// SVM instructions exit to the hypervisor).
+    pub const VMSAVE_REQ: u64 = 0x58;
 }
 
 /// Status fields, written by the guest.

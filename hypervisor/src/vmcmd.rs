@@ -118,6 +118,9 @@ pub enum VmCommand {
     /// Hidden: `vm break <name>` corrupts the vCPU's control state so the
     /// next VM entry fails (containment test for entry failures).
     Break(String),
+    /// Hidden: `vm vmsave <name>` makes the guest run VMSAVE, which must
+    /// exit (and stop the VM) rather than write host memory.
+    Vmsave(String),
     /// Hidden: `vm poke <name> <page>` flips a word of data page `page`
     /// behind the guest's back, so that `vm verify` has a page to find.
     Poke(String, u64),
@@ -175,6 +178,7 @@ pub fn parse(args: &[&str]) -> Result<VmCommand, String> {
         "digest" => one(VmCommand::Digest),
         "crash" => one(VmCommand::Crash),
         "break" => one(VmCommand::Break),
+        "vmsave" => one(VmCommand::Vmsave),
         "poke" => match rest {
             [n, page] => Ok(VmCommand::Poke(name(Some(n))?, number("page", page)?)),
             _ => Err(String::from("usage: vm poke <name> <page>")),

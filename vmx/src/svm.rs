@@ -217,6 +217,8 @@ pub mod intercept {
     pub const NMI: u32 = 1 << 1;
     /// CPUID.
     pub const CPUID: u32 = 1 << 18;
+    /// INVD: would drop the host's dirty cache lines.
+    pub const INVD: u32 = 1 << 22;
     /// HLT.
     pub const HLT: u32 = 1 << 24;
     /// IN/OUT through the I/O permission map.
@@ -233,7 +235,44 @@ pub mod intercept2 {
     pub const VMRUN: u32 = 1 << 0;
     /// VMMCALL.
     pub const VMMCALL: u32 = 1 << 1;
+    /// VMLOAD: loads state from the host physical address in RAX.
+    pub const VMLOAD: u32 = 1 << 2;
+    /// VMSAVE: stores state to the host physical address in RAX.
+    pub const VMSAVE: u32 = 1 << 3;
+    /// STGI.
+    pub const STGI: u32 = 1 << 4;
+    /// CLGI: would hold off the host's interrupts for as long as it spins.
+    pub const CLGI: u32 = 1 << 5;
+    /// SKINIT.
+    pub const SKINIT: u32 = 1 << 6;
+    /// XSETBV.
+    pub const XSETBV: u32 = 1 << 13;
 }
+
+/// What a guest's VMCB intercepts (`intercept_misc1`, `intercept_misc2`).
+/// The guest runs with EFER.SVME set (VMRUN requires it), so every SVM
+/// instruction is live in it unless intercepted: VMSAVE and VMLOAD with a
+/// host physical address in RAX would read and write host memory, CLGI
+/// would keep host interrupts from ever reaching the INTR intercept.
+/// VT-x has no such hole: VMX instructions in a guest always exit.
+pub const GUEST_INTERCEPTS: (u32, u32) = (
+    intercept::INTR
+        | intercept::NMI
+        | intercept::CPUID
+        | intercept::INVD
+        | intercept::HLT
+        | intercept::IOIO_PROT
+        | intercept::MSR_PROT
+        | intercept::SHUTDOWN,
+    intercept2::VMRUN
+        | intercept2::VMMCALL
+        | intercept2::VMLOAD
+        | intercept2::VMSAVE
+        | intercept2::STGI
+        | intercept2::CLGI
+        | intercept2::SKINIT
+        | intercept2::XSETBV,
+);
 
 /// Values of `tlb_control`.
 pub mod tlb_control {
@@ -376,6 +415,30 @@ mod tests {
         v.control.exit_info1 = info1;
         v.control.exit_info2 = info2;
         v.control
+    }
+
+    #[test]
+    fn a_guest_cannot_run_svm_instructions_or_invd_unseen() {
+        // Found in review: only VMRUN and VMMCALL of the SVM instructions
+        // were intercepted, so a guest (any peer can send one by migration)
+        // could VMSAVE/VMLOAD at a host physical address or CLGI and spin.
+        // Bit positions from APM vol. 2, table B-1 (offsets 0x00C, 0x010).
+        let (misc1, misc2) = GUEST_INTERCEPTS;
+        for (bit, what) in [(0, "INTR"), (1, "NMI"), (18, "CPUID"), (22, "INVD"), (24, "HLT"), (31, "SHUTDOWN")] {
+            assert_ne!(misc1 & (1 << bit), 0, "{what} not intercepted");
+        }
+        for (bit, what) in [
+            (0, "VMRUN"),
+            (1, "VMMCALL"),
+            (2, "VMLOAD"),
+            (3, "VMSAVE"),
+            (4, "STGI"),
+            (5, "CLGI"),
+            (6, "SKINIT"),
+            (13, "XSETBV"),
+        ] {
+            assert_ne!(misc2 & (1 << bit), 0, "{what} not intercepted");
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use vmx::svm::{decode_exit, intercept, intercept2, tlb_control, Vmcb, V_INTR_MASKING};
+use vmx::svm::{decode_exit, tlb_control, Vmcb, GUEST_INTERCEPTS, V_INTR_MASKING};
 use vmx::{GuestRegs, Vcpu, VcpuState, VmExit};
 use x86_64::registers::model_specific::Msr;
 
@@ -77,14 +77,7 @@ impl SvmVcpu {
         let vcpu = SvmVcpu { vmcb_pa, regs: GuestRegs::default() };
         let v = vcpu.vmcb();
         *v = Vmcb::zeroed();
-        v.control.intercept_misc1 = intercept::INTR
-            | intercept::NMI
-            | intercept::CPUID
-            | intercept::HLT
-            | intercept::IOIO_PROT
-            | intercept::MSR_PROT
-            | intercept::SHUTDOWN;
-        v.control.intercept_misc2 = intercept2::VMRUN | intercept2::VMMCALL;
+        (v.control.intercept_misc1, v.control.intercept_misc2) = GUEST_INTERCEPTS;
         v.control.iopm_base_pa = IOPM_PA.load(Ordering::Relaxed);
         v.control.msrpm_base_pa = MSRPM_PA.load(Ordering::Relaxed);
         v.control.guest_asid = asid;

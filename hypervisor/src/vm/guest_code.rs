@@ -34,6 +34,8 @@ guest_image_start:
 g_main:
     cmp qword ptr [rbx + {crash_req}], 0
     jne g_crash
+    cmp qword ptr [rbx + {vmsave_req}], 0
+    jne g_vmsave
     mov rax, [rbx + {verify_req}]
     cmp rax, [rbx + {verify_done}]
     jne g_verify
@@ -219,6 +221,12 @@ g_verify_done:
 
 g_crash:
     ud2
+
+g_vmsave:
+    mov qword ptr [rbx + {vmsave_req}], 0
+    xor eax, eax
+    vmsave rax
+    jmp g_main
 guest_image_end:
 "#,
     stack_top = const hypervisor::guest::STACK_TOP,
@@ -235,6 +243,7 @@ guest_image_end:
     tsc_hz = const hypervisor::guest::cfg::TSC_HZ,
     verify_req = const hypervisor::guest::cfg::VERIFY_REQ,
     crash_req = const hypervisor::guest::cfg::CRASH_REQ,
+    vmsave_req = const hypervisor::guest::cfg::VMSAVE_REQ,
     ticks = const hypervisor::guest::st::TICKS,
     wake_tsc = const hypervisor::guest::st::WAKE_TSC,
     writes = const hypervisor::guest::st::WRITES,

@@ -509,6 +509,11 @@ impl Manager {
                 vm.host_write_u64(guest::CONFIG_GPA + cfg::CRASH_REQ, 1);
                 Ok(Reply::data(Obj::new().with("crash_requested", n)))
             }
+            VmCommand::Vmsave(n) => {
+                let vm = self.find(&n)?;
+                vm.host_write_u64(guest::CONFIG_GPA + cfg::VMSAVE_REQ, 1);
+                Ok(Reply::data(Obj::new().with("vmsave_requested", n)))
+            }
             VmCommand::Poke(n, page) => {
                 let vm = self.find(&n)?;
                 if page >= vm.layout.data_pages {
@@ -764,8 +769,9 @@ impl Vm {
     /// come, or a request (verify, crash) waits for it.
     fn ready(&mut self) -> bool {
         if self.halted {
-            let request =
-                self.status(cfg::VERIFY_REQ) != self.status(st::VERIFY_DONE) || self.status(cfg::CRASH_REQ) != 0;
+            let request = self.status(cfg::VERIFY_REQ) != self.status(st::VERIFY_DONE)
+                || self.status(cfg::CRASH_REQ) != 0
+                || self.status(cfg::VMSAVE_REQ) != 0;
             if request || self.vcpu.guest_tsc(clock::rdtsc()) >= self.status(st::WAKE_TSC) {
                 self.halted = false;
             }
