@@ -82,6 +82,10 @@ pub mod cfg {
     /// Nonzero: the guest runs VMSAVE once (hidden `vm vmsave`, a test that
     /// SVM instructions exit to the hypervisor).
     pub const VMSAVE_REQ: u64 = 0x58;
+    /// Nonzero: the guest loads a GDT of its own (at offset 0x800 of this
+    /// page, its TSS at 0x900) and `ltr`s selector 0x28 once (hidden
+    /// `vm ltr`, a test that guest state stays out of the host).
+    pub const LTR_REQ: u64 = 0x60;
 }
 
 /// Status fields, written by the guest.

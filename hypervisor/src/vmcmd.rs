@@ -121,6 +121,9 @@ pub enum VmCommand {
     /// Hidden: `vm vmsave <name>` makes the guest run VMSAVE, which must
     /// exit (and stop the VM) rather than write host memory.
     Vmsave(String),
+    /// Hidden: `vm ltr <name>` makes the guest load a TSS of its own, then
+    /// reports the host's task register, which must still be its own.
+    Ltr(String),
     /// Hidden: `vm poke <name> <page>` flips a word of data page `page`
     /// behind the guest's back, so that `vm verify` has a page to find.
     Poke(String, u64),
@@ -179,6 +182,7 @@ pub fn parse(args: &[&str]) -> Result<VmCommand, String> {
         "crash" => one(VmCommand::Crash),
         "break" => one(VmCommand::Break),
         "vmsave" => one(VmCommand::Vmsave),
+        "ltr" => one(VmCommand::Ltr),
         "poke" => match rest {
             [n, page] => Ok(VmCommand::Poke(name(Some(n))?, number("page", page)?)),
             _ => Err(String::from("usage: vm poke <name> <page>")),

@@ -110,7 +110,18 @@ fn two_vms_run_and_a_triple_fault_stops_only_its_vm() {
     assert_eq!(vm["state"], "stopped", "{vm}");
     assert!(vm["stop_reason"].as_str().unwrap().contains("0x83"), "VMSAVE's exit code: {vm}");
     assert_eq!(ok(c, "version")["name"], "hypervisor");
-    for vm in ["a", "b", "x", "s"] {
+    // A guest that loads a TSS of its own leaves the host's task register
+    // alone: VMRUN does not switch TR, so the guest ran on the host's, and
+    // its `ltr` left the host's interrupt stacks in a TSS the guest chose.
+    ok(c, "vm create t mem=16");
+    ok(c, "vm start t");
+    let r = ok(c, "vm ltr t");
+    assert_eq!(r["done"], true, "{r}");
+    assert_eq!(r["host_tr"], r["host_tss"], "the guest's TR reached the host: {r}");
+    let t1 = ticks(c, "t");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(ticks(c, "t") > t1, "the guest stopped after its ltr");
+    for vm in ["a", "b", "x", "s", "t"] {
         ok(c, &format!("vm destroy {vm}"));
     }
 }

@@ -34,6 +34,15 @@ pub fn host_segments() -> (u16, u16, u16, u64) {
     (code.0, data.0, tss.0, base)
 }
 
+/// The task register's selector now: the host's TSS, unless a guest's
+/// state leaked into the host (hidden `vm ltr` checks it does not).
+pub fn task_register() -> u16 {
+    let tr: u16;
+    // SAFETY: STR only reads the task register into a general register.
+    unsafe { core::arch::asm!("str {0:x}", out(reg) tr, options(nomem, nostack, preserves_flags)) };
+    tr
+}
+
 /// Builds and loads the GDT and TSS, and reloads the segment registers.
 pub fn init() {
     let tss = TSS.call_once(|| {

@@ -18,6 +18,12 @@ const MSR_VM_HSAVE_PA: u32 = 0xC001_0117;
 /// Physical addresses of the all-ones permission maps every VM shares:
 /// every port and every MSR access exits.
 static IOPM_PA: AtomicU64 = AtomicU64::new(0);
+/// Where VMSAVE keeps the host's own FS, GS, TR, LDTR, KernelGsBase and
+/// SYSCALL/SYSENTER MSRs while a guest runs: VMRUN and #VMEXIT do not
+/// switch them, so without this the guest ran on the host's TR, and a guest
+/// `ltr` left the host's NMI and double-fault stacks (the TSS's IST) where
+/// the guest chose.
+static HOST_SAVE_PA: AtomicU64 = AtomicU64::new(0);
 static MSRPM_PA: AtomicU64 = AtomicU64::new(0);
 /// The VMCB that ran last; a different one must flush the TLB (our ASIDs
 /// are few and reused).
@@ -43,6 +49,8 @@ pub fn enable() -> Result<(), SvmError> {
     let hsave = memory::alloc_zeroed(1).ok_or(SvmError::OutOfMemory)?;
     let iopm = memory::alloc_zeroed(3).ok_or(SvmError::OutOfMemory)?;
     let msrpm = memory::alloc_zeroed(2).ok_or(SvmError::OutOfMemory)?;
+    let host_save = memory::alloc_zeroed(1).ok_or(SvmError::OutOfMemory)?;
+    HOST_SAVE_PA.store(host_save, Ordering::Relaxed);
     // SAFETY: both maps were just allocated (3 and 2 frames) and are reached
     // through the physical map; nothing else refers to them yet.
     unsafe {
@@ -110,13 +118,19 @@ impl SvmVcpu {
 
 unsafe extern "C" {
     /// VMRUN with the guest GPRs loaded from and saved back to `regs`.
-    fn svm_run(vmcb_pa: u64, regs: *mut GuestRegs);
+    fn svm_run(vmcb_pa: u64, regs: *mut GuestRegs, host_save_pa: u64);
 }
 
 // Host callee-saved registers go on the stack; the guest's are loaded from
 // `GuestRegs` (RAX lives in the VMCB). GIF is cleared around the switch so
 // that a host interrupt arriving after STI is taken by the guest's INTR
 // intercept, not by the host mid-switch (APM 15.17 "Global Interrupt Flag").
+// VMRUN and #VMEXIT leave FS, GS, TR, LDTR, KernelGsBase and the
+// SYSCALL/SYSENTER MSRs alone, so VMSAVE keeps the host's in its save page,
+// VMLOAD gives the guest its own from the VMCB, and after the exit VMSAVE
+// stores the guest's back and VMLOAD restores the host's (as KVM does).
+// After #VMEXIT, RAX is the VMCB's address again (restored from the host
+// save area VMRUN used).
 core::arch::global_asm!(
     r#"
     .section .text.svm_run, "ax"
@@ -128,8 +142,13 @@ svm_run:
     push r13
     push r14
     push r15
+    push rdx
     push rsi
+    clgi
+    mov rax, rdx
+    vmsave rax
     mov rax, rdi
+    vmload rax
     mov rbx, [rsi + 8]
     mov rcx, [rsi + 16]
     mov rdx, [rsi + 24]
@@ -144,10 +163,10 @@ svm_run:
     mov r14, [rsi + 104]
     mov r15, [rsi + 112]
     mov rsi, [rsi + 32]
-    clgi
     sti
     vmrun rax
     cli
+    vmsave rax
     xchg rsi, [rsp]
     mov [rsi + 8], rbx
     mov [rsi + 16], rcx
@@ -164,6 +183,8 @@ svm_run:
     mov [rsi + 112], r15
     pop rax
     mov [rsi + 32], rax
+    pop rax
+    vmload rax
     stgi
     pop r15
     pop r14
@@ -184,10 +205,12 @@ impl Vcpu for SvmVcpu {
         }
         v.save.rax = self.regs.rax;
         // SAFETY: the VMCB is a valid, page-aligned, exclusively owned
-        // control block set up by `new`; SVM was enabled by `enable`;
-        // `regs` is a live GuestRegs. Interrupts are off on entry (the run
-        // loop calls this with IF=0) and off again on return.
-        unsafe { svm_run(pa, &mut self.regs) };
+        // control block set up by `new`; SVM was enabled by `enable`, which
+        // also allocated the host save page VMSAVE/VMLOAD use (owned by SVM,
+        // used by nothing else); `regs` is a live GuestRegs. Interrupts are
+        // off on entry (the run loop calls this with IF=0) and off again on
+        // return.
+        unsafe { svm_run(pa, &mut self.regs, HOST_SAVE_PA.load(Ordering::Relaxed)) };
         let v = self.vmcb();
         self.regs.rax = v.save.rax;
         v.control.tlb_control = tlb_control::NOTHING;

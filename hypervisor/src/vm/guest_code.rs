@@ -36,6 +36,8 @@ g_main:
     jne g_crash
     cmp qword ptr [rbx + {vmsave_req}], 0
     jne g_vmsave
+    cmp qword ptr [rbx + {ltr_req}], 0
+    jne g_ltr
     mov rax, [rbx + {verify_req}]
     cmp rax, [rbx + {verify_done}]
     jne g_verify
@@ -227,6 +229,45 @@ g_vmsave:
     xor eax, eax
     vmsave rax
     jmp g_main
+
+g_ltr:
+    lea rdi, [rbx + 0x800]
+    mov qword ptr [rdi], 0
+    mov rax, 0x00AF9A000000FFFF
+    mov [rdi + 8], rax
+    mov rax, 0x00CF92000000FFFF
+    mov [rdi + 16], rax
+    mov qword ptr [rdi + 24], 0
+    mov qword ptr [rdi + 32], 0
+    lea rcx, [rbx + 0x900]
+    mov eax, ecx
+    and eax, 0xFFFF
+    shl rax, 16
+    or rax, 0x67
+    mov rdx, rcx
+    shr rdx, 16
+    and edx, 0xFF
+    shl rdx, 32
+    or rax, rdx
+    mov edx, 0x89
+    shl rdx, 40
+    or rax, rdx
+    mov rdx, rcx
+    shr rdx, 24
+    and edx, 0xFF
+    shl rdx, 56
+    or rax, rdx
+    mov [rdi + 40], rax
+    mov qword ptr [rdi + 48], 0
+    sub rsp, 16
+    mov word ptr [rsp], 0x37
+    mov [rsp + 2], rdi
+    lgdt [rsp]
+    add rsp, 16
+    mov ax, 0x28
+    ltr ax
+    mov qword ptr [rbx + {ltr_req}], 0
+    jmp g_main
 guest_image_end:
 "#,
     stack_top = const hypervisor::guest::STACK_TOP,
@@ -244,6 +285,7 @@ guest_image_end:
     verify_req = const hypervisor::guest::cfg::VERIFY_REQ,
     crash_req = const hypervisor::guest::cfg::CRASH_REQ,
     vmsave_req = const hypervisor::guest::cfg::VMSAVE_REQ,
+    ltr_req = const hypervisor::guest::cfg::LTR_REQ,
     ticks = const hypervisor::guest::st::TICKS,
     wake_tsc = const hypervisor::guest::st::WAKE_TSC,
     writes = const hypervisor::guest::st::WRITES,

@@ -514,6 +514,23 @@ impl Manager {
                 vm.host_write_u64(guest::CONFIG_GPA + cfg::VMSAVE_REQ, 1);
                 Ok(Reply::data(Obj::new().with("vmsave_requested", n)))
             }
+            VmCommand::Ltr(n) => {
+                let vm = self.find(&n)?;
+                if vm.state != VmState::Running {
+                    return Err(format!("VM '{n}' is {}; vm ltr needs it running", vm.state.name()));
+                }
+                vm.host_write_u64(guest::CONFIG_GPA + cfg::LTR_REQ, 1);
+                let deadline = clock::uptime_us() + 5_000_000;
+                let done = vm.run_until(|vm| vm.status(cfg::LTR_REQ) == 0, deadline, Slice::UntilInterrupt);
+                let (_, _, host_tss, _) = crate::arch::gdt::host_segments();
+                Ok(Reply::data(
+                    Obj::new()
+                        .with("name", n)
+                        .with("done", done)
+                        .with("host_tr", crate::arch::gdt::task_register())
+                        .with("host_tss", host_tss),
+                ))
+            }
             VmCommand::Poke(n, page) => {
                 let vm = self.find(&n)?;
                 if page >= vm.layout.data_pages {
@@ -771,7 +788,8 @@ impl Vm {
         if self.halted {
             let request = self.status(cfg::VERIFY_REQ) != self.status(st::VERIFY_DONE)
                 || self.status(cfg::CRASH_REQ) != 0
-                || self.status(cfg::VMSAVE_REQ) != 0;
+                || self.status(cfg::VMSAVE_REQ) != 0
+                || self.status(cfg::LTR_REQ) != 0;
             if request || self.vcpu.guest_tsc(clock::rdtsc()) >= self.status(st::WAKE_TSC) {
                 self.halted = false;
             }
