@@ -59,9 +59,10 @@ impl GuestMemory {
     }
 
     /// Writes the aligned u64 at `gpa` (ignored outside guest memory).
-    pub fn write_u64(&self, gpa: u64, value: u64) {
+    pub fn write_u64(&mut self, gpa: u64, value: u64) {
         if let Some(p) = self.ptr(gpa) {
-            // SAFETY: as in `read_u64`.
+            // SAFETY: as in `read_u64`; and `&mut self` means no host
+            // reference into this memory (`page_bytes`) is alive.
             unsafe { p.write_volatile(value) };
         }
     }
@@ -122,7 +123,7 @@ impl GuestMemory {
     }
 
     /// Returns the memory to the host.
-    pub fn free(&mut self) {
+    pub(crate) fn free(&mut self) {
         for pa in self.chunks.drain(..) {
             memory::free_frames(pa, 512);
         }

@@ -82,8 +82,8 @@ impl SvmVcpu {
     /// tagged with `asid`.
     pub fn new(asid: u32, n_cr3: u64, rip: u64, rsp: u64, cr3: u64) -> Option<Self> {
         let vmcb_pa = memory::alloc_zeroed(1)?;
-        let vcpu = SvmVcpu { vmcb_pa, regs: GuestRegs::default() };
-        let v = vcpu.vmcb();
+        let mut vcpu = SvmVcpu { vmcb_pa, regs: GuestRegs::default() };
+        let v = vcpu.vmcb_mut();
         *v = Vmcb::zeroed();
         (v.control.intercept_misc1, v.control.intercept_misc2) = GUEST_INTERCEPTS;
         v.control.iopm_base_pa = IOPM_PA.load(Ordering::Relaxed);
@@ -97,17 +97,22 @@ impl SvmVcpu {
         Some(vcpu)
     }
 
-    fn vmcb(&self) -> &'static mut Vmcb {
-        // SAFETY: `vmcb_pa` is a frame this vCPU allocated and owns alone;
-        // the physical map makes it reachable; the reference never outlives
-        // a method call of `&mut self` in practice (callers do not keep it).
+    fn vmcb(&self) -> &Vmcb {
+        // SAFETY: `vmcb_pa` is a frame this vCPU allocated and owns alone,
+        // reached through the physical map; the borrow of `self` keeps any
+        // `&mut` from `vmcb_mut` out while this one lives.
+        unsafe { &*memory::phys_to_virt(self.vmcb_pa).cast::<Vmcb>() }
+    }
+
+    fn vmcb_mut(&mut self) -> &mut Vmcb {
+        // SAFETY: as in `vmcb`; `&mut self` makes this the only reference.
         unsafe { &mut *memory::phys_to_virt(self.vmcb_pa).cast::<Vmcb>() }
     }
 
     /// Corrupts the guest state so the next VMRUN fails its consistency
     /// checks (hidden test hook: a failed entry must stop only this VM).
     pub fn break_state(&mut self) {
-        self.vmcb().save.efer &= !vmx::svm::EFER_SVME;
+        self.vmcb_mut().save.efer &= !vmx::svm::EFER_SVME;
     }
 
     /// Frees the VMCB.
@@ -198,12 +203,12 @@ svm_run:
 
 impl Vcpu for SvmVcpu {
     fn run(&mut self) -> VmExit {
-        let pa = self.vmcb_pa;
-        let v = self.vmcb();
+        let (pa, rax) = (self.vmcb_pa, self.regs.rax);
+        let v = self.vmcb_mut();
         if LAST_VMCB.swap(pa, Ordering::Relaxed) != pa {
             v.control.tlb_control = tlb_control::FLUSH_ALL;
         }
-        v.save.rax = self.regs.rax;
+        v.save.rax = rax;
         // SAFETY: the VMCB is a valid, page-aligned, exclusively owned
         // control block set up by `new`; SVM was enabled by `enable`, which
         // also allocated the host save page VMSAVE/VMLOAD use (owned by SVM,
@@ -211,14 +216,14 @@ impl Vcpu for SvmVcpu {
         // off on entry (the run loop calls this with IF=0) and off again on
         // return.
         unsafe { svm_run(pa, &mut self.regs, HOST_SAVE_PA.load(Ordering::Relaxed)) };
-        let v = self.vmcb();
-        self.regs.rax = v.save.rax;
+        self.regs.rax = self.vmcb().save.rax;
+        let v = self.vmcb_mut();
         v.control.tlb_control = tlb_control::NOTHING;
         decode_exit(&v.control)
     }
 
     fn set_rip(&mut self, rip: u64) {
-        self.vmcb().save.rip = rip;
+        self.vmcb_mut().save.rip = rip;
     }
 
     fn state(&self) -> VcpuState {
@@ -231,7 +236,7 @@ impl Vcpu for SvmVcpu {
     }
 
     fn set_state(&mut self, state: &VcpuState) {
-        let v = self.vmcb();
+        let v = self.vmcb_mut();
         v.save.rip = state.rip;
         v.save.rsp = state.rsp;
         v.save.rflags = state.rflags;
@@ -243,10 +248,10 @@ impl Vcpu for SvmVcpu {
     }
 
     fn set_guest_tsc(&mut self, guest_tsc: u64, host_tsc: u64) {
-        self.vmcb().control.tsc_offset = guest_tsc.wrapping_sub(host_tsc);
+        self.vmcb_mut().control.tsc_offset = guest_tsc.wrapping_sub(host_tsc);
     }
 
     fn flush_tlb(&mut self) {
-        self.vmcb().control.tlb_control = tlb_control::FLUSH_ALL;
+        self.vmcb_mut().control.tlb_control = tlb_control::FLUSH_ALL;
     }
 }
