@@ -30,6 +30,15 @@ fn pair(lab: &mut Lab) -> (Host, Host) {
     (a, b)
 }
 
+/// Runs a host-side Python client in the lab namespace and returns what it
+/// printed, which must contain `marker` (the client got that far).
+fn client(lab: &Lab, what: &str, script: &str, marker: &str) -> String {
+    let out = lab.exec(&["python3", "-c", script]).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(stdout.contains(marker), "{what}: {out:?}");
+    stdout
+}
+
 /// Polls `migrate status` until the migration has ended.
 fn wait_end(c: &mut Console, limit: Duration) -> Value {
     tests::wait_migration(c, limit, REPLY, Duration::from_millis(200))
@@ -210,7 +219,7 @@ fn ping_pong_and_garbage_on_the_migration_port() {
     let (mut a, mut b) = pair(&mut lab);
     // Garbage and a truncated stream from a host-side client: refused, and
     // the destination keeps working.
-    let client = r#"
+    let garbage = r#"
 import socket, struct, os, sys, time
 def connect():
     # The listener is re-armed after each connection ends: retry briefly.
@@ -243,8 +252,7 @@ if os.fork() == 0:
     os._exit(0)
 print("sent")
 "#;
-    let out = lab.exec(&["python3", "-c", client]).expect("garbage client");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("sent"), "{out:?}");
+    client(&lab, "garbage client", garbage, "sent");
     // A flood of clients that send garbage and stay connected without
     // reading: each of B's failed connections waits out its FIN with a
     // 4 MiB buffer while the port opens anew. They filled B's heap until a
@@ -261,10 +269,10 @@ while time.time() - t0 < 4:
         time.sleep(0.005)
 print("held", len(held))
 "#;
-    let out = lab.exec(&["python3", "-c", flood]).expect("flooding client");
-    let held: u32 = String::from_utf8_lossy(&out.stdout).trim().trim_start_matches("held ").parse().unwrap_or(0);
+    let out = client(&lab, "flooding client", flood, "held ");
+    let held: u32 = out.trim().trim_start_matches("held ").parse().unwrap_or(0);
     println!("flood: {held} connections in 4 s");
-    assert!(held >= 20, "too few connections to load B: {out:?}");
+    assert!(held >= 20, "too few connections to load B: {out}");
     assert_eq!(ok(b.console(), "version")["name"], "hypervisor");
     let heap = ok(b.console(), "mem")["heap_used_bytes"].as_u64().unwrap();
     assert!(heap < 32 << 20, "B's heap after the flood: {heap}");
@@ -281,8 +289,7 @@ if os.fork() == 0:
     os._exit(0)
 print("connected")
 "#;
-    let out = lab.exec(&["python3", "-c", silent]).expect("silent client");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("connected"), "{out:?}");
+    client(&lab, "silent client", silent, "connected");
     assert_eq!(ok(b.console(), "ping 10.77.0.11 1")["received"], 1);
     std::thread::sleep(Duration::from_secs(6));
     assert_eq!(ok(b.console(), "vm list")["vms"], serde_json::json!([]), "a skeleton was left behind");
@@ -304,8 +311,7 @@ ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
 socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW).sendto(ip + tcp, ("10.77.0.12", 0))
 print("sent")
 "#;
-    let out = lab.exec(&["python3", "-c", half_open]).expect("half-open SYN");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("sent"), "{out:?}");
+    client(&lab, "half-open SYN", half_open, "sent");
     std::thread::sleep(Duration::from_secs(3));
     // A to B and back to A.
     ok(a.console(), "vm create p mem=32 workload=sweep rate=500");
