@@ -62,6 +62,15 @@ const CONNECT_TIMEOUT_US: u64 = 5_000_000;
 /// cannot pin the listener.
 const HALF_OPEN_US: u64 = 300_000;
 
+/// Sends what of `tail` fits, and closes `s` once all of it went.
+fn send_then_close(s: &mut tcp::Socket, tail: &mut Vec<u8>) {
+    let sent = s.send_slice(tail).unwrap_or(0);
+    tail.drain(..sent);
+    if tail.is_empty() {
+        s.close();
+    }
+}
+
 fn now() -> Instant {
     Instant::from_micros(i64::try_from(clock::uptime_us()).unwrap_or(i64::MAX))
 }
@@ -310,11 +319,7 @@ impl Net {
     pub fn close_later(&mut self, handle: SocketHandle, kept: bool, mut tail: Vec<u8>) {
         let s = self.sockets.get_mut::<tcp::Socket>(handle);
         let port = s.local_endpoint().map_or(0, |e| e.port);
-        let sent = s.send_slice(&tail).unwrap_or(0);
-        tail.drain(..sent);
-        if tail.is_empty() {
-            s.close();
-        }
+        send_then_close(s, &mut tail);
         let capped = |c: &Closing| !c.kept && c.port == port;
         if self.closing.iter().filter(|c| capped(c)).count() >= MAX_CLOSING {
             if let Some(i) = self.closing.iter().position(capped) {
@@ -334,11 +339,7 @@ impl Net {
         self.closing.retain_mut(|c| {
             let s = sockets.get_mut::<tcp::Socket>(c.handle);
             if !c.tail.is_empty() {
-                let sent = s.send_slice(&c.tail).unwrap_or(0);
-                c.tail.drain(..sent);
-                if c.tail.is_empty() {
-                    s.close();
-                }
+                send_then_close(s, &mut c.tail);
             }
             let done = !s.is_open() || s.state() == tcp::State::TimeWait || t > c.until_us;
             if done {
