@@ -136,10 +136,7 @@ pub fn parse(args: &[&str]) -> Result<MigrateCommand, String> {
         return Err(String::from("internal: not a start command"));
     };
     for (i, opt) in options.iter().enumerate() {
-        let key = opt.split_once('=').map_or(*opt, |(k, _)| k);
-        if options[..i].iter().any(|o| o.split_once('=').map_or(*o, |(k, _)| k) == key) {
-            return Err(format!("{key} given twice"));
-        }
+        crate::vmcmd::given_once(options, i)?;
         match opt.split_once('=') {
             None if *opt == "verify" => *verify = true,
             Some(("downtime", v)) => *downtime_ms = num("downtime", v, 1..=60_000)?,

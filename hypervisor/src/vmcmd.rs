@@ -198,6 +198,19 @@ pub fn parse(args: &[&str]) -> Result<VmCommand, String> {
     }
 }
 
+/// Refuses `options[i]` if its key (the part before `=`, or all of it) came
+/// earlier among `options`: the last one would silently win.
+pub fn given_once(options: &[&str], i: usize) -> Result<(), String> {
+    fn key(o: &str) -> &str {
+        o.split_once('=').map_or(o, |(k, _)| k)
+    }
+    let k = options.get(i).map_or("", |o| key(o));
+    if options.get(..i).unwrap_or_default().iter().any(|o| key(o) == k) {
+        return Err(format!("{k} given twice"));
+    }
+    Ok(())
+}
+
 fn parse_create(rest: &[&str]) -> Result<VmCommand, String> {
     let name = name(rest.first())?;
     crate::migcmd::migratable_name(&name)?;
@@ -205,9 +218,7 @@ fn parse_create(rest: &[&str]) -> Result<VmCommand, String> {
     let options = rest.get(1..).unwrap_or_default();
     for (i, opt) in options.iter().enumerate() {
         let (key, value) = opt.split_once('=').ok_or_else(|| format!("bad option '{opt}': expected key=value"))?;
-        if options[..i].iter().any(|o| o.split_once('=').is_some_and(|(k, _)| k == key)) {
-            return Err(format!("{key} given twice"));
-        }
+        given_once(options, i)?;
         match key {
             "mem" => {
                 let m = number(key, value)?;
