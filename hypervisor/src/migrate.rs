@@ -226,7 +226,7 @@ impl Incoming {
     fn status(&self) -> Obj {
         let p = self.dest.progress();
         Obj::new()
-            .with("vm", self.name.clone())
+            .with("vm", self.dest.vm().map(|v| v.name.as_str()))
             .with("peer", self.peer.clone())
             .with("state", format!("{:?}", self.dest.state()).to_lowercase())
             .with("round", p.round)
@@ -296,8 +296,7 @@ struct Incoming {
     pending: Queue,
     /// The skeleton VM, while it exists.
     vm: Option<String>,
-    /// The VM's name from its Hello, and the source's address.
-    name: Option<String>,
+    /// The source's address.
     peer: Option<String>,
     last_heard_us: u64,
     /// When the connection was taken.
@@ -683,7 +682,6 @@ impl Migrator {
                             socket: h,
                             pending: Queue::default(),
                             vm: None,
-                            name: None,
                             peer: net.tcp_remote(h),
                             last_heard_us: now,
                             accepted_us: now,
@@ -733,10 +731,7 @@ impl Migrator {
                     }
                 }
                 DestAction::CreateVm(cfg) => match vms.create_incoming(&cfg.name, cfg.mem_bytes) {
-                    Ok(()) => {
-                        i.name = Some(cfg.name.clone());
-                        i.vm = Some(cfg.name);
-                    }
+                    Ok(()) => i.vm = Some(cfg.name),
                     Err(e) => {
                         log::warn!("incoming migration of '{}' refused: {e}", cfg.name);
                         i.dest.on_host_error(&e);

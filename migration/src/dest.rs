@@ -182,6 +182,11 @@ impl Destination {
         self.failure.as_deref()
     }
 
+    /// The VM its accepted Hello announced.
+    pub fn vm(&self) -> Option<&VmConfig> {
+        self.vm.as_ref()
+    }
+
     /// Whether a Hello was answered (accepted or refused): a connection
     /// that got no further was no migration (garbage, a port scan).
     pub fn hello_answered(&self) -> bool {
