@@ -407,8 +407,9 @@ struct RxRing {
     /// Check TCP checksums here (smoltcp does not).
     verify_tcp: bool,
     bad_checksum: u64,
-    /// Frames of this EtherType are counted and dropped instead of being
-    /// delivered (raw-throughput measurements).
+    /// Frames of this EtherType, and TCP segments to [`DISCARD_PORT`],
+    /// are counted and dropped instead of being delivered
+    /// (raw-throughput measurements).
     divert: Option<u16>,
     diverted: Diverted,
     /// Time of the latest `receive` call, for the diverted frames.
@@ -476,14 +477,36 @@ fn lro_continues(first: &[u8], next: &[u8], seq: u32) -> bool {
         && lro_segment(next).is_some_and(|(s, _)| s == seq)
 }
 
-/// Frames of the diverted EtherType seen since the last
-/// [`E1000::take_diverted`].
+/// TCP port whose segments a diverting receiver counts and drops after
+/// checking their checksum (the discard service, RFC 863): the
+/// TCP-shaped frames of `net blast ... tcp`.
+pub const DISCARD_PORT: u16 = 9;
+
+/// For a frame the receiver diverts (see [`E1000::divert`]): its payload
+/// length, the bytes after the Ethernet header or after the TCP header.
+/// `None` for a frame to deliver.
+fn diverted_payload(frame: &[u8], ethertype: u16) -> Option<usize> {
+    if be16(frame, 12)? == ethertype {
+        return Some(frame.len() - ETH_HEADER);
+    }
+    let (ihl, total) = ipv4_tcp(frame)?;
+    let tcp = ETH_HEADER + ihl;
+    if is_fragment(frame) || be16(frame, tcp + 2)? != DISCARD_PORT {
+        return None;
+    }
+    Some(total.saturating_sub(ihl + usize::from(*frame.get(tcp + 12)? >> 4) * 4))
+}
+
+/// Frames diverted since the last [`E1000::take_diverted`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Diverted {
     /// Frames.
     pub frames: u64,
     /// Bytes (Ethernet header included).
     pub bytes: u64,
+    /// Bytes after the Ethernet header of a raw frame, after the TCP
+    /// header of a segment to the discard port.
+    pub payload_bytes: u64,
     /// Time of the first, in the caller's microseconds (smoltcp timestamps).
     pub first_us: u64,
     /// Time of the last.
@@ -512,13 +535,14 @@ impl RxRing {
                 self.oversize += 1;
             } else if self.verify_tcp && !tcp_checksum_ok(self.frame(index, length)) {
                 self.bad_checksum += 1;
-            } else if self.divert.is_some_and(|t| self.frame(index, length).get(12..14) == Some(&t.to_be_bytes())) {
+            } else if let Some(payload) = self.divert.and_then(|t| diverted_payload(self.frame(index, length), t)) {
                 let d = &mut self.diverted;
                 if d.frames == 0 {
                     d.first_us = self.now_us;
                 }
                 d.frames += 1;
                 d.bytes += length as u64;
+                d.payload_bytes += payload as u64;
                 d.last_us = self.now_us;
             } else {
                 return Some((index, length));
@@ -1485,12 +1509,13 @@ impl<R: Registers> E1000<R> {
 
     /// Queues one raw Ethernet frame (without FCS; the NIC appends it).
     /// Returns `false` (and counts `tx_ring_full` if that is why) when the
-    /// ring is full, or the frame is empty or longer than 16288 bytes (the
-    /// legacy descriptor limit), or (with segmentation, counted in
+    /// ring is full, or the frame is empty or longer than a transmit buffer
+    /// (16288 bytes, the legacy descriptor limit; with segmentation 65535,
+    /// a TCP segment the NIC cuts), or (with segmentation, counted in
     /// `tx_dropped`) longer than the MTU allows and not a TCP segment the
     /// NIC can cut.
     pub fn send_raw(&mut self, frame: &[u8]) -> bool {
-        if frame.is_empty() || frame.len() > TX_MAX_FRAME {
+        if frame.is_empty() || frame.len() > self.tx.max_frame {
             return false;
         }
         if !self.tx.make_room(&mut self.regs, 1) {
@@ -1505,8 +1530,9 @@ impl<R: Registers> E1000<R> {
         self.tx.dropped == dropped
     }
 
-    /// Counts and drops received frames of `ethertype` instead of delivering
-    /// them (`None` turns this off).
+    /// Counts and drops received frames of `ethertype`, and IPv4 TCP
+    /// segments to [`DISCARD_PORT`] once their checksum passed, instead of
+    /// delivering them (`None` turns this off).
     pub fn divert(&mut self, ethertype: Option<u16>) {
         self.rx.divert = ethertype;
     }
@@ -2170,7 +2196,7 @@ mod tests {
         assert_eq!(got, Some(60), "only the IPv4 frame is delivered");
         assert_eq!(nic.recv_with(|f| f.len()), None);
         let d = nic.take_diverted();
-        assert_eq!((d.frames, d.bytes), (2, 200));
+        assert_eq!((d.frames, d.bytes, d.payload_bytes), (2, 200, 172));
         assert_eq!(nic.take_diverted(), Diverted::default());
         nic.divert(None);
         wire.inject(&raw);
@@ -3203,6 +3229,55 @@ mod tests {
         assert_eq!(wire.take_sent().len(), 6);
         let c = nic.counters();
         assert_eq!((c.tx_segmented, c.tx_dropped), (1, 2));
+    }
+
+    #[test]
+    fn send_raw_takes_a_segment_as_long_as_segmentation_allows() {
+        let regs = FakeRegs::new(MAC_A);
+        let wire = FakeWire::new(&regs);
+        let mut dma = HeapDma::default();
+        let mut nic = nic_with(&regs, &mut dma, Config { tso: true, ..config(8) });
+        let long = tcp_frame(tso_frame_limit(1500) - 54);
+        assert!(long.len() > TX_MAX_FRAME);
+        assert!(nic.send_raw(&long));
+        nic.flush();
+        let sent = wire.take_sent();
+        // 44 whole segments, then QEMU's frame of headers alone.
+        assert_eq!(sent.len(), 45);
+        let payload: Vec<u8> = sent.iter().flat_map(|f| f[54..].to_vec()).collect();
+        assert_eq!(payload, long[54..]);
+        assert!(!nic.send_raw(&tcp_frame(TSO_MAX_FRAME - 53)), "over 64 KiB");
+    }
+
+    #[test]
+    fn segments_to_the_discard_port_are_checked_then_counted_not_delivered() {
+        let regs = FakeRegs::new(MAC_A);
+        let wire = FakeWire::new(&regs);
+        let mut dma = HeapDma::default();
+        let mut nic = nic_with(&regs, &mut dma, config(16));
+        let now = Instant::from_millis(0);
+        let to_port = |port: u16, payload: usize| {
+            let mut f = tcp_frame(payload);
+            f[36..38].copy_from_slice(&port.to_be_bytes());
+            prepare_tcp_checksum(&mut f).unwrap();
+            finish_checksum(&mut f, 50, 34);
+            f
+        };
+        nic.divert(Some(0x88B5));
+        let mut bad = to_port(DISCARD_PORT, 100);
+        bad[60] ^= 1;
+        for f in [to_port(DISCARD_PORT, 1000), to_port(DISCARD_PORT, 0), bad, to_port(10, 300)] {
+            assert!(wire.inject(&f));
+        }
+        let (rx, _) = nic.receive(now).expect("the segment to port 10");
+        assert_eq!(phy::RxToken::consume(rx, |f| be16(f, 36)), Some(10));
+        assert!(nic.receive(now).is_none());
+        let d = nic.take_diverted();
+        assert_eq!((d.frames, d.bytes, d.payload_bytes), (2, 1054 + 54, 1000));
+        assert_eq!(nic.counters().rx_bad_checksum, 1);
+        nic.divert(None);
+        assert!(wire.inject(&to_port(DISCARD_PORT, 10)));
+        assert!(nic.receive(now).is_some(), "delivered when nothing is diverted");
     }
 
     #[test]

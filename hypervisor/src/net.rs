@@ -12,10 +12,10 @@ use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 
-use drivers::e1000::{Config as NicConfig, DEVICE_82540EM, E1000, VENDOR_INTEL};
+use drivers::e1000::{tso_frame_limit, Config as NicConfig, DEVICE_82540EM, E1000, VENDOR_INTEL};
 use drivers::pci::{self, Bar};
 use hypervisor::json::Obj;
-use hypervisor::netcmd::{ephemeral_port, NetCommand, Pattern};
+use hypervisor::netcmd::{discard_segment, ephemeral_port, NetCommand, Pattern, Shape, DISCARD_HEADERS};
 use hypervisor::shell::Reply;
 pub use smoltcp::iface::SocketHandle as TcpHandle;
 use smoltcp::iface::{Config, Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet};
@@ -27,6 +27,9 @@ use smoltcp::wire::{EthernetAddress, HardwareAddress, Icmpv4Packet, Icmpv4Repr, 
 
 use crate::arch::nic::{KernelDma, Mmio};
 use crate::arch::{clock, memory, pci::PortConfig, timer};
+
+// The console refuses the port the driver diverts.
+const _: () = assert!(hypervisor::netcmd::DISCARD_PORT == drivers::e1000::DISCARD_PORT);
 
 /// EtherType of `net blast` frames (IEEE 802 local experimental).
 pub const BLAST_ETHERTYPE: u16 = 0x88B5;
@@ -514,15 +517,17 @@ impl Net {
                         .with("mb_per_s", mbps(r.bytes, r.elapsed_us)),
                 )),
             },
-            NetCommand::Blast(mac, mib) => self.blast(mac, u64::from(mib) << 20),
+            NetCommand::Blast(mac, mib, shape) => self.blast(mac, u64::from(mib) << 20, shape),
             NetCommand::BlastResult => {
                 let d = self.nic.take_diverted();
                 Ok(Reply::data(
                     Obj::new()
                         .with("frames", d.frames)
                         .with("bytes", d.bytes)
+                        .with("payload_bytes", d.payload_bytes)
                         .with("elapsed_us", d.last_us.saturating_sub(d.first_us))
-                        .with("mb_per_s", mbps(d.bytes, d.last_us.saturating_sub(d.first_us))),
+                        .with("mb_per_s", mbps(d.bytes, d.last_us.saturating_sub(d.first_us)))
+                        .with("payload_mb_per_s", mbps(d.payload_bytes, d.last_us.saturating_sub(d.first_us))),
                 ))
             }
         }
@@ -725,18 +730,35 @@ impl Net {
         ))
     }
 
-    fn blast(&mut self, dst: [u8; 6], total: u64) -> Result<Reply, String> {
+    fn blast(&mut self, dst: [u8; 6], total: u64, shape: Shape) -> Result<Reply, String> {
         let mtu = self.nic.mtu();
-        let mut frame = vec![0u8; mtu + 14];
+        let mut frame = match shape {
+            Shape::Raw => {
+                let mut frame = vec![0u8; mtu + 14];
+                frame[12..14].copy_from_slice(&BLAST_ETHERTYPE.to_be_bytes());
+                frame
+            }
+            Shape::Tcp => {
+                let Some((ip, _)) = self.cidr else {
+                    return Err(String::from("no IP address (net ip): TCP-shaped frames carry one"));
+                };
+                discard_segment(ip.octets(), tso_frame_limit(mtu))
+            }
+        };
         frame[..6].copy_from_slice(&dst);
         frame[6..12].copy_from_slice(&self.nic.mac());
-        frame[12..14].copy_from_slice(&BLAST_ETHERTYPE.to_be_bytes());
-        let per_frame = mtu as u64;
+        // Payload bytes per send: the frame after the Ethernet header, or
+        // after the TCP header.
+        let per_frame = (frame.len() - if shape == Shape::Tcp { DISCARD_HEADERS } else { 14 }) as u64;
         let frames = total.div_ceil(per_frame);
         let start = clock::uptime_us();
         let mut sent = 0u64;
         while sent < frames {
-            frame[14..22].copy_from_slice(&sent.to_le_bytes());
+            match shape {
+                Shape::Raw => frame[14..22].copy_from_slice(&sent.to_le_bytes()),
+                // The sequence number of a stream (it wraps as TCP's does).
+                Shape::Tcp => frame[38..42].copy_from_slice(&((sent * per_frame) as u32).to_be_bytes()),
+            }
             // Stuck is a ring that takes nothing for 5 s; a deadline over
             // the whole transfer failed a long blast on a slow link. The
             // clock is read only once the ring is full.

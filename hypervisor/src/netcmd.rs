@@ -49,10 +49,68 @@ pub enum NetCommand {
     BenchSend([u8; 4], u32, u16),
     /// `net bench result`
     BenchResult,
-    /// `net blast <mac> <MiB>`: raw frames, no TCP.
-    Blast([u8; 6], u32),
+    /// `net blast <mac> <MiB> [tcp]`: raw frames, no TCP; with `tcp`,
+    /// 64 KiB TCP segments to the discard port that the NIC cuts into wire
+    /// frames (`Shape::Tcp`).
+    Blast([u8; 6], u32, Shape),
     /// `net blast result`
     BlastResult,
+}
+
+/// What `net blast` sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// MTU-sized frames of the blast EtherType: the link's raw throughput.
+    Raw,
+    /// TCP segments to the discard port, cut by the NIC's segmentation
+    /// offload and checked by the receiving driver, as a TCP transfer's
+    /// are, but with no TCP stack at either end: what TCP over this link
+    /// could reach at most.
+    Tcp,
+}
+
+/// The discard service's TCP port (RFC 863). The kernel's e1000 driver
+/// counts and drops segments to it (`drivers::e1000::DISCARD_PORT`, the
+/// same number, checked at compile time in the kernel).
+pub const DISCARD_PORT: u16 = 9;
+
+/// Ethernet, IPv4 and TCP headers of a [`discard_segment`].
+pub const DISCARD_HEADERS: usize = 14 + 20 + 20;
+
+/// A `len`-byte Ethernet frame (addresses left zero) holding one IPv4 TCP
+/// segment from `src` to 0.0.0.0, port 9 to port 9 (discard), flags ACK,
+/// sequence number 0, a zero payload: what `net blast ... tcp` sends, the
+/// NIC cutting it into wire frames. The receiving driver takes it by its
+/// port, not its address; 0.0.0.0 is no host's (RFC 1122), so no stack
+/// would take it either.
+pub fn discard_segment(src: [u8; 4], len: usize) -> Vec<u8> {
+    let mut frame = alloc::vec![0u8; len.max(DISCARD_HEADERS)];
+    frame[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip = &mut frame[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&u16::try_from(len.max(DISCARD_HEADERS) - 14).unwrap_or(u16::MAX).to_be_bytes());
+    ip[6] = 0x40; // don't fragment
+    ip[8] = 64; // TTL
+    ip[9] = 6; // TCP
+    ip[12..16].copy_from_slice(&src);
+    let checksum = !ones_complement_sum(ip);
+    ip[10..12].copy_from_slice(&checksum.to_be_bytes());
+    let tcp = &mut frame[34..54];
+    tcp[0..2].copy_from_slice(&DISCARD_PORT.to_be_bytes());
+    tcp[2..4].copy_from_slice(&DISCARD_PORT.to_be_bytes());
+    tcp[12] = 5 << 4; // header length: 5 words
+    tcp[13] = 0x10; // ACK
+    tcp[14..16].copy_from_slice(&u16::MAX.to_be_bytes()); // window
+    frame
+}
+
+/// The folded ones'-complement sum of `bytes` taken as big-endian words.
+fn ones_complement_sum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes.chunks(2).map(|w| u32::from(w[0]) << 8 | u32::from(w.get(1).copied().unwrap_or(0))).sum();
+    while sum > 0xFFFF {
+        sum = (sum & 0xFFFF) + (sum >> 16);
+    }
+    sum as u16
 }
 
 /// Usage lines for `help`.
@@ -64,7 +122,7 @@ pub const USAGE: &[(&str, &str)] = &[
     ("net bench listen [port]", "accept bulk TCP and verify the payload"),
     ("net bench send <ip> <MiB> [port]", "send bulk TCP; prints MB/s"),
     ("net bench result", "the last transfer received"),
-    ("net blast <mac> <MiB>", "send raw frames (no TCP) for link throughput"),
+    ("net blast <mac> <MiB> [tcp]", "send raw frames (no TCP) for link throughput; tcp: TCP-shaped"),
     ("net blast result", "raw frames received"),
 ];
 
@@ -126,10 +184,19 @@ fn port(s: Option<&&str>) -> Result<u16, String> {
     match s {
         None => Ok(BENCH_PORT),
         Some(p) => match p.parse::<u16>() {
-            Ok(n) if n > 0 => Ok(n),
+            Ok(n) if n > 0 => tcp_port(n),
             _ => Err(format!("bad port '{p}': 1-65535")),
         },
     }
+}
+
+/// `port` if TCP can use it between two of our hosts: not the discard
+/// port, whose segments the receiving driver counts and drops.
+pub fn tcp_port(port: u16) -> Result<u16, String> {
+    if port == DISCARD_PORT {
+        return Err(format!("port {port} is the discard port: the receiving driver drops what arrives there"));
+    }
+    Ok(port)
 }
 
 fn mib(s: &str) -> Result<u32, String> {
@@ -165,8 +232,9 @@ pub fn parse_net(args: &[&str]) -> Result<NetCommand, String> {
         ["bench", "result"] => Ok(NetCommand::BenchResult),
         ["bench", ..] => Err(String::from("usage: net bench listen [port] | send <ip> <MiB> [port] | result")),
         ["blast", "result"] => Ok(NetCommand::BlastResult),
-        ["blast", mac, size] => Ok(NetCommand::Blast(parse_mac(mac)?, mib(size)?)),
-        ["blast", ..] => Err(String::from("usage: net blast <mac> <MiB> | result")),
+        ["blast", mac, size] => Ok(NetCommand::Blast(parse_mac(mac)?, mib(size)?, Shape::Raw)),
+        ["blast", mac, size, "tcp"] => Ok(NetCommand::Blast(parse_mac(mac)?, mib(size)?, Shape::Tcp)),
+        ["blast", ..] => Err(String::from("usage: net blast <mac> <MiB> [tcp] | result")),
         _ => Err(usage()),
     }
 }
@@ -237,6 +305,23 @@ impl Pattern {
 mod tests {
     use super::*;
 
+    #[test]
+    fn discard_segments_are_whole_ipv4_tcp_segments_to_port_9() {
+        use smoltcp::wire::{EthernetFrame, Ipv4Packet, TcpPacket};
+        let frame = discard_segment([10, 77, 0, 11], 64294);
+        assert_eq!(frame.len(), 64294);
+        let eth = EthernetFrame::new_checked(&frame[..]).unwrap();
+        assert_eq!(u16::from(eth.ethertype()), 0x0800);
+        let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+        assert!(ip.verify_checksum());
+        assert_eq!((ip.total_len(), ip.dont_frag(), ip.src_addr().octets()), (64280, true, [10, 77, 0, 11]));
+        let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+        assert_eq!((tcp.src_port(), tcp.dst_port(), tcp.header_len()), (DISCARD_PORT, DISCARD_PORT, 20));
+        assert!(tcp.ack() && !tcp.syn() && !tcp.fin() && !tcp.rst());
+        assert_eq!(tcp.payload().len(), 64294 - DISCARD_HEADERS);
+        assert_eq!(discard_segment([10, 77, 0, 11], 10).len(), DISCARD_HEADERS, "never shorter than its headers");
+    }
+
     fn p(s: &str) -> Result<NetCommand, String> {
         let words: Vec<&str> = s.split_whitespace().collect();
         match words.split_first() {
@@ -270,7 +355,11 @@ mod tests {
         assert_eq!(p("net bench listen 7000"), Ok(NetCommand::BenchListen(7000)));
         assert_eq!(p("net bench send 10.0.0.2 64"), Ok(NetCommand::BenchSend([10, 0, 0, 2], 64, BENCH_PORT)));
         assert_eq!(p("net bench result"), Ok(NetCommand::BenchResult));
-        assert_eq!(p("net blast 52:54:00:77:00:02 8"), Ok(NetCommand::Blast([0x52, 0x54, 0, 0x77, 0, 2], 8)));
+        assert_eq!(p("net blast 52:54:00:77:00:02 8"), Ok(NetCommand::Blast([0x52, 0x54, 0, 0x77, 0, 2], 8, Shape::Raw)));
+        assert_eq!(
+            p("net blast 52:54:00:77:00:02 8 tcp"),
+            Ok(NetCommand::Blast([0x52, 0x54, 0, 0x77, 0, 2], 8, Shape::Tcp))
+        );
         assert_eq!(p("net blast result"), Ok(NetCommand::BlastResult));
     }
 
@@ -301,6 +390,9 @@ mod tests {
         assert!(err("net bench send 1.2.3.4 0").contains("bad size"));
         assert!(err("net bench send 1.2.3.4 8 0").contains("bad port"));
         assert!(err("net bench listen 70000").contains("bad port"));
+        assert!(err("net bench listen 9").contains("discard port"));
+        assert!(err("net bench send 1.2.3.4 8 9").contains("discard port"));
+        assert!(err("net blast 52:54:00:77:00:02 8 udp").contains("usage"));
         assert!(err("net bench fly").contains("usage: net bench"));
         assert!(err("net blast 52:54:00:77:00 8").contains("bad MAC"));
         assert!(err("net blast zz:54:00:77:00:01 8").contains("bad MAC"));
