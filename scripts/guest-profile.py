@@ -111,6 +111,9 @@ def main():
         print(f"-- {len(rips)} samples, by {title} function")
         for name, n in counts.most_common(25):
             print(f"{100.0 * n / len(rips):5.1f}%  {name}")
+    print(f"-- {len(rips)} samples, by address (disassemble with llvm-objdump --start-address)")
+    for rip, n in collections.Counter(rips).most_common(10):
+        print(f"{100.0 * n / len(rips):5.1f}%  {rip:#x}  {(chains.get(rip) or ['??'])[0]}")
     print(f"-- {len(rips)} samples, by innermost source line")
     for line, n in collections.Counter(lines.get(r, "??") for r in rips).most_common(15):
         print(f"{100.0 * n / len(rips):5.1f}%  {line}")
