@@ -118,7 +118,9 @@ pub fn parse(args: &[&str]) -> Result<MigrateCommand, String> {
     }
     let (vm, target, options) = (crate::vmcmd::name(args.first())?, args[1], &args[2..]);
     let (ip, port) = match target.split_once(':') {
-        Some((ip, p)) => (parse_ipv4(ip)?, tcp_port(u16::try_from(num("port", p, 1..=65535)?).unwrap_or(MIGRATION_PORT))?),
+        Some((ip, p)) => {
+            (parse_ipv4(ip)?, tcp_port(u16::try_from(num("port", p, 1..=65535)?).unwrap_or(MIGRATION_PORT))?)
+        }
         None => (parse_ipv4(target)?, MIGRATION_PORT),
     };
     let mut cmd = MigrateCommand::Start {

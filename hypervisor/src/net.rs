@@ -757,7 +757,7 @@ impl Net {
             match shape {
                 Shape::Raw => frame[14..22].copy_from_slice(&sent.to_le_bytes()),
                 // The sequence number of a stream (it wraps as TCP's does).
-                Shape::Tcp => frame[38..42].copy_from_slice(&((sent * per_frame) as u32).to_be_bytes()),
+                Shape::Tcp => frame[38..42].copy_from_slice(&(sent * per_frame).to_be_bytes()[4..]),
             }
             // Stuck is a ring that takes nothing for 5 s; a deadline over
             // the whole transfer failed a long blast on a slow link. The

@@ -110,7 +110,7 @@ fn ones_complement_sum(bytes: &[u8]) -> u16 {
     while sum > 0xFFFF {
         sum = (sum & 0xFFFF) + (sum >> 16);
     }
-    sum as u16
+    u16::try_from(sum).unwrap_or(u16::MAX)
 }
 
 /// Usage lines for `help`.
@@ -355,7 +355,10 @@ mod tests {
         assert_eq!(p("net bench listen 7000"), Ok(NetCommand::BenchListen(7000)));
         assert_eq!(p("net bench send 10.0.0.2 64"), Ok(NetCommand::BenchSend([10, 0, 0, 2], 64, BENCH_PORT)));
         assert_eq!(p("net bench result"), Ok(NetCommand::BenchResult));
-        assert_eq!(p("net blast 52:54:00:77:00:02 8"), Ok(NetCommand::Blast([0x52, 0x54, 0, 0x77, 0, 2], 8, Shape::Raw)));
+        assert_eq!(
+            p("net blast 52:54:00:77:00:02 8"),
+            Ok(NetCommand::Blast([0x52, 0x54, 0, 0x77, 0, 2], 8, Shape::Raw))
+        );
         assert_eq!(
             p("net blast 52:54:00:77:00:02 8 tcp"),
             Ok(NetCommand::Blast([0x52, 0x54, 0, 0x77, 0, 2], 8, Shape::Tcp))
