@@ -261,6 +261,9 @@ fn point_to_point_socket_link_without_root() {
     let mut b =
         boot_json(&HostConfig { nic: Some(boot::Nic::Connect { port, mac: "52:54:00:99:00:02".into() }), ..base })
             .unwrap();
+    // TCP-shaped frames carry the sender's address, so they need one.
+    let e = a.console().json("net blast 52:54:00:99:00:02 1 tcp", REPLY).unwrap();
+    assert!(e["error"].as_str().unwrap_or("").contains("no IP address"), "{e}");
     ok(a.console(), "net ip 10.77.0.11/24", REPLY);
     ok(b.console(), "net ip 10.77.0.12/24", REPLY);
     assert_eq!(ok(a.console(), "ping 10.77.0.12 2", REPLY)["received"], 2);
