@@ -25,7 +25,8 @@
 //! # Code placement
 //!
 //! The code every received frame runs (`RxRing::next_good`, `coalesce`,
-//! `lro_segment`, `tcp_checksum_ok`, the `Device::receive` of `E1000`)
+//! `lro_segment`, `tcp_checksum_ok`, `diverted_payload`, the
+//! `Device::receive` of `E1000`)
 //! is aligned to a power of two at least its size, so no layout puts an
 //! instruction across a 4 KiB page. Under QEMU's TCG such an instruction
 //! starts a translated block that spans two pages, which QEMU never
@@ -112,6 +113,15 @@ pub fn tso_frame_limit(mtu: usize) -> usize {
 /// `mss` bytes.
 fn whole_segments(mss: usize) -> usize {
     (TSO_MAX_FRAME - TCP_HEADERS) / mss * mss
+}
+
+/// Why [`E1000::send_raw`] did not queue a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RawSendError {
+    /// No room in the transmit ring now.
+    RingFull,
+    /// The frame can never be sent as it is.
+    Refused,
 }
 
 /// Traffic and error counters; see [`E1000::counters`].
@@ -407,9 +417,9 @@ struct RxRing {
     /// Check TCP checksums here (smoltcp does not).
     verify_tcp: bool,
     bad_checksum: u64,
-    /// Frames of this EtherType, and TCP segments to [`DISCARD_PORT`],
-    /// are counted and dropped instead of being delivered
-    /// (raw-throughput measurements).
+    /// Frames of this EtherType, and TCP segments to 0.0.0.0 port
+    /// [`DISCARD_PORT`], are counted and dropped instead of being
+    /// delivered (raw-throughput measurements).
     divert: Option<u16>,
     diverted: Diverted,
     /// Time of the latest `receive` call, for the diverted frames.
@@ -477,24 +487,32 @@ fn lro_continues(first: &[u8], next: &[u8], seq: u32) -> bool {
         && lro_segment(next).is_some_and(|(s, _)| s == seq)
 }
 
-/// TCP port whose segments a diverting receiver counts and drops after
-/// checking their checksum (the discard service, RFC 863): the
-/// TCP-shaped frames of `net blast ... tcp`.
+/// TCP port (the discard service, RFC 863) of the segments to 0.0.0.0
+/// that a diverting receiver counts and drops once their checksum passed:
+/// the TCP-shaped frames of `net blast ... tcp`. 0.0.0.0 is no host's
+/// address (RFC 1122), so no real traffic is taken.
 pub const DISCARD_PORT: u16 = 9;
 
 /// For a frame the receiver diverts (see [`E1000::divert`]): its payload
 /// length, the bytes after the Ethernet header or after the TCP header.
-/// `None` for a frame to deliver.
+/// `None` for a frame to deliver: anything else, and any segment whose
+/// headers do not hold together (smoltcp drops those). Runs for every
+/// received frame, so it is placed like the rest of that path ("Code
+/// placement" above).
+#[inline(never)]
+#[rustc_align(512)]
 fn diverted_payload(frame: &[u8], ethertype: u16) -> Option<usize> {
     if be16(frame, 12)? == ethertype {
         return Some(frame.len() - ETH_HEADER);
     }
     let (ihl, total) = ipv4_tcp(frame)?;
     let tcp = ETH_HEADER + ihl;
-    if is_fragment(frame) || be16(frame, tcp + 2)? != DISCARD_PORT {
+    let to_discard = frame.get(ETH_HEADER + 16..ETH_HEADER + 20)? == [0; 4] && be16(frame, tcp + 2)? == DISCARD_PORT;
+    let tcp_header = usize::from(*frame.get(tcp + 12)? >> 4) * 4;
+    if !to_discard || ihl < 20 || tcp_header < 20 || is_fragment(frame) || ETH_HEADER + total > frame.len() {
         return None;
     }
-    Some(total.saturating_sub(ihl + usize::from(*frame.get(tcp + 12)? >> 4) * 4))
+    total.checked_sub(ihl + tcp_header)
 }
 
 /// Frames diverted since the last [`E1000::take_diverted`].
@@ -516,7 +534,7 @@ pub struct Diverted {
 impl RxRing {
     /// Skips (counting and recycling) bad descriptors and returns the index
     /// and length of the next good frame, if hardware has completed one.
-    #[rustc_align(1024)]
+    #[rustc_align(2048)]
     fn next_good(&mut self) -> Option<(usize, usize)> {
         for _ in 0..self.descs.count {
             let index = self.next;
@@ -1508,18 +1526,21 @@ impl<R: Registers> E1000<R> {
     }
 
     /// Queues one raw Ethernet frame (without FCS; the NIC appends it).
-    /// Returns `false` (and counts `tx_ring_full` if that is why) when the
-    /// ring is full, or the frame is empty or longer than a transmit buffer
-    /// (16288 bytes, the legacy descriptor limit; with segmentation 65535,
-    /// a TCP segment the NIC cuts), or (with segmentation, counted in
-    /// `tx_dropped`) longer than the MTU allows and not a TCP segment the
-    /// NIC can cut.
-    pub fn send_raw(&mut self, frame: &[u8]) -> bool {
+    /// Fails with [`RawSendError::RingFull`] (counted in `tx_ring_full`)
+    /// when the ring has no room, try again; with
+    /// [`RawSendError::Refused`] when the frame is empty or longer than a
+    /// transmit buffer (16288 bytes, the legacy descriptor limit; with
+    /// segmentation 65535, a TCP segment the NIC cuts), or (with
+    /// segmentation, counted in `tx_dropped`) longer than the MTU allows
+    /// and not a TCP segment the NIC can cut.
+    pub fn send_raw(&mut self, frame: &[u8]) -> Result<(), RawSendError> {
         if frame.is_empty() || frame.len() > self.tx.max_frame {
-            return false;
+            return Err(RawSendError::Refused);
         }
-        if !self.tx.make_room(&mut self.regs, 1) {
-            return false;
+        // As many slots as a frame from smoltcp: one the NIC cuts takes a
+        // context slot too.
+        if !self.tx.make_room(&mut self.regs, self.tx.slots_per_frame()) {
+            return Err(RawSendError::RingFull);
         }
         let dropped = self.tx.dropped;
         self.tx.send_with(&mut self.regs, frame.len(), |buf| {
@@ -1527,12 +1548,17 @@ impl<R: Registers> E1000<R> {
                 dst.copy_from_slice(frame);
             }
         });
-        self.tx.dropped == dropped
+        if self.tx.dropped == dropped {
+            Ok(())
+        } else {
+            Err(RawSendError::Refused)
+        }
     }
 
     /// Counts and drops received frames of `ethertype`, and IPv4 TCP
-    /// segments to [`DISCARD_PORT`] once their checksum passed, instead of
-    /// delivering them (`None` turns this off).
+    /// segments to 0.0.0.0 port [`DISCARD_PORT`] (after the checksum check
+    /// every TCP segment gets when `Config::tcp_tx_checksum` is on),
+    /// instead of delivering them (`None` turns this off).
     pub fn divert(&mut self, ethertype: Option<u16>) {
         self.rx.divert = ethertype;
     }
@@ -2103,7 +2129,7 @@ mod tests {
         let mut dma = HeapDma::default();
         let mut nic = nic_with(&regs, &mut dma, config(64));
         for seq in 0..40 {
-            assert!(nic.send_raw(&frame(seq, 100)));
+            assert!(nic.send_raw(&frame(seq, 100)).is_ok());
         }
         assert_eq!(regs.get(reg::TDT), 32, "one TDT write for the first 32 frames");
         nic.flush();
@@ -2134,7 +2160,7 @@ mod tests {
         let mut nic = nic_with(&regs, &mut dma, config(16));
         for seq in 0..3 * 16 {
             let sent = frame(seq, 60 + seq);
-            assert!(nic.send_raw(&sent));
+            assert!(nic.send_raw(&sent).is_ok());
             nic.flush();
             assert_eq!(wire.take_sent(), vec![sent]);
         }
@@ -2149,16 +2175,16 @@ mod tests {
         let mut dma = HeapDma::default();
         let mut nic = nic_with(&regs, &mut dma, config(8));
         for seq in 0..7 {
-            assert!(nic.send_raw(&frame(seq, 100)));
+            assert!(nic.send_raw(&frame(seq, 100)).is_ok());
         }
-        assert!(!nic.send_raw(&frame(7, 100)));
-        assert!(!nic.send_raw(&frame(7, 100)));
+        assert_eq!(nic.send_raw(&frame(7, 100)), Err(RawSendError::RingFull));
+        assert_eq!(nic.send_raw(&frame(7, 100)), Err(RawSendError::RingFull));
         assert_eq!(nic.counters().tx_ring_full, 2);
         assert_eq!(nic.counters().tx_frames, 7);
         let sent = wire.take_sent();
         assert_eq!(sent, (0..7).map(|s| frame(s, 100)).collect::<Vec<_>>());
         for seq in 7..14 {
-            assert!(nic.send_raw(&frame(seq, 100)));
+            assert!(nic.send_raw(&frame(seq, 100)).is_ok());
         }
         nic.flush();
         assert_eq!(wire.take_sent(), (7..14).map(|s| frame(s, 100)).collect::<Vec<_>>());
@@ -2170,9 +2196,9 @@ mod tests {
         let wire = FakeWire::new(&regs);
         let mut dma = HeapDma::default();
         let mut nic = nic_with(&regs, &mut dma, config(8));
-        assert!(!nic.send_raw(&[]));
-        assert!(!nic.send_raw(&vec![0; TX_MAX_FRAME + 1]));
-        assert!(nic.send_raw(&frame(1, TX_MAX_FRAME)));
+        assert_eq!(nic.send_raw(&[]), Err(RawSendError::Refused));
+        assert_eq!(nic.send_raw(&vec![0; TX_MAX_FRAME + 1]), Err(RawSendError::Refused));
+        assert!(nic.send_raw(&frame(1, TX_MAX_FRAME)).is_ok());
         nic.flush();
         assert_eq!(wire.take_sent(), vec![frame(1, TX_MAX_FRAME)]);
         assert_eq!(nic.counters().tx_ring_full, 0);
@@ -2265,7 +2291,7 @@ mod tests {
         nic.set_mtu(9000).unwrap();
         assert_eq!(nic.mtu(), 9000);
         assert_ne!(regs.get(reg::RCTL) & reg::RCTL_LPE, 0);
-        assert!(nic.send_raw(&jumbo));
+        assert!(nic.send_raw(&jumbo).is_ok());
         nic.flush();
         let sent = wire.take_sent();
         assert_eq!(sent, vec![jumbo.clone()]);
@@ -2831,7 +2857,7 @@ mod tests {
         let mut long = tcp_frame(3000);
         long[30..34].copy_from_slice(&[10, 0, 0, 1]);
         long[26..30].copy_from_slice(&[10, 0, 0, 2]);
-        assert!(nic.send_raw(&long));
+        assert!(nic.send_raw(&long).is_ok());
         nic.flush();
         wire.take_sent().iter().map(Vec::len).collect()
     }
@@ -2884,7 +2910,7 @@ mod tests {
             let mut long = with_ports(tcp_frame(3000), 50000, to);
             long[30..34].copy_from_slice(&[10, 0, 0, 1]);
             long[26..30].copy_from_slice(&[10, 0, 0, 2]);
-            assert!(nic.send_raw(&long));
+            assert!(nic.send_raw(&long).is_ok());
             nic.flush();
             wire.take_sent().iter().map(Vec::len).collect::<Vec<_>>()
         };
@@ -2936,7 +2962,7 @@ mod tests {
         let mut nic = nic_with(&regs, &mut dma, Config { tso: true, ..config(16) });
         let from_peer = |mss: u16| syn([10, 0, 0, 1], mss);
         // smoltcp's SYN says 64240; the wire hears 1460.
-        assert!(nic.send_raw(&from_peer(64240)));
+        assert!(nic.send_raw(&from_peer(64240)).is_ok());
         nic.flush();
         let sent = wire.take_sent();
         assert_eq!(be16(&sent[0], 56), Some(1460));
@@ -2952,7 +2978,7 @@ mod tests {
         let mut raw = frame(0, 1000);
         raw[12..14].copy_from_slice(&0x88B5u16.to_be_bytes());
         raw[30..34].copy_from_slice(&[10, 0, 0, 1]);
-        assert!(nic.send_raw(&raw));
+        assert!(nic.send_raw(&raw).is_ok());
         nic.flush();
         assert_eq!(wire.take_sent(), vec![raw]);
         // A forged SYN announcing 8 bytes is taken as 536.
@@ -3008,7 +3034,7 @@ mod tests {
         first[46] = 0x60;
         first[54..58].copy_from_slice(&[2, 4, 0x23, 0x28]);
         for f in [&later, &first] {
-            assert!(nic.send_raw(f));
+            assert!(nic.send_raw(f).is_ok());
             nic.flush();
             // Before: the checksum offload wrote into the payload, and
             // the MSS option was rewritten.
@@ -3199,7 +3225,7 @@ mod tests {
         let mut nic = nic_with(&regs, &mut dma, Config { tso: true, ..config(8) });
         let mut long = tcp_frame(3 * 1460 + 100);
         long[47] |= 0x09; // PSH and FIN: only the last frame keeps them
-        assert!(nic.send_raw(&long));
+        assert!(nic.send_raw(&long).is_ok());
         nic.flush();
         let sent = wire.take_sent();
         assert_eq!(sent.iter().map(Vec::len).collect::<Vec<_>>(), [1514, 1514, 1514, 154]);
@@ -3219,16 +3245,21 @@ mod tests {
         // dropped and counted, not sent as a giant.
         let mut udp = tcp_frame(2000);
         udp[23] = 17;
-        assert!(!nic.send_raw(&udp));
-        // A segment with no slot left for its context waits for none either.
+        assert_eq!(nic.send_raw(&udp), Err(RawSendError::Refused));
+        // A segment needs a slot for its context too: with one slot left
+        // it waits for room, as a full ring does, instead of being dropped
+        // (it was, once: send_raw made room for one slot).
         for _ in 0..6 {
-            assert!(nic.send_raw(&frame(0, 60)));
+            assert!(nic.send_raw(&frame(0, 60)).is_ok());
         }
-        assert!(!nic.send_raw(&tcp_frame(2000)));
+        assert_eq!(nic.send_raw(&tcp_frame(2000)), Err(RawSendError::RingFull));
         nic.flush();
         assert_eq!(wire.take_sent().len(), 6);
+        assert!(nic.send_raw(&tcp_frame(2000)).is_ok());
+        nic.flush();
+        assert_eq!(wire.take_sent().iter().map(Vec::len).collect::<Vec<_>>(), [1514, 594]);
         let c = nic.counters();
-        assert_eq!((c.tx_segmented, c.tx_dropped), (1, 2));
+        assert_eq!((c.tx_segmented, c.tx_dropped, c.tx_ring_full), (2, 1, 1));
     }
 
     #[test]
@@ -3239,44 +3270,62 @@ mod tests {
         let mut nic = nic_with(&regs, &mut dma, Config { tso: true, ..config(8) });
         let long = tcp_frame(tso_frame_limit(1500) - 54);
         assert!(long.len() > TX_MAX_FRAME);
-        assert!(nic.send_raw(&long));
+        assert!(nic.send_raw(&long).is_ok());
         nic.flush();
         let sent = wire.take_sent();
         // 44 whole segments, then QEMU's frame of headers alone.
         assert_eq!(sent.len(), 45);
         let payload: Vec<u8> = sent.iter().flat_map(|f| f[54..].to_vec()).collect();
         assert_eq!(payload, long[54..]);
-        assert!(!nic.send_raw(&tcp_frame(TSO_MAX_FRAME - 53)), "over 64 KiB");
+        assert_eq!(nic.send_raw(&tcp_frame(TSO_MAX_FRAME - 53)), Err(RawSendError::Refused), "over 64 KiB");
     }
 
     #[test]
-    fn segments_to_the_discard_port_are_checked_then_counted_not_delivered() {
+    fn segments_to_the_discard_port_of_no_host_are_checked_then_counted_not_delivered() {
         let regs = FakeRegs::new(MAC_A);
         let wire = FakeWire::new(&regs);
         let mut dma = HeapDma::default();
         let mut nic = nic_with(&regs, &mut dma, config(16));
         let now = Instant::from_millis(0);
-        let to_port = |port: u16, payload: usize| {
+        // To 0.0.0.0 (or `to`), `port`, with `payload` bytes; `edit`
+        // changes it before the checksum is made.
+        let segment = |to: [u8; 4], port: u16, payload: usize, edit: &dyn Fn(&mut Vec<u8>)| {
             let mut f = tcp_frame(payload);
+            f[30..34].copy_from_slice(&to);
             f[36..38].copy_from_slice(&port.to_be_bytes());
-            prepare_tcp_checksum(&mut f).unwrap();
-            finish_checksum(&mut f, 50, 34);
+            edit(&mut f);
+            if prepare_tcp_checksum(&mut f).is_some() {
+                finish_checksum(&mut f, 50, 34);
+            }
             f
         };
+        let discard = |payload| segment([0; 4], DISCARD_PORT, payload, &|_| {});
         nic.divert(Some(0x88B5));
-        let mut bad = to_port(DISCARD_PORT, 100);
+        let mut bad = discard(100);
         bad[60] ^= 1;
-        for f in [to_port(DISCARD_PORT, 1000), to_port(DISCARD_PORT, 0), bad, to_port(10, 300)] {
-            assert!(wire.inject(&f));
+        let delivered = [
+            segment([0; 4], 10, 300, &|_| {}),
+            segment([10, 0, 0, 2], DISCARD_PORT, 300, &|_| {}),
+            // Headers that do not hold together: an IP length beyond
+            // the frame, IP and TCP header lengths under 20, a fragment.
+            segment([0; 4], DISCARD_PORT, 20, &|f| f[16..18].copy_from_slice(&60000u16.to_be_bytes())),
+            segment([0; 4], DISCARD_PORT, 20, &|f| f[14] = 0x44),
+            segment([0; 4], DISCARD_PORT, 20, &|f| f[46] = 0x40),
+            segment([0; 4], DISCARD_PORT, 20, &|f| f[20] = 0x20),
+        ];
+        for f in [discard(1000), discard(0), bad].iter().chain(&delivered) {
+            assert!(wire.inject(f));
         }
-        let (rx, _) = nic.receive(now).expect("the segment to port 10");
-        assert_eq!(phy::RxToken::consume(rx, |f| be16(f, 36)), Some(10));
+        for want in &delivered {
+            let (rx, _) = nic.receive(now).expect("a segment not to divert");
+            assert_eq!(&phy::RxToken::consume(rx, <[u8]>::to_vec), want);
+        }
         assert!(nic.receive(now).is_none());
         let d = nic.take_diverted();
         assert_eq!((d.frames, d.bytes, d.payload_bytes), (2, 1054 + 54, 1000));
         assert_eq!(nic.counters().rx_bad_checksum, 1);
         nic.divert(None);
-        assert!(wire.inject(&to_port(DISCARD_PORT, 10)));
+        assert!(wire.inject(&discard(10)));
         assert!(nic.receive(now).is_some(), "delivered when nothing is diverted");
     }
 
@@ -3288,9 +3337,9 @@ mod tests {
         let mut nic = nic_with(&regs, &mut dma, config(8));
         // 6 frames: context + frame, then 5 frames reusing it; 7 slots.
         for _ in 0..6 {
-            assert!(nic.send_raw(&tcp_frame(100)));
+            assert!(nic.send_raw(&tcp_frame(100)).is_ok());
         }
-        assert!(!nic.send_raw(&tcp_frame(100)), "ring full");
+        assert_eq!(nic.send_raw(&tcp_frame(100)), Err(RawSendError::RingFull));
         nic.flush();
         let sent = wire.take_sent();
         assert_eq!((sent.len(), wire.offloaded.get()), (6, 6));
@@ -3298,13 +3347,13 @@ mod tests {
         // A different header length needs a new context; with one slot left
         // the driver finishes the checksum itself and sends it legacy.
         for _ in 0..6 {
-            assert!(nic.send_raw(&frame(0, 60)));
+            assert!(nic.send_raw(&frame(0, 60)).is_ok());
         }
         let mut options = tcp_frame(100);
         options.splice(34..34, [1, 1, 1, 1]); // IP options: IHL 6
         options[14] = 0x46;
         options[16..18].copy_from_slice(&144u16.to_be_bytes());
-        assert!(nic.send_raw(&options));
+        assert!(nic.send_raw(&options).is_ok());
         nic.flush();
         let sent = wire.take_sent();
         assert_eq!(wire.offloaded.get(), 6, "the last frame went out without offload");

@@ -12,7 +12,7 @@ use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 
-use drivers::e1000::{tso_frame_limit, Config as NicConfig, DEVICE_82540EM, E1000, VENDOR_INTEL};
+use drivers::e1000::{tso_frame_limit, Config as NicConfig, RawSendError, DEVICE_82540EM, E1000, VENDOR_INTEL};
 use drivers::pci::{self, Bar};
 use hypervisor::json::Obj;
 use hypervisor::netcmd::{discard_segment, ephemeral_port, NetCommand, Pattern, Shape, DISCARD_HEADERS};
@@ -742,7 +742,10 @@ impl Net {
                 let Some((ip, _)) = self.cidr else {
                     return Err(String::from("no IP address (net ip): TCP-shaped frames carry one"));
                 };
-                discard_segment(ip.octets(), tso_frame_limit(mtu))
+                // The NIC cuts them at the MSS of a 1500-byte MTU (no SYN
+                // told it the peer's): whole segments of that, so no cut
+                // leaves a runt behind.
+                discard_segment(ip.octets(), tso_frame_limit(mtu.min(1500)))
             }
         };
         frame[..6].copy_from_slice(&dst);
@@ -763,7 +766,10 @@ impl Net {
             // the whole transfer failed a long blast on a slow link. The
             // clock is read only once the ring is full.
             let mut full_since = None;
-            while !self.nic.send_raw(&frame) {
+            while let Err(e) = self.nic.send_raw(&frame) {
+                if e == RawSendError::Refused {
+                    return Err(format!("the NIC refused frame {sent} ({} bytes)", frame.len()));
+                }
                 let since = *full_since.get_or_insert_with(clock::uptime_us);
                 if clock::uptime_us() - since > 5_000_000 {
                     return Err(format!("transmit ring stuck after {sent} frames"));

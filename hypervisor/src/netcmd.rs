@@ -70,25 +70,29 @@ pub enum Shape {
 }
 
 /// The discard service's TCP port (RFC 863). The kernel's e1000 driver
-/// counts and drops segments to it (`drivers::e1000::DISCARD_PORT`, the
-/// same number, checked at compile time in the kernel).
+/// counts and drops segments to 0.0.0.0 on it
+/// (`drivers::e1000::DISCARD_PORT`, the same number, checked at compile
+/// time in the kernel).
 pub const DISCARD_PORT: u16 = 9;
 
 /// Ethernet, IPv4 and TCP headers of a [`discard_segment`].
 pub const DISCARD_HEADERS: usize = 14 + 20 + 20;
 
-/// A `len`-byte Ethernet frame (addresses left zero) holding one IPv4 TCP
+/// A `len`-byte Ethernet frame (`len` taken into 54..=65549; addresses
+/// left zero) holding one IPv4 TCP
 /// segment from `src` to 0.0.0.0, port 9 to port 9 (discard), flags ACK,
 /// sequence number 0, a zero payload: what `net blast ... tcp` sends, the
 /// NIC cutting it into wire frames. The receiving driver takes it by its
 /// port, not its address; 0.0.0.0 is no host's (RFC 1122), so no stack
 /// would take it either.
 pub fn discard_segment(src: [u8; 4], len: usize) -> Vec<u8> {
-    let mut frame = alloc::vec![0u8; len.max(DISCARD_HEADERS)];
+    // An IPv4 packet is at most 65535 bytes.
+    let len = len.clamp(DISCARD_HEADERS, 14 + usize::from(u16::MAX));
+    let mut frame = alloc::vec![0u8; len];
     frame[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
     let ip = &mut frame[14..34];
     ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&u16::try_from(len.max(DISCARD_HEADERS) - 14).unwrap_or(u16::MAX).to_be_bytes());
+    ip[2..4].copy_from_slice(&u16::try_from(len - 14).unwrap_or(u16::MAX).to_be_bytes());
     ip[6] = 0x40; // don't fragment
     ip[8] = 64; // TTL
     ip[9] = 6; // TCP
@@ -123,7 +127,7 @@ pub const USAGE: &[(&str, &str)] = &[
     ("net bench send <ip> <MiB> [port]", "send bulk TCP; prints MB/s"),
     ("net bench result", "the last transfer received"),
     ("net blast <mac> <MiB> [tcp]", "send raw frames (no TCP) for link throughput; tcp: TCP-shaped"),
-    ("net blast result", "raw frames received"),
+    ("net blast result", "raw and TCP-shaped frames received"),
 ];
 
 /// Parses a dotted IPv4 address.
@@ -184,19 +188,10 @@ fn port(s: Option<&&str>) -> Result<u16, String> {
     match s {
         None => Ok(BENCH_PORT),
         Some(p) => match p.parse::<u16>() {
-            Ok(n) if n > 0 => tcp_port(n),
+            Ok(n) if n > 0 => Ok(n),
             _ => Err(format!("bad port '{p}': 1-65535")),
         },
     }
-}
-
-/// `port` if TCP can use it between two of our hosts: not the discard
-/// port, whose segments the receiving driver counts and drops.
-pub fn tcp_port(port: u16) -> Result<u16, String> {
-    if port == DISCARD_PORT {
-        return Err(format!("port {port} is the discard port: the receiving driver drops what arrives there"));
-    }
-    Ok(port)
 }
 
 fn mib(s: &str) -> Result<u32, String> {
@@ -320,6 +315,12 @@ mod tests {
         assert!(tcp.ack() && !tcp.syn() && !tcp.fin() && !tcp.rst());
         assert_eq!(tcp.payload().len(), 64294 - DISCARD_HEADERS);
         assert_eq!(discard_segment([10, 77, 0, 11], 10).len(), DISCARD_HEADERS, "never shorter than its headers");
+        let longest = discard_segment([10, 77, 0, 11], 1 << 20);
+        assert_eq!(
+            Ipv4Packet::new_checked(&longest[14..]).unwrap().total_len(),
+            u16::MAX,
+            "nor longer than IPv4 allows"
+        );
     }
 
     fn p(s: &str) -> Result<NetCommand, String> {
@@ -393,8 +394,6 @@ mod tests {
         assert!(err("net bench send 1.2.3.4 0").contains("bad size"));
         assert!(err("net bench send 1.2.3.4 8 0").contains("bad port"));
         assert!(err("net bench listen 70000").contains("bad port"));
-        assert!(err("net bench listen 9").contains("discard port"));
-        assert!(err("net bench send 1.2.3.4 8 9").contains("discard port"));
         assert!(err("net blast 52:54:00:77:00:02 8 udp").contains("usage"));
         assert!(err("net bench fly").contains("usage: net bench"));
         assert!(err("net blast 52:54:00:77:00 8").contains("bad MAC"));

@@ -116,6 +116,8 @@
 
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
+// `rustc_align` on the page hash loops: see `page_hash`.
+#![feature(fn_align)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
 #![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
@@ -192,6 +194,12 @@ pub trait GuestMemory {
 /// Every step is a bijection of a lane, and the lanes
 /// combine linearly with odd factors, so changing any one 8-byte word
 /// always changes the hash.
+///
+/// This and [`copy_page_hashed`] run for every page a migration moves: each
+/// is aligned to a power of two at least its size, so no layout of the
+/// kernel puts its loop across a 4 KiB page (under QEMU's TCG such a loop
+/// cannot chain its translated blocks; `tests/tests/kernel_code.rs`).
+#[rustc_align(256)]
 pub fn page_hash(gfn: u64, page: &[u8; PAGE_SIZE]) -> u64 {
     let mut lanes = HASH_LANES;
     for quad in page.as_chunks::<32>().0 {
@@ -204,6 +212,7 @@ pub fn page_hash(gfn: u64, page: &[u8; PAGE_SIZE]) -> u64 {
 /// src)`, in one pass over the page: each word is hashed while it is in a
 /// register on its way to `dst`, so the page is read once, not twice (once
 /// to hash, once to copy).
+#[rustc_align(256)]
 pub fn copy_page_hashed(gfn: u64, src: &[u8; PAGE_SIZE], dst: &mut [u8; PAGE_SIZE]) -> u64 {
     let mut lanes = HASH_LANES;
     for (from, to) in src.as_chunks::<32>().0.iter().zip(dst.as_chunks_mut::<32>().0) {
