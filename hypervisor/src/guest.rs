@@ -86,6 +86,11 @@ pub mod cfg {
     /// page, its TSS at 0x900) and `ltr`s selector 0x28 once (hidden
     /// `vm ltr`, a test that guest state stays out of the host).
     pub const LTR_REQ: u64 = 0x60;
+    /// Nonzero: the guest loads the GDT of `LTR_REQ` (without the `ltr`),
+    /// installs an IDT with a #DB handler, single-steps one instruction and
+    /// takes the #DB, then goes back to no IDT (hidden `vm trap`, a test
+    /// that #DB exits and is reflected back).
+    pub const TRAP_REQ: u64 = 0x68;
 }
 
 /// Status fields, written by the guest.
@@ -117,6 +122,11 @@ pub mod st {
     /// Data pages the last verify checked (all of them, unless its layout
     /// in the config page is wrong).
     pub const VERIFY_PAGES: u64 = 0x150;
+    /// #DB exceptions the guest's own handler took (`vm trap`).
+    pub const TRAPS: u64 = 0x158;
+    /// DR6 as the guest's #DB handler read it (`vm trap`; BS, bit 14, says
+    /// single-step).
+    pub const TRAP_DR6: u64 = 0x160;
 }
 
 /// Port the guest's heartbeat goes out on (`OUT 0xE0, AL`).

@@ -124,6 +124,10 @@ pub enum VmCommand {
     /// Hidden: `vm ltr <name>` makes the guest load a TSS of its own, then
     /// reports the host's task register, which must still be its own.
     Ltr(String),
+    /// Hidden: `vm trap <name>` makes the guest single-step into a #DB
+    /// handler of its own; the #DB must exit to the hypervisor, which
+    /// reflects it back.
+    Trap(String),
     /// Hidden: `vm poke <name> <page>` flips a word of data page `page`
     /// behind the guest's back, so that `vm verify` has a page to find.
     Poke(String, u64),
@@ -183,6 +187,7 @@ pub fn parse(args: &[&str]) -> Result<VmCommand, String> {
         "break" => one(VmCommand::Break),
         "vmsave" => one(VmCommand::Vmsave),
         "ltr" => one(VmCommand::Ltr),
+        "trap" => one(VmCommand::Trap),
         "poke" => match rest {
             [n, page] => Ok(VmCommand::Poke(name(Some(n))?, number("page", page)?)),
             _ => Err(String::from("usage: vm poke <name> <page>")),

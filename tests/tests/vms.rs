@@ -121,6 +121,17 @@ fn two_vms_run_and_a_triple_fault_stops_only_its_vm() {
     let t1 = ticks(c, "t");
     std::thread::sleep(Duration::from_millis(500));
     assert!(ticks(c, "t") > t1, "the guest stopped after its ltr");
+    // A #DB exits (a guest's endless chain of them would otherwise hold
+    // the CPU without one exit: CVE-2015-8104) and is reflected back to
+    // the guest's own handler; the VM runs on.
+    let r = ok(c, "vm trap t");
+    assert_eq!(r["done"], true, "{r}");
+    assert_eq!(r["guest_traps"], 1, "the guest's #DB handler did not run once: {r}");
+    assert_eq!(r["exception_exits"], 1, "the #DB did not exit to the hypervisor: {r}");
+    assert_ne!(r["guest_dr6"].as_u64().unwrap() & (1 << 14), 0, "DR6.BS was not set for the handler: {r}");
+    let t2 = ticks(c, "t");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(ticks(c, "t") > t2, "the guest stopped after its #DB");
     for vm in ["a", "b", "x", "s", "t"] {
         ok(c, &format!("vm destroy {vm}"));
     }

@@ -56,7 +56,23 @@ fn vmx_lifecycle_containment_and_entry_failure() {
     assert!(ticks(c, "a") > a2, "VM a stopped ticking after the others failed");
     let v = ok(c, "vm verify a");
     assert_eq!(v["verified"], true, "{v}");
+    trap_exits_and_reaches_the_guests_handler(c, "a");
     assert_eq!(c.json("version", REPLY).unwrap()["ok"], true);
+}
+
+/// A #DB exits (a guest's endless chain of them would otherwise hold the
+/// CPU without one exit: CVE-2015-8104) and is reflected back to the
+/// guest's own handler; the VM runs on.
+fn trap_exits_and_reaches_the_guests_handler(c: &mut Console, vm: &str) {
+    let r = ok(c, &format!("vm trap {vm}"));
+    let info = ok(c, &format!("vm info {vm}"));
+    assert_eq!(r["done"], true, "{r} {info}");
+    assert_eq!(r["guest_traps"], 1, "the guest's #DB handler did not run once: {r}");
+    assert_eq!(r["exception_exits"], 1, "the #DB did not exit to the hypervisor: {r}");
+    assert_ne!(r["guest_dr6"].as_u64().unwrap() & (1 << 14), 0, "DR6.BS was not set for the handler: {r}");
+    let t = ticks(c, vm);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(ticks(c, vm) > t, "the VM stopped after its #DB");
 }
 
 #[test]

@@ -47,6 +47,19 @@ pub enum VmExit {
     Hypercall,
     /// Intel: the PML buffer is full and must be drained.
     PmlFull,
+    /// The guest raised an exception the hypervisor intercepts (#DB and
+    /// #AC, whose endless chains would otherwise hold the CPU with no exit
+    /// at all: CVE-2015-8104, CVE-2015-5307). Reflected back with
+    /// [`Vcpu::inject_exception`].
+    Exception {
+        /// Vector.
+        vector: u8,
+        /// Its error code, for the vectors that push one.
+        error_code: Option<u32>,
+        /// Intel, ICEBP: the guest RIP after the instruction, where the
+        /// exception is delivered (the exit reports the instruction's own).
+        resume_at: Option<u64>,
+    },
     /// The processor refused to enter the guest. `code` is the raw exit code
     /// (AMD) or VM-instruction error number (Intel); `reason` says it in words.
     EntryFailed {
@@ -83,6 +96,7 @@ impl VmExit {
             VmExit::Shutdown => "shutdown",
             VmExit::Hypercall => "hypercall",
             VmExit::PmlFull => "pml_full",
+            VmExit::Exception { .. } => "exception",
             VmExit::EntryFailed { .. } => "entry_failed",
             VmExit::Unknown(_) => "unknown",
         }
@@ -163,4 +177,21 @@ pub trait Vcpu {
     /// Asks for a guest TLB flush before the next entry (after clearing
     /// second-level D or W bits).
     fn flush_tlb(&mut self);
+    /// Delivers hardware exception `vector` (with `error_code` if it
+    /// pushes one) to the guest at the next entry.
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>);
+}
+
+/// Exception vectors the hypervisor intercepts in every guest: #DB (1) and
+/// #AC (17). A #DB raised while delivering a #DB (a data breakpoint on the
+/// handler's stack), or an #AC while delivering an #AC (a misaligned stack
+/// at CPL 3), repeats forever inside the guest without a VM exit: not even
+/// the host's timer gets through, as KVM and Xen learned (CVE-2015-8104,
+/// CVE-2015-5307). Intercepted, each one exits and is reflected back, so
+/// the host's interrupts are taken between them.
+pub const INTERCEPTED_EXCEPTIONS: u32 = (1 << 1) | (1 << 17);
+
+/// Whether exception `vector` pushes an error code (SDM Vol. 3A 6.15).
+pub fn has_error_code(vector: u8) -> bool {
+    matches!(vector, 8 | 10..=14 | 17 | 21 | 29 | 30)
 }

@@ -290,8 +290,20 @@ pub const V_INTR_MASKING: u64 = 1 << 24;
 /// EFER.SVME.
 pub const EFER_SVME: u64 = 1 << 12;
 
+/// EVENTINJ (VMCB 0x0A8) that delivers hardware exception `vector` at the
+/// next VMRUN (APM 15.20): vector, type 3 (exception), EV if an error code
+/// goes with it, V, the error code in bits 63:32.
+pub fn event_exception(vector: u8, error_code: Option<u32>) -> u64 {
+    let ev = if error_code.is_some() { 1 << 11 } else { 0 };
+    (u64::from(error_code.unwrap_or(0)) << 32) | (1 << 31) | ev | (3 << 8) | u64::from(vector)
+}
+
 /// Exit codes (APM Appendix C).
 pub mod exit_code {
+    /// Exception intercepts: 0x40 plus the vector.
+    pub const EXCEPTION_FIRST: u64 = 0x40;
+    /// The last of them (vector 31).
+    pub const EXCEPTION_LAST: u64 = 0x5F;
     /// Physical interrupt.
     pub const INTR: u64 = 0x60;
     /// NMI.
@@ -349,6 +361,12 @@ pub fn decode_exit(control: &ControlArea) -> VmExit {
             },
             present: info1 & 1 != 0,
         },
+        code @ exit_code::EXCEPTION_FIRST..=exit_code::EXCEPTION_LAST => {
+            let vector = ((code - exit_code::EXCEPTION_FIRST) & 0x1F) as u8;
+            // EXITINFO1 holds the error code of the vectors that push one.
+            let error_code = crate::exit::has_error_code(vector).then_some((info1 & 0xFFFF_FFFF) as u32);
+            VmExit::Exception { vector, error_code, resume_at: None }
+        }
         exit_code::INTR | exit_code::NMI => VmExit::ExternalInterrupt,
         exit_code::SHUTDOWN => VmExit::Shutdown,
         exit_code::VMMCALL => VmExit::Hypercall,
@@ -477,12 +495,23 @@ mod tests {
     #[test]
     fn decodes_the_simple_exits() {
         assert_eq!(decode_exit(&control(exit_code::INTR, 0, 0)), VmExit::ExternalInterrupt);
+        assert_eq!(
+            decode_exit(&control(0x41, 7, 0)),
+            VmExit::Exception { vector: 1, error_code: None, resume_at: None }
+        );
+        assert_eq!(
+            decode_exit(&control(0x51, 0, 0)),
+            VmExit::Exception { vector: 17, error_code: Some(0), resume_at: None }
+        );
+        assert_eq!(event_exception(17, Some(0)), 0x8000_0B11);
+        assert_eq!(event_exception(14, Some(2)), (2 << 32) | 0x8000_0B0E);
+        assert_eq!(event_exception(1, None), 0x8000_0301);
         assert_eq!(decode_exit(&control(exit_code::SHUTDOWN, 0, 0)), VmExit::Shutdown);
         assert_eq!(decode_exit(&control(exit_code::HLT, 0, 0)), VmExit::Hlt);
         assert_eq!(decode_exit(&control(exit_code::CPUID, 0, 0)), VmExit::Cpuid);
         assert_eq!(decode_exit(&control(exit_code::MSR, 1, 0)), VmExit::Msr { write: true });
-        assert_eq!(decode_exit(&control(0x4E, 0, 0)), VmExit::Unknown(0x4E));
-        assert_eq!(decode_exit(&control(0x4E, 0, 0)).name(), "unknown");
+        assert_eq!(decode_exit(&control(0x79, 0, 0)), VmExit::Unknown(0x79)); // INVLPG
+        assert_eq!(decode_exit(&control(0x79, 0, 0)).name(), "unknown");
     }
 
     #[test]

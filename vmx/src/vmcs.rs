@@ -67,10 +67,12 @@ pub enum Field32 {
     EntryControls = 0x4012,
     EntryMsrLoadCount = 0x4014,
     EntryInterruptionInfo = 0x4016,
+    EntryExceptionErrorCode = 0x4018,
     SecondaryProcControls = 0x401E,
     VmInstructionError = 0x4400,
     ExitReason = 0x4402,
     ExitInterruptionInfo = 0x4404,
+    ExitInterruptionErrorCode = 0x4406,
     ExitInstructionLength = 0x440C,
     GuestEsLimit = 0x4800,
     GuestCsLimit = 0x4802,
@@ -297,6 +299,32 @@ pub struct ExitFields {
     pub instruction_length: u64,
     /// Guest-physical address (EPT violations).
     pub guest_physical: u64,
+    /// VM-exit interruption information (exceptions and NMIs).
+    pub interruption_info: u32,
+    /// VM-exit interruption error code, when the information says valid.
+    pub interruption_error: u32,
+}
+
+/// Interruption types in VM-exit and VM-entry interruption information
+/// (SDM Vol. 3C 25.9.2, 25.8.3).
+pub mod interruption {
+    /// Bit 31: the field is valid.
+    pub const VALID: u32 = 1 << 31;
+    /// Bit 11: an error code is delivered (VM entry) or was pushed (exit).
+    pub const ERROR_CODE: u32 = 1 << 11;
+    /// Type (bits 10:8): NMI.
+    pub const NMI: u32 = 2;
+    /// Type: hardware exception.
+    pub const HARDWARE_EXCEPTION: u32 = 3;
+    /// Type: privileged software exception (ICEBP, the `INT1` opcode).
+    pub const PRIVILEGED_SOFTWARE_EXCEPTION: u32 = 5;
+}
+
+/// VM-entry interruption information that delivers hardware exception
+/// `vector`, with an error code or not.
+pub fn entry_exception(vector: u8, error_code: bool) -> u32 {
+    let code = if error_code { interruption::ERROR_CODE } else { 0 };
+    interruption::VALID | (interruption::HARDWARE_EXCEPTION << 8) | code | u32::from(vector)
 }
 
 /// Decodes a VM exit.
@@ -312,6 +340,15 @@ pub fn decode_exit(f: &ExitFields) -> VmExit {
         return VmExit::EntryFailed { code: u64::from(basic), reason };
     }
     match basic {
+        reason::EXCEPTION_NMI if (f.interruption_info >> 8) & 0b111 != interruption::NMI => {
+            let info = f.interruption_info;
+            VmExit::Exception {
+                vector: (info & 0xFF) as u8,
+                error_code: (info & interruption::ERROR_CODE != 0).then_some(f.interruption_error),
+                resume_at: ((info >> 8) & 0b111 == interruption::PRIVILEGED_SOFTWARE_EXCEPTION)
+                    .then(|| f.rip.wrapping_add(f.instruction_length)),
+            }
+        }
         reason::EXTERNAL_INTERRUPT | reason::EXCEPTION_NMI => VmExit::ExternalInterrupt,
         reason::TRIPLE_FAULT => VmExit::Shutdown,
         reason::CPUID => VmExit::Cpuid,
@@ -373,7 +410,7 @@ mod tests {
             qualification: (0xE0 << 16),
             rip: 0x10040,
             instruction_length: 2,
-            guest_physical: 0,
+            ..ExitFields::default()
         };
         assert_eq!(
             decode_exit(&f),
@@ -381,6 +418,34 @@ mod tests {
         );
         let f = ExitFields { qualification: (0x60 << 16) | (1 << 3) | 3, ..f };
         assert!(matches!(decode_exit(&f), VmExit::Io { port: 0x60, input: true, size: 4, .. }));
+    }
+
+    #[test]
+    fn decodes_intercepted_exceptions_and_leaves_nmis_to_the_host() {
+        let f = |info: u32, error: u32| ExitFields {
+            reason: reason::EXCEPTION_NMI,
+            rip: 0x1000,
+            instruction_length: 1,
+            interruption_info: info,
+            interruption_error: error,
+            ..ExitFields::default()
+        };
+        // #DB from single-stepping (hardware exception, no error code).
+        assert_eq!(decode_exit(&f(0x8000_0301, 0)), VmExit::Exception { vector: 1, error_code: None, resume_at: None });
+        // #AC pushes an error code (always 0).
+        assert_eq!(
+            decode_exit(&f(0x8000_0B11, 0)),
+            VmExit::Exception { vector: 17, error_code: Some(0), resume_at: None }
+        );
+        // ICEBP: delivered after the instruction.
+        assert_eq!(
+            decode_exit(&f(0x8000_0501, 0)),
+            VmExit::Exception { vector: 1, error_code: None, resume_at: Some(0x1001) }
+        );
+        // An NMI (type 2) is the host's.
+        assert_eq!(decode_exit(&f(0x8000_0202, 0)), VmExit::ExternalInterrupt);
+        assert_eq!(entry_exception(17, true), 0x8000_0B11);
+        assert_eq!(entry_exception(1, false), 0x8000_0301);
     }
 
     #[test]

@@ -5,7 +5,8 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use vmx::svm::{decode_exit, tlb_control, Vmcb, GUEST_INTERCEPTS, V_INTR_MASKING};
+use vmx::exit::INTERCEPTED_EXCEPTIONS;
+use vmx::svm::{decode_exit, event_exception, tlb_control, Vmcb, GUEST_INTERCEPTS, V_INTR_MASKING};
 use vmx::{GuestRegs, Vcpu, VcpuState, VmExit};
 use x86_64::registers::model_specific::Msr;
 
@@ -86,6 +87,7 @@ impl SvmVcpu {
         let v = vcpu.vmcb_mut();
         *v = Vmcb::zeroed();
         (v.control.intercept_misc1, v.control.intercept_misc2) = GUEST_INTERCEPTS;
+        v.control.intercept_exceptions = INTERCEPTED_EXCEPTIONS;
         v.control.iopm_base_pa = IOPM_PA.load(Ordering::Relaxed);
         v.control.msrpm_base_pa = MSRPM_PA.load(Ordering::Relaxed);
         v.control.guest_asid = asid;
@@ -219,6 +221,9 @@ impl Vcpu for SvmVcpu {
         self.regs.rax = self.vmcb().save.rax;
         let v = self.vmcb_mut();
         v.control.tlb_control = tlb_control::NOTHING;
+        // An injected event went in with this VMRUN (or, if its delivery
+        // was cut short, is in EXITINTINFO): never inject it twice.
+        v.control.event_inj = 0;
         decode_exit(&v.control)
     }
 
@@ -253,5 +258,9 @@ impl Vcpu for SvmVcpu {
 
     fn flush_tlb(&mut self) {
         self.vmcb_mut().control.tlb_control = tlb_control::FLUSH_ALL;
+    }
+
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
+        self.vmcb_mut().control.event_inj = event_exception(vector, error_code);
     }
 }

@@ -8,10 +8,11 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use ept::DirtyBitmap;
 use vmx::cpu::CpuReport;
+use vmx::exit::INTERCEPTED_EXCEPTIONS;
 use vmx::svm::{ATTR_CODE64, ATTR_DATA, ATTR_TSS64};
 use vmx::vmcs::{
-    access_rights, adjust_controls, ctl, decode_exit, instruction_error, msr, ExitFields, Field16, Field32, Field64,
-    FieldN, UNUSABLE,
+    access_rights, adjust_controls, ctl, decode_exit, entry_exception, instruction_error, msr, ExitFields, Field16,
+    Field32, Field64, FieldN, UNUSABLE,
 };
 use vmx::{GuestRegs, Vcpu, VcpuState, VmExit};
 use x86_64::registers::control::{Cr0, Cr3, Cr4};
@@ -336,7 +337,7 @@ impl VmxVcpu {
         write32(Field32::SecondaryProcControls, proc2);
         write32(Field32::ExitControls, exit);
         write32(Field32::EntryControls, entry);
-        write32(Field32::ExceptionBitmap, 0);
+        write32(Field32::ExceptionBitmap, INTERCEPTED_EXCEPTIONS);
         write32(Field32::Cr3TargetCount, 0);
         write32(Field32::ExitMsrStoreCount, 0);
         write32(Field32::ExitMsrLoadCount, 0);
@@ -515,8 +516,22 @@ impl Vcpu for VmxVcpu {
                     rip: vmread(FieldN::GuestRip as u32),
                     instruction_length: vmread(Field32::ExitInstructionLength as u32),
                     guest_physical: vmread(Field64::GuestPhysicalAddress as u32),
+                    interruption_info: (vmread(Field32::ExitInterruptionInfo as u32) & 0xFFFF_FFFF) as u32,
+                    interruption_error: (vmread(Field32::ExitInterruptionErrorCode as u32) & 0xFFFF_FFFF) as u32,
                 };
-                decode_exit(&f)
+                let exit = decode_exit(&f);
+                if let VmExit::Exception { vector: 1, .. } = exit {
+                    // A #DB that exits leaves DR6 as it was and reports
+                    // what it would have set in the exit qualification
+                    // (SDM Vol. 3C 27.1): set it, so the reflected #DB
+                    // finds it there. DR6 is the guest's (the host uses no
+                    // debug registers).
+                    set_dr6_trap_bits(f.qualification);
+                }
+                if let VmExit::Exception { resume_at: Some(rip), .. } = exit {
+                    write_n(FieldN::GuestRip, rip);
+                }
+                exit
             }
             1 => VmExit::EntryFailed { code: 0, reason: "VMLAUNCH/VMRESUME failed: no valid current VMCS" },
             _ => {
@@ -569,4 +584,24 @@ impl Vcpu for VmxVcpu {
     fn flush_tlb(&mut self) {
         self.flush_pending = true;
     }
+
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
+        if self.make_current().is_ok() {
+            write32(Field32::EntryInterruptionInfo, entry_exception(vector, error_code.is_some()));
+            write32(Field32::EntryExceptionErrorCode, error_code.unwrap_or(0));
+        }
+    }
+}
+
+/// Sets DR6's B0-B3, BD and BS (bits 3:0, 13, 14) to those of a #DB exit
+/// qualification, keeping the rest of DR6.
+fn set_dr6_trap_bits(qualification: u64) {
+    const TRAP_BITS: u64 = 0x600F;
+    let dr6: u64;
+    // SAFETY: reading DR6 at CPL 0 has no side effects.
+    unsafe { asm!("mov {}, dr6", out(reg) dr6, options(nomem, nostack, preserves_flags)) };
+    let dr6 = (dr6 & !TRAP_BITS) | (qualification & TRAP_BITS);
+    // SAFETY: only the status bits of DR6 change; nothing in the host
+    // reads them, and the bits 63:32 stay zero as they were.
+    unsafe { asm!("mov dr6, {}", in(reg) dr6, options(nomem, nostack, preserves_flags)) };
 }

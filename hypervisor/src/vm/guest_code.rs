@@ -38,6 +38,8 @@ g_main:
     jne g_vmsave
     cmp qword ptr [rbx + {ltr_req}], 0
     jne g_ltr
+    cmp qword ptr [rbx + {trap_req}], 0
+    jne g_trap
     mov rax, [rbx + {verify_req}]
     cmp rax, [rbx + {verify_done}]
     jne g_verify
@@ -231,6 +233,16 @@ g_vmsave:
     jmp g_main
 
 g_ltr:
+    call g_gdt
+    mov ax, 0x28
+    ltr ax
+    mov qword ptr [rbx + {ltr_req}], 0
+    jmp g_main
+
+// A GDT of its own at offset 0x800 of the config page: 0x08 64-bit code
+// and 0x10 data (the selectors the hypervisor starts the guest with; it
+// gives the guest no GDT in memory), 0x28 a TSS at offset 0x900.
+g_gdt:
     lea rdi, [rbx + 0x800]
     mov qword ptr [rdi], 0
     mov rax, 0x00AF9A000000FFFF
@@ -264,10 +276,50 @@ g_ltr:
     mov [rsp + 2], rdi
     lgdt [rsp]
     add rsp, 16
-    mov ax, 0x28
-    ltr ax
-    mov qword ptr [rbx + {ltr_req}], 0
+    ret
+
+// An IDT of two gates on the stack, above RSP (delivery pushes below it):
+// vector 1 goes to g_trap_handler, through code selector 0x08 of the
+// guest's own GDT. Then TF for one instruction.
+g_trap:
+    call g_gdt
+    sub rsp, 64
+    xor eax, eax
+    mov [rsp], rax
+    mov [rsp + 8], rax
+    mov [rsp + 24], rax
+    lea rax, [rip + g_trap_handler]
+    mov [rsp + 16], ax
+    mov word ptr [rsp + 18], 0x08
+    mov word ptr [rsp + 20], 0x8E00
+    shr rax, 16
+    mov [rsp + 22], ax
+    shr rax, 16
+    mov [rsp + 24], eax
+    mov word ptr [rsp + 32], 31
+    mov [rsp + 34], rsp
+    lidt [rsp + 32]
+    mov eax, 0xFFFF0FF0
+    mov dr6, rax
+    pushfq
+    or qword ptr [rsp], 0x100
+    popfq
+    nop
+    mov word ptr [rsp + 32], 0
+    mov qword ptr [rsp + 34], 0
+    lidt [rsp + 32]
+    add rsp, 64
+    mov qword ptr [rbx + {trap_req}], 0
     jmp g_main
+
+// Counts the #DB, keeps DR6 and returns with TF clear (RFLAGS is at
+// [rsp + 16]). RAX is the hook's scratch register.
+g_trap_handler:
+    inc qword ptr [rbx + {traps}]
+    mov rax, dr6
+    mov [rbx + {trap_dr6}], rax
+    and qword ptr [rsp + 16], -0x101
+    iretq
 guest_image_end:
 "#,
     stack_top = const hypervisor::guest::STACK_TOP,
@@ -286,6 +338,9 @@ guest_image_end:
     crash_req = const hypervisor::guest::cfg::CRASH_REQ,
     vmsave_req = const hypervisor::guest::cfg::VMSAVE_REQ,
     ltr_req = const hypervisor::guest::cfg::LTR_REQ,
+    trap_req = const hypervisor::guest::cfg::TRAP_REQ,
+    traps = const hypervisor::guest::st::TRAPS,
+    trap_dr6 = const hypervisor::guest::st::TRAP_DR6,
     ticks = const hypervisor::guest::st::TICKS,
     wake_tsc = const hypervisor::guest::st::WAKE_TSC,
     writes = const hypervisor::guest::st::WRITES,

@@ -127,6 +127,12 @@ impl Vcpu for AnyVcpu {
             AnyVcpu::Vmx(v) => v.set_guest_tsc(guest_tsc, host_tsc),
         }
     }
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
+        match self {
+            AnyVcpu::Svm(v) => v.inject_exception(vector, error_code),
+            AnyVcpu::Vmx(v) => v.inject_exception(vector, error_code),
+        }
+    }
 }
 
 impl AnyVcpu {
@@ -531,6 +537,25 @@ impl Manager {
                         .with("host_tss", host_tss),
                 ))
             }
+            VmCommand::Trap(n) => {
+                let vm = self.find(&n)?;
+                if vm.state != VmState::Running {
+                    return Err(format!("VM '{n}' is {}; vm trap needs it running", vm.state.name()));
+                }
+                let exits = |vm: &Vm| vm.exits.get("exception").copied().unwrap_or(0);
+                let before = exits(vm);
+                vm.host_write_u64(guest::CONFIG_GPA + cfg::TRAP_REQ, 1);
+                let deadline = clock::uptime_us() + 5_000_000;
+                let done = vm.run_until(|vm| vm.status(cfg::TRAP_REQ) == 0, deadline, Slice::UntilInterrupt);
+                Ok(Reply::data(
+                    Obj::new()
+                        .with("name", n)
+                        .with("done", done)
+                        .with("guest_traps", vm.status(st::TRAPS))
+                        .with("guest_dr6", vm.status(st::TRAP_DR6))
+                        .with("exception_exits", exits(vm) - before),
+                ))
+            }
             VmCommand::Poke(n, page) => {
                 let vm = self.find(&n)?;
                 if page >= vm.layout.data_pages {
@@ -789,7 +814,8 @@ impl Vm {
             let request = self.status(cfg::VERIFY_REQ) != self.status(st::VERIFY_DONE)
                 || self.status(cfg::CRASH_REQ) != 0
                 || self.status(cfg::VMSAVE_REQ) != 0
-                || self.status(cfg::LTR_REQ) != 0;
+                || self.status(cfg::LTR_REQ) != 0
+                || self.status(cfg::TRAP_REQ) != 0;
             if request || self.vcpu.guest_tsc(clock::rdtsc()) >= self.status(st::WAKE_TSC) {
                 self.halted = false;
             }
@@ -906,6 +932,9 @@ impl Vm {
             VmExit::PmlFull => {
                 self.vcpu.drain_pml(&mut self.pml_log);
             }
+            // Intercepted only so that an endless chain of them exits each
+            // time (`vmx::exit::INTERCEPTED_EXCEPTIONS`): back to the guest.
+            VmExit::Exception { vector, error_code, .. } => self.vcpu.inject_exception(vector, error_code),
             VmExit::Unknown(code) => self.stop(format!("unexpected exit code {code:#x}")),
         }
     }
