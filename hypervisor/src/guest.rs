@@ -91,6 +91,10 @@ pub mod cfg {
     /// takes the #DB, then goes back to no IDT (hidden `vm trap`, a test
     /// that #DB exits and is reflected back).
     pub const TRAP_REQ: u64 = 0x68;
+    /// Nonzero: the guest stores XMM0 in `st::SSE_SEEN`, then loads this
+    /// value into it (hidden `vm sse`, a test that each guest's SSE
+    /// registers are its own).
+    pub const SSE_REQ: u64 = 0x70;
 }
 
 /// Status fields, written by the guest.
@@ -127,6 +131,8 @@ pub mod st {
     /// DR6 as the guest's #DB handler read it (`vm trap`; BS, bit 14, says
     /// single-step).
     pub const TRAP_DR6: u64 = 0x160;
+    /// XMM0's low quadword as the guest found it (`vm sse`).
+    pub const SSE_SEEN: u64 = 0x168;
 }
 
 /// Port the guest's heartbeat goes out on (`OUT 0xE0, AL`).

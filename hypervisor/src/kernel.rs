@@ -145,6 +145,7 @@ pub fn start(boot: BootInfo, reserved: &[(u64, u64)]) -> ! {
         memory::total_bytes() >> 20,
         memory::free_bytes() >> 20
     );
+    crate::arch::fpu::enable();
     match cpu.backend() {
         vmx::cpu::Backend::Svm => match svm::enable() {
             Ok(()) => log::info!("SVM enabled (ASIDs: {})", cpu.tlb_tags),

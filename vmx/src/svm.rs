@@ -413,7 +413,7 @@ impl Vmcb {
         s.efer = EFER_SVME | (1 << 8) | (1 << 10); // SVME, LME, LMA
         s.cr0 = 0x8005_0033; // PG, WP, NE, ET, MP, PE
         s.cr3 = cr3;
-        s.cr4 = 1 << 5; // PAE
+        s.cr4 = (1 << 5) | (1 << 9) | (1 << 10); // PAE, OSFXSR, OSXMMEXCPT: SSE
         s.dr6 = 0xFFFF_0FF0;
         s.dr7 = 0x400;
         s.rflags = 0x2;

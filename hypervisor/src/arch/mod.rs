@@ -7,6 +7,7 @@ pub mod clock;
 pub mod cpu;
 pub mod crc;
 pub mod entry;
+pub mod fpu;
 pub mod gdt;
 pub mod guest_memory;
 pub mod idt;

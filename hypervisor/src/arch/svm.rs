@@ -3,6 +3,7 @@
 //! registers the VMCB does not hold (APM Vol. 2, 15.4 "Enabling SVM", 15.5
 //! "VMRUN Instruction", 15.10 "I/O Intercepts", 15.11 "MSR Intercepts").
 
+use alloc::boxed::Box;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use vmx::exit::INTERCEPTED_EXCEPTIONS;
@@ -11,6 +12,7 @@ use vmx::{GuestRegs, Vcpu, VcpuState, VmExit};
 use x86_64::registers::model_specific::Msr;
 
 use super::cpu::MSR_EFER;
+use super::fpu::FxArea;
 use super::memory;
 
 const MSR_VM_CR: u32 = 0xC001_0114;
@@ -76,6 +78,8 @@ pub fn enable() -> Result<(), SvmError> {
 pub struct SvmVcpu {
     vmcb_pa: u64,
     regs: GuestRegs,
+    /// Its x87/SSE registers while another vCPU or the host runs.
+    fpu: Box<FxArea>,
 }
 
 impl SvmVcpu {
@@ -83,7 +87,7 @@ impl SvmVcpu {
     /// tagged with `asid`.
     pub fn new(asid: u32, n_cr3: u64, rip: u64, rsp: u64, cr3: u64) -> Option<Self> {
         let vmcb_pa = memory::alloc_zeroed(1)?;
-        let mut vcpu = SvmVcpu { vmcb_pa, regs: GuestRegs::default() };
+        let mut vcpu = SvmVcpu { vmcb_pa, regs: GuestRegs::default(), fpu: Box::new(FxArea::reset()) };
         let v = vcpu.vmcb_mut();
         *v = Vmcb::zeroed();
         (v.control.intercept_misc1, v.control.intercept_misc2) = GUEST_INTERCEPTS;
@@ -211,6 +215,7 @@ impl Vcpu for SvmVcpu {
             v.control.tlb_control = tlb_control::FLUSH_ALL;
         }
         v.save.rax = rax;
+        self.fpu.load();
         // SAFETY: the VMCB is a valid, page-aligned, exclusively owned
         // control block set up by `new`; SVM was enabled by `enable`, which
         // also allocated the host save page VMSAVE/VMLOAD use (owned by SVM,
@@ -218,6 +223,7 @@ impl Vcpu for SvmVcpu {
         // off on entry (the run loop calls this with IF=0) and off again on
         // return.
         unsafe { svm_run(pa, &mut self.regs, HOST_SAVE_PA.load(Ordering::Relaxed)) };
+        self.fpu.store();
         self.regs.rax = self.vmcb().save.rax;
         let v = self.vmcb_mut();
         v.control.tlb_control = tlb_control::NOTHING;

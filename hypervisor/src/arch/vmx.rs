@@ -3,6 +3,7 @@
 //! registers (Intel SDM Vol. 3C chapters 24 "Introduction to VMX", 25 "VMCS",
 //! 27 "VM Entries", 28 "VM Exits", 29.3 "EPT" and 29.3.6 "PML").
 
+use alloc::boxed::Box;
 use core::arch::asm;
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -19,6 +20,7 @@ use x86_64::registers::control::{Cr0, Cr3, Cr4};
 use x86_64::registers::model_specific::Msr;
 
 use super::cpu::MSR_EFER;
+use super::fpu::FxArea;
 use super::{gdt, memory};
 
 const MSR_FS_BASE: u32 = 0xC000_0100;
@@ -161,6 +163,8 @@ pub struct VmxVcpu {
     pml_supported: bool,
     /// INVEPT type: 1 single-context (this EPTP only), 2 all-context.
     invept_type: u64,
+    /// Its x87/SSE registers while another vCPU or the host runs.
+    fpu: Box<FxArea>,
 }
 
 unsafe extern "C" {
@@ -276,6 +280,7 @@ impl VmxVcpu {
             proc2: 0,
             pml_supported: cpu.pml,
             invept_type: if cpu.invept_single { 1 } else { 2 },
+            fpu: Box::new(FxArea::reset()),
         };
         let ready = region_insn!("vmclear", &vmcs_pa, "VMCLEAR failed")
             .and_then(|()| vcpu.make_current())
@@ -376,7 +381,9 @@ impl VmxVcpu {
 
         // Guest state: flat 64-bit mode, the same as the SVM guest gets.
         let cr0 = (0x8005_0033 | rdmsr(msr::CR0_FIXED0)) & rdmsr(msr::CR0_FIXED1);
-        let cr4 = ((1 << 5) | rdmsr(msr::CR4_FIXED0)) & rdmsr(msr::CR4_FIXED1);
+        // PAE; OSFXSR and OSXMMEXCPT, so the guest has SSE (its registers
+        // are its own: `fpu`).
+        let cr4 = ((1 << 5) | (1 << 9) | (1 << 10) | rdmsr(msr::CR4_FIXED0)) & rdmsr(msr::CR4_FIXED1);
         write_n(FieldN::GuestCr0, cr0);
         write_n(FieldN::GuestCr3, cr3);
         write_n(FieldN::GuestCr4, cr4);
@@ -503,10 +510,12 @@ impl Vcpu for VmxVcpu {
             }
             self.flush_pending = false;
         }
+        self.fpu.load();
         // SAFETY: this vCPU's VMCS is current and fully set up; `regs` is a
         // live GuestRegs; host state points at `vmx_exit` and the stack
         // pointer is written by the stub itself. Interrupts are off.
         let status = unsafe { vmx_run(&mut self.regs, u64::from(self.launched)) };
+        self.fpu.store();
         match status {
             0 => {
                 self.launched = true;

@@ -40,6 +40,8 @@ g_main:
     jne g_ltr
     cmp qword ptr [rbx + {trap_req}], 0
     jne g_trap
+    cmp qword ptr [rbx + {sse_req}], 0
+    jne g_sse
     mov rax, [rbx + {verify_req}]
     cmp rax, [rbx + {verify_done}]
     jne g_verify
@@ -312,6 +314,13 @@ g_trap:
     mov qword ptr [rbx + {trap_req}], 0
     jmp g_main
 
+g_sse:
+    movq rax, xmm0
+    mov [rbx + {sse_seen}], rax
+    movq xmm0, qword ptr [rbx + {sse_req}]
+    mov qword ptr [rbx + {sse_req}], 0
+    jmp g_main
+
 // Counts the #DB, keeps DR6 and returns with TF clear (RFLAGS is at
 // [rsp + 16]). RAX is the hook's scratch register.
 g_trap_handler:
@@ -341,6 +350,8 @@ guest_image_end:
     trap_req = const hypervisor::guest::cfg::TRAP_REQ,
     traps = const hypervisor::guest::st::TRAPS,
     trap_dr6 = const hypervisor::guest::st::TRAP_DR6,
+    sse_req = const hypervisor::guest::cfg::SSE_REQ,
+    sse_seen = const hypervisor::guest::st::SSE_SEEN,
     ticks = const hypervisor::guest::st::TICKS,
     wake_tsc = const hypervisor::guest::st::WAKE_TSC,
     writes = const hypervisor::guest::st::WRITES,
