@@ -91,10 +91,11 @@ pub mod cfg {
     /// takes the #DB, then goes back to no IDT (hidden `vm trap`, a test
     /// that #DB exits and is reflected back).
     pub const TRAP_REQ: u64 = 0x68;
-    /// Nonzero: the guest stores XMM0 in `st::SSE_SEEN`, then loads this
-    /// value into it (hidden `vm sse`, a test that each guest's SSE
-    /// registers are its own).
-    pub const SSE_REQ: u64 = 0x70;
+    /// Nonzero: the guest stores XMM0's low quadword, DR0 and CR2 in
+    /// `st::SEEN_XMM0`, `st::SEEN_DR0` and `st::SEEN_CR2`, then loads this
+    /// value into each (hidden `vm regs`, a test that each guest's
+    /// registers that no VM transition switches are its own).
+    pub const REGS_REQ: u64 = 0x70;
 }
 
 /// Status fields, written by the guest.
@@ -131,8 +132,12 @@ pub mod st {
     /// DR6 as the guest's #DB handler read it (`vm trap`; BS, bit 14, says
     /// single-step).
     pub const TRAP_DR6: u64 = 0x160;
-    /// XMM0's low quadword as the guest found it (`vm sse`).
-    pub const SSE_SEEN: u64 = 0x168;
+    /// XMM0's low quadword as the guest found it (`vm regs`).
+    pub const SEEN_XMM0: u64 = 0x168;
+    /// DR0 as the guest found it (`vm regs`).
+    pub const SEEN_DR0: u64 = 0x170;
+    /// CR2 as the guest found it (`vm regs`).
+    pub const SEEN_CR2: u64 = 0x178;
 }
 
 /// Port the guest's heartbeat goes out on (`OUT 0xE0, AL`).

@@ -128,9 +128,10 @@ pub enum VmCommand {
     /// handler of its own; the #DB must exit to the hypervisor, which
     /// reflects it back.
     Trap(String),
-    /// Hidden: `vm sse <name> <value>` makes the guest report XMM0 and
-    /// then load `value` (not 0) into it: each guest must find its own.
-    Sse(String, u64),
+    /// Hidden: `vm regs <name> <value>` makes the guest report XMM0, DR0
+    /// and CR2 and then load `value` (not 0) into each: each guest must
+    /// find its own.
+    Regs(String, u64),
     /// Hidden: `vm poke <name> <page>` flips a word of data page `page`
     /// behind the guest's back, so that `vm verify` has a page to find.
     Poke(String, u64),
@@ -191,12 +192,12 @@ pub fn parse(args: &[&str]) -> Result<VmCommand, String> {
         "vmsave" => one(VmCommand::Vmsave),
         "ltr" => one(VmCommand::Ltr),
         "trap" => one(VmCommand::Trap),
-        "sse" => match rest {
+        "regs" => match rest {
             [n, v] => match number("value", v)? {
-                0 => Err(String::from("vm sse needs a value other than 0")),
-                v => Ok(VmCommand::Sse(name(Some(n))?, v)),
+                0 => Err(String::from("vm regs needs a value other than 0")),
+                v => Ok(VmCommand::Regs(name(Some(n))?, v)),
             },
-            _ => Err(String::from("usage: vm sse <name> <value>")),
+            _ => Err(String::from("usage: vm regs <name> <value>")),
         },
         "poke" => match rest {
             [n, page] => Ok(VmCommand::Poke(name(Some(n))?, number("page", page)?)),
@@ -268,11 +269,11 @@ mod tests {
     }
 
     #[test]
-    fn parses_the_hidden_sse_hook() {
-        assert_eq!(p("sse a 5"), Ok(VmCommand::Sse(String::from("a"), 5)));
-        assert!(p("sse a 0").unwrap_err().contains("other than 0"));
-        assert!(p("sse a").unwrap_err().starts_with("usage: vm sse"));
-        assert!(p("sse a x").unwrap_err().contains("whole number"));
+    fn parses_the_hidden_regs_hook() {
+        assert_eq!(p("regs a 5"), Ok(VmCommand::Regs(String::from("a"), 5)));
+        assert!(p("regs a 0").unwrap_err().contains("other than 0"));
+        assert!(p("regs a").unwrap_err().starts_with("usage: vm regs"));
+        assert!(p("regs a x").unwrap_err().contains("whole number"));
     }
 
     #[test]

@@ -49,6 +49,28 @@ pub fn command(c: &mut Console, cmd: &str, reply: Duration) -> Result<serde_json
     Ok(v)
 }
 
+/// Registers that no VM transition switches (x87/SSE, DR0-DR3, and on VT-x
+/// CR2) are each guest's own: `vm regs` on VMs `p` and `q`, which must both
+/// be running, each finding only what it loaded itself.
+pub fn unswitched_registers_are_each_guests_own(c: &mut Console, p: &str, q: &str) -> Result<()> {
+    let mut seen = |vm: &str, value: u64, want: u64| -> Result<()> {
+        let r = command(c, &format!("vm regs {vm} {value}"), REPLY)?;
+        if r["done"] != true {
+            bail!("vm regs {vm} did not finish: {r}");
+        }
+        for reg in ["xmm0", "dr0", "cr2"] {
+            if r[reg] != want {
+                bail!("{vm} found {reg} = {} instead of {want} (its own): {r}", r[reg]);
+            }
+        }
+        Ok(())
+    };
+    seen(p, 1111, 0)?;
+    seen(q, 2222, 0)?;
+    seen(p, 3333, 1111)?;
+    seen(q, 4444, 2222)
+}
+
 /// The receiver's result of the `net bench` transfer of `mib` MiB that has
 /// just been sent to it, once it has one (it records it after draining its
 /// buffer and seeing the FIN): its MB/s, after checking that all the bytes

@@ -134,24 +134,10 @@ fn two_vms_run_and_a_triple_fault_stops_only_its_vm() {
     assert!(ticks(c, "t") > t2, "the guest stopped after its #DB");
     ok(c, "vm create u mem=16 workload=idle");
     ok(c, "vm start u");
-    sse_registers_are_each_guests_own(c, "u", "t");
+    tests::unswitched_registers_are_each_guests_own(c, "u", "t").unwrap();
     for vm in ["a", "b", "x", "s", "t", "u"] {
         ok(c, &format!("vm destroy {vm}"));
     }
-}
-
-/// Each guest's SSE registers are its own: nothing switched them, so one
-/// VM found in XMM0 what another had left there.
-fn sse_registers_are_each_guests_own(c: &mut Console, p: &str, q: &str) {
-    let seen = |c: &mut Console, vm: &str, value: u64| {
-        let r = ok(c, &format!("vm sse {vm} {value}"));
-        assert_eq!(r["done"], true, "{r}");
-        r["seen"].as_u64().unwrap()
-    };
-    assert_eq!(seen(c, p, 1111), 0, "{p} started with SSE state it did not make");
-    assert_eq!(seen(c, q, 2222), 0, "{q} found {p}'s XMM0");
-    assert_eq!(seen(c, p, 3333), 1111, "{p} lost its XMM0");
-    assert_eq!(seen(c, q, 4444), 2222, "{q} lost its XMM0");
 }
 
 #[test]

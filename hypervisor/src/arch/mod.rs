@@ -6,6 +6,7 @@ pub mod backtrace;
 pub mod clock;
 pub mod cpu;
 pub mod crc;
+pub mod dr;
 pub mod entry;
 pub mod fpu;
 pub mod gdt;

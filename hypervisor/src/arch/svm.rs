@@ -12,6 +12,7 @@ use vmx::{GuestRegs, Vcpu, VcpuState, VmExit};
 use x86_64::registers::model_specific::Msr;
 
 use super::cpu::MSR_EFER;
+use super::dr::Unswitched;
 use super::fpu::FxArea;
 use super::memory;
 
@@ -80,6 +81,8 @@ pub struct SvmVcpu {
     regs: GuestRegs,
     /// Its x87/SSE registers while another vCPU or the host runs.
     fpu: Box<FxArea>,
+    /// Its DR0-DR3 likewise (the VMCB has DR6, DR7 and CR2).
+    unswitched: Unswitched,
 }
 
 impl SvmVcpu {
@@ -87,7 +90,12 @@ impl SvmVcpu {
     /// tagged with `asid`.
     pub fn new(asid: u32, n_cr3: u64, rip: u64, rsp: u64, cr3: u64) -> Option<Self> {
         let vmcb_pa = memory::alloc_zeroed(1)?;
-        let mut vcpu = SvmVcpu { vmcb_pa, regs: GuestRegs::default(), fpu: Box::new(FxArea::reset()) };
+        let mut vcpu = SvmVcpu {
+            vmcb_pa,
+            regs: GuestRegs::default(),
+            fpu: Box::new(FxArea::reset()),
+            unswitched: Unswitched::default(),
+        };
         let v = vcpu.vmcb_mut();
         *v = Vmcb::zeroed();
         (v.control.intercept_misc1, v.control.intercept_misc2) = GUEST_INTERCEPTS;
@@ -216,6 +224,7 @@ impl Vcpu for SvmVcpu {
         }
         v.save.rax = rax;
         self.fpu.load();
+        self.unswitched.load_debug();
         // SAFETY: the VMCB is a valid, page-aligned, exclusively owned
         // control block set up by `new`; SVM was enabled by `enable`, which
         // also allocated the host save page VMSAVE/VMLOAD use (owned by SVM,
@@ -223,6 +232,7 @@ impl Vcpu for SvmVcpu {
         // off on entry (the run loop calls this with IF=0) and off again on
         // return.
         unsafe { svm_run(pa, &mut self.regs, HOST_SAVE_PA.load(Ordering::Relaxed)) };
+        self.unswitched.store_debug();
         self.fpu.store();
         self.regs.rax = self.vmcb().save.rax;
         let v = self.vmcb_mut();

@@ -20,6 +20,7 @@ use x86_64::registers::control::{Cr0, Cr3, Cr4};
 use x86_64::registers::model_specific::Msr;
 
 use super::cpu::MSR_EFER;
+use super::dr::Unswitched;
 use super::fpu::FxArea;
 use super::{gdt, memory};
 
@@ -165,6 +166,8 @@ pub struct VmxVcpu {
     invept_type: u64,
     /// Its x87/SSE registers while another vCPU or the host runs.
     fpu: Box<FxArea>,
+    /// Its DR0-DR3, DR6 and CR2 likewise.
+    unswitched: Unswitched,
 }
 
 unsafe extern "C" {
@@ -281,6 +284,7 @@ impl VmxVcpu {
             pml_supported: cpu.pml,
             invept_type: if cpu.invept_single { 1 } else { 2 },
             fpu: Box::new(FxArea::reset()),
+            unswitched: Unswitched::default(),
         };
         let ready = region_insn!("vmclear", &vmcs_pa, "VMCLEAR failed")
             .and_then(|()| vcpu.make_current())
@@ -511,10 +515,12 @@ impl Vcpu for VmxVcpu {
             self.flush_pending = false;
         }
         self.fpu.load();
+        self.unswitched.load_vmx();
         // SAFETY: this vCPU's VMCS is current and fully set up; `regs` is a
         // live GuestRegs; host state points at `vmx_exit` and the stack
         // pointer is written by the stub itself. Interrupts are off.
         let status = unsafe { vmx_run(&mut self.regs, u64::from(self.launched)) };
+        self.unswitched.store_vmx();
         self.fpu.store();
         match status {
             0 => {
@@ -530,12 +536,7 @@ impl Vcpu for VmxVcpu {
                 };
                 let exit = decode_exit(&f);
                 if let VmExit::Exception { vector: 1, .. } = exit {
-                    // A #DB that exits leaves DR6 as it was and reports
-                    // what it would have set in the exit qualification
-                    // (SDM Vol. 3C 27.1): set it, so the reflected #DB
-                    // finds it there. DR6 is the guest's (the host uses no
-                    // debug registers).
-                    set_dr6_trap_bits(f.qualification);
+                    self.unswitched.set_dr6_trap_bits(f.qualification);
                 }
                 if let VmExit::Exception { resume_at: Some(rip), .. } = exit {
                     write_n(FieldN::GuestRip, rip);
@@ -600,17 +601,4 @@ impl Vcpu for VmxVcpu {
             write32(Field32::EntryExceptionErrorCode, error_code.unwrap_or(0));
         }
     }
-}
-
-/// Sets DR6's B0-B3, BD and BS (bits 3:0, 13, 14) to those of a #DB exit
-/// qualification, keeping the rest of DR6.
-fn set_dr6_trap_bits(qualification: u64) {
-    const TRAP_BITS: u64 = 0x600F;
-    let dr6: u64;
-    // SAFETY: reading DR6 at CPL 0 has no side effects.
-    unsafe { asm!("mov {}, dr6", out(reg) dr6, options(nomem, nostack, preserves_flags)) };
-    let dr6 = (dr6 & !TRAP_BITS) | (qualification & TRAP_BITS);
-    // SAFETY: only the status bits of DR6 change; nothing in the host
-    // reads them, and the bits 63:32 stay zero as they were.
-    unsafe { asm!("mov dr6, {}", in(reg) dr6, options(nomem, nostack, preserves_flags)) };
 }

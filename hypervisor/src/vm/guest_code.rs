@@ -40,8 +40,8 @@ g_main:
     jne g_ltr
     cmp qword ptr [rbx + {trap_req}], 0
     jne g_trap
-    cmp qword ptr [rbx + {sse_req}], 0
-    jne g_sse
+    cmp qword ptr [rbx + {regs_req}], 0
+    jne g_regs
     mov rax, [rbx + {verify_req}]
     cmp rax, [rbx + {verify_done}]
     jne g_verify
@@ -314,11 +314,18 @@ g_trap:
     mov qword ptr [rbx + {trap_req}], 0
     jmp g_main
 
-g_sse:
+g_regs:
     movq rax, xmm0
-    mov [rbx + {sse_seen}], rax
-    movq xmm0, qword ptr [rbx + {sse_req}]
-    mov qword ptr [rbx + {sse_req}], 0
+    mov [rbx + {seen_xmm0}], rax
+    mov rax, dr0
+    mov [rbx + {seen_dr0}], rax
+    mov rax, cr2
+    mov [rbx + {seen_cr2}], rax
+    mov rax, [rbx + {regs_req}]
+    movq xmm0, rax
+    mov dr0, rax
+    mov cr2, rax
+    mov qword ptr [rbx + {regs_req}], 0
     jmp g_main
 
 // Counts the #DB, keeps DR6 and returns with TF clear (RFLAGS is at
@@ -350,8 +357,10 @@ guest_image_end:
     trap_req = const hypervisor::guest::cfg::TRAP_REQ,
     traps = const hypervisor::guest::st::TRAPS,
     trap_dr6 = const hypervisor::guest::st::TRAP_DR6,
-    sse_req = const hypervisor::guest::cfg::SSE_REQ,
-    sse_seen = const hypervisor::guest::st::SSE_SEEN,
+    regs_req = const hypervisor::guest::cfg::REGS_REQ,
+    seen_xmm0 = const hypervisor::guest::st::SEEN_XMM0,
+    seen_dr0 = const hypervisor::guest::st::SEEN_DR0,
+    seen_cr2 = const hypervisor::guest::st::SEEN_CR2,
     ticks = const hypervisor::guest::st::TICKS,
     wake_tsc = const hypervisor::guest::st::WAKE_TSC,
     writes = const hypervisor::guest::st::WRITES,

@@ -556,15 +556,22 @@ impl Manager {
                         .with("exception_exits", exits(vm) - before),
                 ))
             }
-            VmCommand::Sse(n, value) => {
+            VmCommand::Regs(n, value) => {
                 let vm = self.find(&n)?;
                 if vm.state != VmState::Running {
-                    return Err(format!("VM '{n}' is {}; vm sse needs it running", vm.state.name()));
+                    return Err(format!("VM '{n}' is {}; vm regs needs it running", vm.state.name()));
                 }
-                vm.host_write_u64(guest::CONFIG_GPA + cfg::SSE_REQ, value);
+                vm.host_write_u64(guest::CONFIG_GPA + cfg::REGS_REQ, value);
                 let deadline = clock::uptime_us() + 5_000_000;
-                let done = vm.run_until(|vm| vm.status(cfg::SSE_REQ) == 0, deadline, Slice::UntilInterrupt);
-                Ok(Reply::data(Obj::new().with("name", n).with("done", done).with("seen", vm.status(st::SSE_SEEN))))
+                let done = vm.run_until(|vm| vm.status(cfg::REGS_REQ) == 0, deadline, Slice::UntilInterrupt);
+                Ok(Reply::data(
+                    Obj::new()
+                        .with("name", n)
+                        .with("done", done)
+                        .with("xmm0", vm.status(st::SEEN_XMM0))
+                        .with("dr0", vm.status(st::SEEN_DR0))
+                        .with("cr2", vm.status(st::SEEN_CR2)),
+                ))
             }
             VmCommand::Poke(n, page) => {
                 let vm = self.find(&n)?;
@@ -826,7 +833,7 @@ impl Vm {
                 || self.status(cfg::VMSAVE_REQ) != 0
                 || self.status(cfg::LTR_REQ) != 0
                 || self.status(cfg::TRAP_REQ) != 0
-                || self.status(cfg::SSE_REQ) != 0;
+                || self.status(cfg::REGS_REQ) != 0;
             if request || self.vcpu.guest_tsc(clock::rdtsc()) >= self.status(st::WAKE_TSC) {
                 self.halted = false;
             }
