@@ -362,7 +362,7 @@ pub fn decode_exit(f: &ExitFields) -> VmExit {
             size: (q & 0b111) as u8 + 1,
             string: q & (1 << 4) != 0,
             rep: q & (1 << 5) != 0,
-            next_rip: f.rip + f.instruction_length,
+            next_rip: f.rip.wrapping_add(f.instruction_length),
         },
         reason::EPT_VIOLATION => VmExit::NestedPageFault {
             gpa: f.guest_physical,
@@ -418,6 +418,10 @@ mod tests {
         );
         let f = ExitFields { qualification: (0x60 << 16) | (1 << 3) | 3, ..f };
         assert!(matches!(decode_exit(&f), VmExit::Io { port: 0x60, input: true, size: 4, .. }));
+        // A guest's RIP is its own: at the top of the address space the
+        // next one wraps (an overflow here halted a debug-built host).
+        let f = ExitFields { rip: u64::MAX, instruction_length: 1, ..f };
+        assert!(matches!(decode_exit(&f), VmExit::Io { next_rip: 0, .. }));
     }
 
     #[test]

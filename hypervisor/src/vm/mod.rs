@@ -921,11 +921,11 @@ impl Vm {
                     regs.rcx = 0;
                 }
                 let rip = self.vcpu.state().rip;
-                self.vcpu.set_rip(rip + 2);
+                self.vcpu.set_rip(rip.wrapping_add(2));
             }
             VmExit::Hlt => {
                 let rip = self.vcpu.state().rip;
-                self.vcpu.set_rip(rip + 1);
+                self.vcpu.set_rip(rip.wrapping_add(1));
             }
             VmExit::NestedPageFault { gpa, access: Access::Write, .. } if self.dirty_mode == DirtyMode::Wp => {
                 match self.slat.wp_fault(&mut KernelFrames, Gpa(gpa)) {
@@ -944,7 +944,7 @@ impl Vm {
             VmExit::EntryFailed { code, reason } => self.stop(format!("{reason} (code {code:#x})")),
             VmExit::Hypercall => {
                 let rip = self.vcpu.state().rip;
-                self.vcpu.set_rip(rip + 3);
+                self.vcpu.set_rip(rip.wrapping_add(3));
             }
             VmExit::ExternalInterrupt => {}
             VmExit::PmlFull => {
@@ -1108,7 +1108,7 @@ impl Vm {
         if !matches!(self.state, VmState::Running | VmState::Paused) {
             return Err(format!("VM '{}' is {}; only a started VM can verify", self.name, self.state.name()));
         }
-        let req = self.status(cfg::VERIFY_REQ) + 1;
+        let req = self.status(cfg::VERIFY_REQ).wrapping_add(1);
         self.host_write_u64(guest::CONFIG_GPA + cfg::VERIFY_REQ, req);
         let deadline = clock::uptime_us() + VERIFY_TIMEOUT_US;
         let done = self.run_until(|vm| vm.status(st::VERIFY_DONE) == req, deadline, Slice::UntilInterrupt);
