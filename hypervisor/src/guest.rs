@@ -91,10 +91,12 @@ pub mod cfg {
     /// takes the #DB, then goes back to no IDT (hidden `vm trap`, a test
     /// that #DB exits and is reflected back).
     pub const TRAP_REQ: u64 = 0x68;
-    /// Nonzero: the guest stores XMM0's low quadword, DR0 and CR2 in
-    /// `st::SEEN_XMM0`, `st::SEEN_DR0` and `st::SEEN_CR2`, then loads this
-    /// value into each (hidden `vm regs`, a test that each guest's
-    /// registers that no VM transition switches are its own).
+    /// Nonzero: the guest stores XMM0's low quadword, DR0, CR2 and
+    /// KernelGsBase (through `swapgs` and `rdgsbase`, after setting
+    /// CR4.FSGSBASE) in `st::SEEN_XMM0`, `st::SEEN_DR0`, `st::SEEN_CR2` and
+    /// `st::SEEN_KERNEL_GS_BASE`, then loads this value into each (hidden
+    /// `vm regs`, a test that each guest's registers that no VM transition
+    /// switches are its own).
     pub const REGS_REQ: u64 = 0x70;
 }
 
@@ -138,6 +140,8 @@ pub mod st {
     pub const SEEN_DR0: u64 = 0x170;
     /// CR2 as the guest found it (`vm regs`).
     pub const SEEN_CR2: u64 = 0x178;
+    /// KernelGsBase as the guest found it (`vm regs`).
+    pub const SEEN_KERNEL_GS_BASE: u64 = 0x180;
 }
 
 /// Port the guest's heartbeat goes out on (`OUT 0xE0, AL`).

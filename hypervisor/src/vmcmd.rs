@@ -128,9 +128,9 @@ pub enum VmCommand {
     /// handler of its own; the #DB must exit to the hypervisor, which
     /// reflects it back.
     Trap(String),
-    /// Hidden: `vm regs <name> <value>` makes the guest report XMM0, DR0
-    /// and CR2 and then load `value` (not 0) into each: each guest must
-    /// find its own.
+    /// Hidden: `vm regs <name> <value>` makes the guest report XMM0, DR0,
+    /// CR2 and KernelGsBase and then load `value` (not 0) into each: each
+    /// guest must find its own.
     Regs(String, u64),
     /// Hidden: `vm poke <name> <page>` flips a word of data page `page`
     /// behind the guest's back, so that `vm verify` has a page to find.

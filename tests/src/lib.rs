@@ -50,7 +50,7 @@ pub fn command(c: &mut Console, cmd: &str, reply: Duration) -> Result<serde_json
 }
 
 /// Registers that no VM transition switches (x87/SSE, DR0-DR3, and on VT-x
-/// CR2) are each guest's own: `vm regs` on VMs `p` and `q`, which must both
+/// CR2 and KernelGsBase) are each guest's own: `vm regs` on VMs `p` and `q`, which must both
 /// be running, each finding only what it loaded itself.
 pub fn unswitched_registers_are_each_guests_own(c: &mut Console, p: &str, q: &str) -> Result<()> {
     let mut seen = |vm: &str, value: u64, want: u64| -> Result<()> {
@@ -58,7 +58,7 @@ pub fn unswitched_registers_are_each_guests_own(c: &mut Console, p: &str, q: &st
         if r["done"] != true {
             bail!("vm regs {vm} did not finish: {r}");
         }
-        for reg in ["xmm0", "dr0", "cr2"] {
+        for reg in ["xmm0", "dr0", "cr2", "kernel_gs_base"] {
             if r[reg] != want {
                 bail!("{vm} found {reg} = {} instead of {want} (its own): {r}", r[reg]);
             }

@@ -1,13 +1,20 @@
 //! Registers a vCPU owns that neither VMRUN nor VMX transitions switch and
 //! the kernel never uses: the debug address registers DR0-DR3 on both
-//! vendors, and on VT-x also DR6 and CR2 (the VMCB carries those two for
-//! SVM). Without a switch one guest read another's breakpoint addresses and
-//! last page-fault address, and moved them under it. Each vCPU keeps its
-//! values here; they are loaded just before it enters and stored just
-//! after it exits. (DR7, which arms the breakpoints, is in the VMCB and the
-//! VMCS, and is 0x400 in the host after every exit.)
+//! vendors, and on VT-x also DR6, CR2 and the KernelGsBase MSR (the VMCB
+//! carries DR6 and CR2 for SVM, and VMLOAD/VMSAVE switch KernelGsBase).
+//! Without a switch one guest read another's breakpoint addresses, last
+//! page-fault address and kernel per-CPU base, and moved them under it: a
+//! `swapgs` gave it the other guest's. Each vCPU keeps its values here;
+//! they are loaded just before it enters and stored just after it exits.
+//! (DR7, which arms the breakpoints, is in the VMCB and the VMCS, and is
+//! 0x400 in the host after every exit.)
 
 use core::arch::asm;
+
+use x86_64::registers::model_specific::Msr;
+
+/// IA32_KERNEL_GS_BASE, what `swapgs` exchanges with the GS base.
+const MSR_KERNEL_GS_BASE: u32 = 0xC000_0102;
 
 /// One vCPU's values of the registers this module switches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -15,12 +22,13 @@ pub struct Unswitched {
     dr: [u64; 4],
     dr6: u64,
     cr2: u64,
+    kernel_gs_base: u64,
 }
 
 impl Default for Unswitched {
     /// The reset values: zero, and DR6's reserved bits set (0xFFFF0FF0).
     fn default() -> Self {
-        Unswitched { dr: [0; 4], dr6: 0xFFFF_0FF0, cr2: 0 }
+        Unswitched { dr: [0; 4], dr6: 0xFFFF_0FF0, cr2: 0, kernel_gs_base: 0 }
     }
 }
 
@@ -57,9 +65,14 @@ impl Unswitched {
         self.dr = [d0, d1, d2, d3];
     }
 
-    /// VT-x: loads DR0-DR3, DR6 and CR2.
+    /// VT-x: loads DR0-DR3, DR6, CR2 and KernelGsBase.
     pub fn load_vmx(&self) {
         self.load_debug();
+        // SAFETY: the kernel never executes `swapgs` (it has no user
+        // mode), so KernelGsBase is only ever the guest's; the value came
+        // from the same MSR (`store_vmx`) or is the reset value 0, both
+        // canonical.
+        unsafe { Msr::new(MSR_KERNEL_GS_BASE).write(self.kernel_gs_base) };
         // SAFETY: DR6 holds only status bits, which nothing in the host
         // reads; CR2 is read by the kernel's page-fault handler only, and a
         // page fault in the kernel halts it after reporting CR2, which would
@@ -73,9 +86,12 @@ impl Unswitched {
         }
     }
 
-    /// VT-x: stores DR0-DR3, DR6 and CR2.
+    /// VT-x: stores DR0-DR3, DR6, CR2 and KernelGsBase.
     pub fn store_vmx(&mut self) {
         self.store_debug();
+        // SAFETY: the MSR exists on every 64-bit processor; reading it has
+        // no side effect.
+        self.kernel_gs_base = unsafe { Msr::new(MSR_KERNEL_GS_BASE).read() };
         let (dr6, cr2): (u64, u64);
         // SAFETY: reading DR6 and CR2 at CPL 0 has no side effect.
         unsafe {

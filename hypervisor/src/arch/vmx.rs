@@ -166,7 +166,7 @@ pub struct VmxVcpu {
     invept_type: u64,
     /// Its x87/SSE registers while another vCPU or the host runs.
     fpu: Box<FxArea>,
-    /// Its DR0-DR3, DR6 and CR2 likewise.
+    /// Its DR0-DR3, DR6, CR2 and KernelGsBase likewise.
     unswitched: Unswitched,
 }
 

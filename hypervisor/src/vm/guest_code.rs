@@ -321,7 +321,15 @@ g_regs:
     mov [rbx + {seen_dr0}], rax
     mov rax, cr2
     mov [rbx + {seen_cr2}], rax
+    mov rax, cr4
+    bts rax, 16
+    mov cr4, rax
+    swapgs
+    rdgsbase rax
+    mov [rbx + {seen_kgs}], rax
     mov rax, [rbx + {regs_req}]
+    wrgsbase rax
+    swapgs
     movq xmm0, rax
     mov dr0, rax
     mov cr2, rax
@@ -361,6 +369,7 @@ guest_image_end:
     seen_xmm0 = const hypervisor::guest::st::SEEN_XMM0,
     seen_dr0 = const hypervisor::guest::st::SEEN_DR0,
     seen_cr2 = const hypervisor::guest::st::SEEN_CR2,
+    seen_kgs = const hypervisor::guest::st::SEEN_KERNEL_GS_BASE,
     ticks = const hypervisor::guest::st::TICKS,
     wake_tsc = const hypervisor::guest::st::WAKE_TSC,
     writes = const hypervisor::guest::st::WRITES,

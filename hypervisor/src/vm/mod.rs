@@ -521,13 +521,7 @@ impl Manager {
                 Ok(Reply::data(Obj::new().with("vmsave_requested", n)))
             }
             VmCommand::Ltr(n) => {
-                let vm = self.find(&n)?;
-                if vm.state != VmState::Running {
-                    return Err(format!("VM '{n}' is {}; vm ltr needs it running", vm.state.name()));
-                }
-                vm.host_write_u64(guest::CONFIG_GPA + cfg::LTR_REQ, 1);
-                let deadline = clock::uptime_us() + 5_000_000;
-                let done = vm.run_until(|vm| vm.status(cfg::LTR_REQ) == 0, deadline, Slice::UntilInterrupt);
+                let done = self.find(&n)?.serve_request("ltr", cfg::LTR_REQ, 1)?;
                 let (_, _, host_tss, _) = crate::arch::gdt::host_segments();
                 Ok(Reply::data(
                     Obj::new()
@@ -539,14 +533,9 @@ impl Manager {
             }
             VmCommand::Trap(n) => {
                 let vm = self.find(&n)?;
-                if vm.state != VmState::Running {
-                    return Err(format!("VM '{n}' is {}; vm trap needs it running", vm.state.name()));
-                }
                 let exits = |vm: &Vm| vm.exits.get("exception").copied().unwrap_or(0);
                 let before = exits(vm);
-                vm.host_write_u64(guest::CONFIG_GPA + cfg::TRAP_REQ, 1);
-                let deadline = clock::uptime_us() + 5_000_000;
-                let done = vm.run_until(|vm| vm.status(cfg::TRAP_REQ) == 0, deadline, Slice::UntilInterrupt);
+                let done = vm.serve_request("trap", cfg::TRAP_REQ, 1)?;
                 Ok(Reply::data(
                     Obj::new()
                         .with("name", n)
@@ -558,19 +547,15 @@ impl Manager {
             }
             VmCommand::Regs(n, value) => {
                 let vm = self.find(&n)?;
-                if vm.state != VmState::Running {
-                    return Err(format!("VM '{n}' is {}; vm regs needs it running", vm.state.name()));
-                }
-                vm.host_write_u64(guest::CONFIG_GPA + cfg::REGS_REQ, value);
-                let deadline = clock::uptime_us() + 5_000_000;
-                let done = vm.run_until(|vm| vm.status(cfg::REGS_REQ) == 0, deadline, Slice::UntilInterrupt);
+                let done = vm.serve_request("regs", cfg::REGS_REQ, value)?;
                 Ok(Reply::data(
                     Obj::new()
                         .with("name", n)
                         .with("done", done)
                         .with("xmm0", vm.status(st::SEEN_XMM0))
                         .with("dr0", vm.status(st::SEEN_DR0))
-                        .with("cr2", vm.status(st::SEEN_CR2)),
+                        .with("cr2", vm.status(st::SEEN_CR2))
+                        .with("kernel_gs_base", vm.status(st::SEEN_KERNEL_GS_BASE)),
                 ))
             }
             VmCommand::Poke(n, page) => {
@@ -839,6 +824,19 @@ impl Vm {
             }
         }
         !self.halted
+    }
+
+    /// For a hidden test hook (`vm <hook>`): asks the running guest to
+    /// act on request `field` of its config page with `value` (not 0) and
+    /// runs it until it has (the guest clears the field), 5 s at most.
+    /// Whether it did.
+    fn serve_request(&mut self, hook: &str, field: u64, value: u64) -> Result<bool, String> {
+        if self.state != VmState::Running {
+            return Err(format!("VM '{}' is {}; vm {hook} needs it running", self.name, self.state.name()));
+        }
+        self.host_write_u64(guest::CONFIG_GPA + field, value);
+        let deadline = clock::uptime_us() + 5_000_000;
+        Ok(self.run_until(|vm| vm.status(field) == 0, deadline, Slice::UntilInterrupt))
     }
 
     fn stop(&mut self, why: String) {
