@@ -98,6 +98,11 @@ pub mod cfg {
     /// `vm regs`, a test that each guest's registers that no VM transition
     /// switches are its own).
     pub const REGS_REQ: u64 = 0x70;
+    /// Nonzero: the guest sets off an endless chain of #DB exceptions (a
+    /// write breakpoint on the slot of its #DB stack that delivering a #DB
+    /// writes) and never comes back from it (hidden `vm dbchain`, a test
+    /// that such a guest cannot hold the host: CVE-2015-8104).
+    pub const DBCHAIN_REQ: u64 = 0x78;
 }
 
 /// Status fields, written by the guest.

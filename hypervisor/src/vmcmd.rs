@@ -132,6 +132,9 @@ pub enum VmCommand {
     /// CR2 and KernelGsBase and then load `value` (not 0) into each: each
     /// guest must find its own.
     Regs(String, u64),
+    /// Hidden: `vm dbchain <name>` makes the guest set off an endless
+    /// chain of #DB exceptions; the host must go on regardless.
+    Dbchain(String),
     /// Hidden: `vm poke <name> <page>` flips a word of data page `page`
     /// behind the guest's back, so that `vm verify` has a page to find.
     Poke(String, u64),
@@ -192,6 +195,7 @@ pub fn parse(args: &[&str]) -> Result<VmCommand, String> {
         "vmsave" => one(VmCommand::Vmsave),
         "ltr" => one(VmCommand::Ltr),
         "trap" => one(VmCommand::Trap),
+        "dbchain" => one(VmCommand::Dbchain),
         "regs" => match rest {
             [n, v] => match number("value", v)? {
                 0 => Err(String::from("vm regs needs a value other than 0")),

@@ -60,6 +60,21 @@ fn vmx_lifecycle_containment_and_entry_failure() {
     ok(c, "vm start d");
     tests::unswitched_registers_are_each_guests_own(c, "a", "d").unwrap();
     trap_exits_and_reaches_the_guests_handler(c, "a");
+    // A guest in an endless chain of #DB exceptions (a write breakpoint on
+    // its #DB stack: each delivery raises the next, so no interrupt exit
+    // ever comes) must not hold the host's CPU. (QEMU 7.2 TCG aborts on
+    // this guest, so only Bochs runs it.)
+    ok(c, "vm create k mem=16 workload=idle");
+    ok(c, "vm start k");
+    ok(c, "vm dbchain k");
+    std::thread::sleep(Duration::from_millis(2000));
+    let a3 = ticks(c, "a");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(ticks(c, "a") > a3, "a stopped ticking while k chained #DBs");
+    let k = ok(c, "vm info k");
+    assert_eq!(k["state"], "running", "{k}");
+    assert!(k["exits"]["exception"].as_u64().unwrap() > 100, "k's #DBs did not all exit: {k}");
+    ok(c, "vm destroy k");
     assert_eq!(c.json("version", REPLY).unwrap()["ok"], true);
 }
 

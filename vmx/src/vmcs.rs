@@ -46,6 +46,7 @@ pub enum Field64 {
     EptPointer = 0x201A,
     GuestPhysicalAddress = 0x2400,
     VmcsLinkPointer = 0x2800,
+    GuestIa32Debugctl = 0x2802,
     GuestIa32Pat = 0x2804,
     GuestIa32Efer = 0x2806,
     HostIa32Pat = 0x2C00,
@@ -200,12 +201,17 @@ pub mod ctl {
     pub const PROC2_VPID: u32 = 1 << 5;
     /// Secondary: enable PML.
     pub const PROC2_PML: u32 = 1 << 17;
+    /// Exit: save the guest's DR7 and IA32_DEBUGCTL (every exit then sets
+    /// DR7 to 0x400).
+    pub const EXIT_SAVE_DEBUG: u32 = 1 << 2;
     /// Exit: host address-space size (64-bit host).
     pub const EXIT_HOST_64: u32 = 1 << 9;
     /// Exit: save IA32_EFER.
     pub const EXIT_SAVE_EFER: u32 = 1 << 20;
     /// Exit: load IA32_EFER.
     pub const EXIT_LOAD_EFER: u32 = 1 << 21;
+    /// Entry: load the guest's DR7 and IA32_DEBUGCTL.
+    pub const ENTRY_LOAD_DEBUG: u32 = 1 << 2;
     /// Entry: IA-32e mode guest.
     pub const ENTRY_IA32E: u32 = 1 << 9;
     /// Entry: load IA32_EFER.

@@ -32,6 +32,10 @@ impl Default for Unswitched {
     }
 }
 
+/// DR7.GD: a guest's access to a debug register raises #DB. Delivering a
+/// #DB clears it; a reflected one must too.
+pub const DR7_GD: u64 = 1 << 13;
+
 /// DR6's B0-B3, BD and BS: the status bits a #DB sets (bits 3:0, 13, 14).
 const DR6_TRAP_BITS: u64 = 0x600F;
 

@@ -12,7 +12,7 @@ use vmx::{GuestRegs, Vcpu, VcpuState, VmExit};
 use x86_64::registers::model_specific::Msr;
 
 use super::cpu::MSR_EFER;
-use super::dr::Unswitched;
+use super::dr::{Unswitched, DR7_GD};
 use super::fpu::FxArea;
 use super::memory;
 
@@ -277,6 +277,12 @@ impl Vcpu for SvmVcpu {
     }
 
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
-        self.vmcb_mut().control.event_inj = event_exception(vector, error_code);
+        let v = self.vmcb_mut();
+        v.control.event_inj = event_exception(vector, error_code);
+        if vector == 1 {
+            // As delivering a #DB does: else a handler's first access to a
+            // debug register would raise the next (DR7.GD).
+            v.save.dr7 &= !DR7_GD;
+        }
     }
 }

@@ -20,7 +20,7 @@ use x86_64::registers::control::{Cr0, Cr3, Cr4};
 use x86_64::registers::model_specific::Msr;
 
 use super::cpu::MSR_EFER;
-use super::dr::Unswitched;
+use super::dr::{Unswitched, DR7_GD};
 use super::fpu::FxArea;
 use super::{gdt, memory};
 
@@ -326,19 +326,22 @@ impl VmxVcpu {
         )?;
         let want2 = ctl::PROC2_EPT | if cpu.vpid { ctl::PROC2_VPID } else { 0 };
         let proc2 = controls(want2, msr::PROCBASED2, msr::PROCBASED2, "secondary", ctl::PROC2_EPT)?;
+        // The guest's DR7 lives in the VMCS across exits (each exit sets
+        // DR7 to 0x400): without these, a guest's breakpoints vanished at
+        // its next exit.
         let exit = controls(
-            ctl::EXIT_HOST_64 | ctl::EXIT_SAVE_EFER | ctl::EXIT_LOAD_EFER,
+            ctl::EXIT_HOST_64 | ctl::EXIT_SAVE_EFER | ctl::EXIT_LOAD_EFER | ctl::EXIT_SAVE_DEBUG,
             msr::EXIT,
             msr::TRUE_EXIT,
             "VM-exit",
-            ctl::EXIT_HOST_64 | ctl::EXIT_LOAD_EFER,
+            ctl::EXIT_HOST_64 | ctl::EXIT_LOAD_EFER | ctl::EXIT_SAVE_DEBUG,
         )?;
         let entry = controls(
-            ctl::ENTRY_IA32E | ctl::ENTRY_LOAD_EFER,
+            ctl::ENTRY_IA32E | ctl::ENTRY_LOAD_EFER | ctl::ENTRY_LOAD_DEBUG,
             msr::ENTRY,
             msr::TRUE_ENTRY,
             "VM-entry",
-            ctl::ENTRY_IA32E | ctl::ENTRY_LOAD_EFER,
+            ctl::ENTRY_IA32E | ctl::ENTRY_LOAD_EFER | ctl::ENTRY_LOAD_DEBUG,
         )?;
         self.proc2 = proc2;
         write32(Field32::PinBasedControls, pin);
@@ -424,6 +427,7 @@ impl VmxVcpu {
         write32(Field32::GuestIdtrLimit, 0);
         write_n(FieldN::GuestIdtrBase, 0);
         write_n(FieldN::GuestDr7, 0x400);
+        write64(Field64::GuestIa32Debugctl, 0);
         // IF=1: Bochs delivers a host interrupt as an external-interrupt exit
         // only while the guest's IF is set (see EMULATORS notes in README).
         write_n(FieldN::GuestRflags, 0x202);
@@ -599,6 +603,12 @@ impl Vcpu for VmxVcpu {
         if self.make_current().is_ok() {
             write32(Field32::EntryInterruptionInfo, entry_exception(vector, error_code.is_some()));
             write32(Field32::EntryExceptionErrorCode, error_code.unwrap_or(0));
+            if vector == 1 {
+                // As delivering a #DB does: else a handler's first access
+                // to a debug register would raise the next (DR7.GD).
+                let dr7 = vmread(FieldN::GuestDr7 as u32);
+                write_n(FieldN::GuestDr7, dr7 & !DR7_GD);
+            }
         }
     }
 }

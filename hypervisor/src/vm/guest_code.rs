@@ -42,6 +42,8 @@ g_main:
     jne g_trap
     cmp qword ptr [rbx + {regs_req}], 0
     jne g_regs
+    cmp qword ptr [rbx + {dbchain_req}], 0
+    jne g_dbchain
     mov rax, [rbx + {verify_req}]
     cmp rax, [rbx + {verify_done}]
     jne g_verify
@@ -336,6 +338,46 @@ g_regs:
     mov qword ptr [rbx + {regs_req}], 0
     jmp g_main
 
+// The IDT at offset 0xA00 of the config page sends #DB to g_trap_handler
+// on IST 1, whose stack tops at offset 0xB00 (TSS at 0x900, from g_gdt).
+// DR0/DR7 arm a write breakpoint on the 8 bytes below that top, where
+// delivering a #DB pushes SS: each delivery raises the next #DB before the
+// handler's first instruction, for ever.
+g_dbchain:
+    call g_gdt
+    lea rax, [rbx + 0xB00]
+    mov [rbx + 0x924], rax
+    mov ax, 0x28
+    ltr ax
+    lea rdi, [rbx + 0xA00]
+    xor eax, eax
+    mov [rdi], rax
+    mov [rdi + 8], rax
+    mov [rdi + 24], rax
+    lea rax, [rip + g_trap_handler]
+    mov [rdi + 16], ax
+    mov word ptr [rdi + 18], 0x08
+    mov word ptr [rdi + 20], 0x8E01
+    shr rax, 16
+    mov [rdi + 22], ax
+    shr rax, 16
+    mov [rdi + 24], eax
+    sub rsp, 16
+    mov word ptr [rsp], 31
+    mov [rsp + 2], rdi
+    lidt [rsp]
+    add rsp, 16
+    lea rax, [rbx + 0xAF8]
+    mov dr0, rax
+    mov eax, 0x90401
+    mov dr7, rax
+    mov qword ptr [rbx + {dbchain_req}], 0
+    pushfq
+    or qword ptr [rsp], 0x100
+    popfq
+    nop
+    jmp g_main
+
 // Counts the #DB, keeps DR6 and returns with TF clear (RFLAGS is at
 // [rsp + 16]). RAX is the hook's scratch register.
 g_trap_handler:
@@ -370,6 +412,7 @@ guest_image_end:
     seen_dr0 = const hypervisor::guest::st::SEEN_DR0,
     seen_cr2 = const hypervisor::guest::st::SEEN_CR2,
     seen_kgs = const hypervisor::guest::st::SEEN_KERNEL_GS_BASE,
+    dbchain_req = const hypervisor::guest::cfg::DBCHAIN_REQ,
     ticks = const hypervisor::guest::st::TICKS,
     wake_tsc = const hypervisor::guest::st::WAKE_TSC,
     writes = const hypervisor::guest::st::WRITES,

@@ -515,6 +515,11 @@ impl Manager {
                 vm.host_write_u64(guest::CONFIG_GPA + cfg::CRASH_REQ, 1);
                 Ok(Reply::data(Obj::new().with("crash_requested", n)))
             }
+            VmCommand::Dbchain(n) => {
+                let vm = self.find(&n)?;
+                vm.host_write_u64(guest::CONFIG_GPA + cfg::DBCHAIN_REQ, 1);
+                Ok(Reply::data(Obj::new().with("dbchain_requested", n)))
+            }
             VmCommand::Vmsave(n) => {
                 let vm = self.find(&n)?;
                 vm.host_write_u64(guest::CONFIG_GPA + cfg::VMSAVE_REQ, 1);
@@ -818,7 +823,8 @@ impl Vm {
                 || self.status(cfg::VMSAVE_REQ) != 0
                 || self.status(cfg::LTR_REQ) != 0
                 || self.status(cfg::TRAP_REQ) != 0
-                || self.status(cfg::REGS_REQ) != 0;
+                || self.status(cfg::REGS_REQ) != 0
+                || self.status(cfg::DBCHAIN_REQ) != 0;
             if request || self.vcpu.guest_tsc(clock::rdtsc()) >= self.status(st::WAKE_TSC) {
                 self.halted = false;
             }
@@ -881,6 +887,17 @@ impl Vm {
                     self.handle_exit(exit);
                     self.halted = true;
                     return done(self);
+                }
+                // A guest raising exception after exception (each one
+                // reflected back) never lets the host's interrupt exit
+                // happen: a #DB trap outranks it. Take the interrupt here
+                // instead, and end the slice at a tick as it would.
+                VmExit::Exception { .. } => {
+                    self.handle_exit(exit);
+                    timer::service_pending();
+                    if deadline_us == u64::MAX && timer::ticks() != first_tick {
+                        return done(self);
+                    }
                 }
                 other => self.handle_exit(other),
             }
