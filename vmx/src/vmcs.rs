@@ -126,6 +126,7 @@ pub enum FieldN {
     GuestRsp = 0x681C,
     GuestRip = 0x681E,
     GuestRflags = 0x6820,
+    GuestPendingDebugExceptions = 0x6822,
     GuestSysenterEsp = 0x6824,
     GuestSysenterEip = 0x6826,
     HostCr0 = 0x6C00,

@@ -539,11 +539,9 @@ impl Vcpu for VmxVcpu {
                     interruption_error: (vmread(Field32::ExitInterruptionErrorCode as u32) & 0xFFFF_FFFF) as u32,
                 };
                 let exit = decode_exit(&f);
-                if let VmExit::Exception { vector: 1, .. } = exit {
+                if let VmExit::Exception { vector: 1, resume_at, .. } = exit {
                     self.unswitched.set_dr6_trap_bits(f.qualification);
-                }
-                if let VmExit::Exception { resume_at: Some(rip), .. } = exit {
-                    write_n(FieldN::GuestRip, rip);
+                    prepare_db_reflection(resume_at);
                 }
                 exit
             }
@@ -610,5 +608,26 @@ impl Vcpu for VmxVcpu {
                 write_n(FieldN::GuestDr7, dr7 & !DR7_GD);
             }
         }
+    }
+}
+
+/// Readies the current VMCS to reflect the #DB that just exited (as KVM
+/// does). An ICEBP's exit reports the instruction itself: the #DB goes to
+/// `resume_at`, and having run, the instruction ends any STI or MOV SS
+/// blocking. Any other #DB that comes under such blocking with RFLAGS.TF
+/// set is a single step, which the exit did not record in the pending
+/// debug exceptions; VM entry then requires their BS bit (SDM Vol. 3C
+/// 26.3.1.5), else it fails.
+fn prepare_db_reflection(resume_at: Option<u64>) {
+    const BLOCKING_BY_STI_OR_MOV_SS: u64 = 0b11;
+    const TF: u64 = 1 << 8;
+    const BS: u64 = 1 << 14;
+    let blocking = vmread(Field32::GuestInterruptibility as u32);
+    if let Some(rip) = resume_at {
+        write_n(FieldN::GuestRip, rip);
+        write32(Field32::GuestInterruptibility, (blocking & !BLOCKING_BY_STI_OR_MOV_SS & 0xFFFF_FFFF) as u32);
+    } else if blocking & BLOCKING_BY_STI_OR_MOV_SS != 0 && vmread(FieldN::GuestRflags as u32) & TF != 0 {
+        let pending = vmread(FieldN::GuestPendingDebugExceptions as u32);
+        write_n(FieldN::GuestPendingDebugExceptions, pending | BS);
     }
 }

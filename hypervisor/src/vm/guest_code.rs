@@ -284,7 +284,8 @@ g_gdt:
 
 // An IDT of two gates on the stack, above RSP (delivery pushes below it):
 // vector 1 goes to g_trap_handler, through code selector 0x08 of the
-// guest's own GDT. Then TF for one instruction.
+// guest's own GDT. Then TF for one instruction, an STI that sets IF: its
+// #DB comes while the STI still blocks interrupts.
 g_trap:
     call g_gdt
     sub rsp, 64
@@ -305,9 +306,11 @@ g_trap:
     lidt [rsp + 32]
     mov eax, 0xFFFF0FF0
     mov dr6, rax
+    cli
     pushfq
     or qword ptr [rsp], 0x100
     popfq
+    sti
     nop
     mov word ptr [rsp + 32], 0
     mov qword ptr [rsp + 34], 0
