@@ -289,21 +289,9 @@ g_gdt:
 g_trap:
     call g_gdt
     sub rsp, 64
-    xor eax, eax
-    mov [rsp], rax
-    mov [rsp + 8], rax
-    mov [rsp + 24], rax
-    lea rax, [rip + g_trap_handler]
-    mov [rsp + 16], ax
-    mov word ptr [rsp + 18], 0x08
-    mov word ptr [rsp + 20], 0x8E00
-    shr rax, 16
-    mov [rsp + 22], ax
-    shr rax, 16
-    mov [rsp + 24], eax
-    mov word ptr [rsp + 32], 31
-    mov [rsp + 34], rsp
-    lidt [rsp + 32]
+    mov rdi, rsp
+    xor edx, edx
+    call g_idt_db
     mov eax, 0xFFFF0FF0
     mov dr6, rax
     cli
@@ -353,23 +341,8 @@ g_dbchain:
     mov ax, 0x28
     ltr ax
     lea rdi, [rbx + 0xA00]
-    xor eax, eax
-    mov [rdi], rax
-    mov [rdi + 8], rax
-    mov [rdi + 24], rax
-    lea rax, [rip + g_trap_handler]
-    mov [rdi + 16], ax
-    mov word ptr [rdi + 18], 0x08
-    mov word ptr [rdi + 20], 0x8E01
-    shr rax, 16
-    mov [rdi + 22], ax
-    shr rax, 16
-    mov [rdi + 24], eax
-    sub rsp, 16
-    mov word ptr [rsp], 31
-    mov [rsp + 2], rdi
-    lidt [rsp]
-    add rsp, 16
+    mov edx, 1
+    call g_idt_db
     lea rax, [rbx + 0xAF8]
     mov dr0, rax
     mov eax, 0x90401
@@ -380,6 +353,30 @@ g_dbchain:
     popfq
     nop
     jmp g_main
+
+// Two IDT gates at RDI, loaded into IDTR: vector 0 absent, vector 1 to
+// g_trap_handler through code selector 0x08 of g_gdt's GDT, on the IST
+// stack DL names (0: none).
+g_idt_db:
+    xor eax, eax
+    mov [rdi], rax
+    mov [rdi + 8], rax
+    mov [rdi + 24], rax
+    lea rax, [rip + g_trap_handler]
+    mov [rdi + 16], ax
+    mov word ptr [rdi + 18], 0x08
+    mov [rdi + 20], dl
+    mov byte ptr [rdi + 21], 0x8E
+    shr rax, 16
+    mov [rdi + 22], ax
+    shr rax, 16
+    mov [rdi + 24], eax
+    sub rsp, 16
+    mov word ptr [rsp], 31
+    mov [rsp + 2], rdi
+    lidt [rsp]
+    add rsp, 16
+    ret
 
 // Counts the #DB, keeps DR6 and returns with TF clear (RFLAGS is at
 // [rsp + 16]). RAX is the hook's scratch register.
