@@ -82,7 +82,8 @@ pub const DISCARD_HEADERS: usize = 14 + 20 + 20;
 /// left zero) holding one IPv4 TCP
 /// segment from `src` to 0.0.0.0, port 9 to port 9 (discard), flags ACK,
 /// sequence number 0, a zero payload: what `net blast ... tcp` sends, the
-/// NIC cutting it into wire frames. The receiving driver takes it by its
+/// NIC cutting it into wire frames (so its IPv4 header checksum is left
+/// 0, for the NIC to fill in each frame). The receiving driver takes it by its
 /// port, not its address; 0.0.0.0 is no host's (RFC 1122), so no stack
 /// would take it either.
 pub fn discard_segment(src: [u8; 4], len: usize) -> Vec<u8> {
@@ -97,8 +98,8 @@ pub fn discard_segment(src: [u8; 4], len: usize) -> Vec<u8> {
     ip[8] = 64; // TTL
     ip[9] = 6; // TCP
     ip[12..16].copy_from_slice(&src);
-    let checksum = !ones_complement_sum(ip);
-    ip[10..12].copy_from_slice(&checksum.to_be_bytes());
+    // The header checksum stays 0: the NIC sums the header of each frame
+    // it cuts (segmentation zeroes the field whatever it held).
     let tcp = &mut frame[34..54];
     tcp[0..2].copy_from_slice(&DISCARD_PORT.to_be_bytes());
     tcp[2..4].copy_from_slice(&DISCARD_PORT.to_be_bytes());
@@ -106,15 +107,6 @@ pub fn discard_segment(src: [u8; 4], len: usize) -> Vec<u8> {
     tcp[13] = 0x10; // ACK
     tcp[14..16].copy_from_slice(&u16::MAX.to_be_bytes()); // window
     frame
-}
-
-/// The folded ones'-complement sum of `bytes` taken as big-endian words.
-fn ones_complement_sum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes.chunks(2).map(|w| u32::from(w[0]) << 8 | u32::from(w.get(1).copied().unwrap_or(0))).sum();
-    while sum > 0xFFFF {
-        sum = (sum & 0xFFFF) + (sum >> 16);
-    }
-    u16::try_from(sum).unwrap_or(u16::MAX)
 }
 
 /// Usage lines for `help`.
@@ -308,7 +300,7 @@ mod tests {
         let eth = EthernetFrame::new_checked(&frame[..]).unwrap();
         assert_eq!(u16::from(eth.ethertype()), 0x0800);
         let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
-        assert!(ip.verify_checksum());
+        assert_eq!(ip.checksum(), 0, "left to the NIC");
         assert_eq!((ip.total_len(), ip.dont_frag(), ip.src_addr().octets()), (64280, true, [10, 77, 0, 11]));
         let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
         assert_eq!((tcp.src_port(), tcp.dst_port(), tcp.header_len()), (DISCARD_PORT, DISCARD_PORT, 20));

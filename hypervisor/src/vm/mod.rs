@@ -430,6 +430,13 @@ impl Manager {
         self.vms.iter_mut().find(|vm| vm.name == name).ok_or_else(|| format!("no VM named '{name}'"))
     }
 
+    /// For a hidden test hook the guest acts on whenever it next runs: sets
+    /// request `field` of VM `n`'s config page, and answers `key: n`.
+    fn post_request(&mut self, n: String, field: u64, key: &'static str) -> Result<Reply, String> {
+        self.find(&n)?.host_write_u64(guest::CONFIG_GPA + field, 1);
+        Ok(Reply::data(Obj::new().with(key, n)))
+    }
+
     /// Executes a parsed `vm` command.
     pub fn command(&mut self, cmd: VmCommand) -> Result<Reply, String> {
         match cmd {
@@ -510,21 +517,9 @@ impl Manager {
                 vm.vcpu.break_state();
                 Ok(Reply::data(Obj::new().with("broken", n)))
             }
-            VmCommand::Crash(n) => {
-                let vm = self.find(&n)?;
-                vm.host_write_u64(guest::CONFIG_GPA + cfg::CRASH_REQ, 1);
-                Ok(Reply::data(Obj::new().with("crash_requested", n)))
-            }
-            VmCommand::Dbchain(n) => {
-                let vm = self.find(&n)?;
-                vm.host_write_u64(guest::CONFIG_GPA + cfg::DBCHAIN_REQ, 1);
-                Ok(Reply::data(Obj::new().with("dbchain_requested", n)))
-            }
-            VmCommand::Vmsave(n) => {
-                let vm = self.find(&n)?;
-                vm.host_write_u64(guest::CONFIG_GPA + cfg::VMSAVE_REQ, 1);
-                Ok(Reply::data(Obj::new().with("vmsave_requested", n)))
-            }
+            VmCommand::Crash(n) => self.post_request(n, cfg::CRASH_REQ, "crash_requested"),
+            VmCommand::Dbchain(n) => self.post_request(n, cfg::DBCHAIN_REQ, "dbchain_requested"),
+            VmCommand::Vmsave(n) => self.post_request(n, cfg::VMSAVE_REQ, "vmsave_requested"),
             VmCommand::Ltr(n) => {
                 let done = self.find(&n)?.serve_request("ltr", cfg::LTR_REQ, 1)?;
                 let (_, _, host_tss, _) = crate::arch::gdt::host_segments();
@@ -870,13 +865,17 @@ impl Vm {
             let exit = self.vcpu.run();
             *self.exits.entry(exit.name()).or_insert(0) += 1;
             match exit {
-                VmExit::ExternalInterrupt => {
+                // A host interrupt exits; a guest raising exception after
+                // exception (each reflected back) exits on each instead, as
+                // its interrupt exit never comes (a #DB trap outranks it).
+                // Either way the interrupt is taken here, and the slice
+                // ends as the interrupt would end it, an exception chain's
+                // at a tick.
+                VmExit::ExternalInterrupt | VmExit::Exception { .. } => {
+                    self.handle_exit(exit);
                     timer::service_pending();
-                    let slice_over = match slice {
-                        Slice::UntilInterrupt => true,
-                        Slice::UntilTick => timer::ticks() != first_tick,
-                    };
-                    if deadline_us == u64::MAX && slice_over {
+                    let interrupted = exit == VmExit::ExternalInterrupt && slice == Slice::UntilInterrupt;
+                    if deadline_us == u64::MAX && (interrupted || timer::ticks() != first_tick) {
                         return done(self);
                     }
                 }
@@ -887,17 +886,6 @@ impl Vm {
                     self.handle_exit(exit);
                     self.halted = true;
                     return done(self);
-                }
-                // A guest raising exception after exception (each one
-                // reflected back) never lets the host's interrupt exit
-                // happen: a #DB trap outranks it. Take the interrupt here
-                // instead, and end the slice at a tick as it would.
-                VmExit::Exception { .. } => {
-                    self.handle_exit(exit);
-                    timer::service_pending();
-                    if deadline_us == u64::MAX && timer::ticks() != first_tick {
-                        return done(self);
-                    }
                 }
                 other => self.handle_exit(other),
             }
