@@ -28,7 +28,7 @@ use smoltcp::wire::{EthernetAddress, HardwareAddress, Icmpv4Packet, Icmpv4Repr, 
 use crate::arch::nic::{KernelDma, Mmio};
 use crate::arch::{clock, memory, pci::PortConfig, timer};
 
-// The console refuses the port the driver diverts.
+// `net blast ... tcp` sends its segments to the port the driver diverts.
 const _: () = assert!(hypervisor::netcmd::DISCARD_PORT == drivers::e1000::DISCARD_PORT);
 
 /// EtherType of `net blast` frames (IEEE 802 local experimental).
