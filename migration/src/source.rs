@@ -62,6 +62,9 @@ pub const MAX_GUEST_BYTES: u64 = 4 << 40;
 /// catch up (sending the late frames back to back): a little more than a
 /// caller's polling period, little enough that the burst it allows is small.
 const PACING_CREDIT_US: u64 = 2_000;
+/// Shortest part of a round whose rate `status` shows: shorter ones swing
+/// with each burst the transport carries.
+const LIVE_RATE_MIN_US: u64 = 100_000;
 
 /// Source tuning.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -345,6 +348,11 @@ pub struct Source {
     pages_sent: u64,
     remaining: u64,
     bandwidth: u64,
+    /// The rate the transport has carried this round so far, once it has
+    /// run [`LIVE_RATE_MIN_US`] (0 before): what `status` shows while a
+    /// round runs, as `bandwidth` is measured only at round ends (round 0
+    /// of a large guest takes seconds).
+    live_bandwidth: u64,
     dirty_rate: u64,
     hot_rounds: u32,
     throttle: u8,
@@ -391,6 +399,7 @@ impl Source {
             pages_sent: 0,
             remaining: pages,
             bandwidth: 0,
+            live_bandwidth: 0,
             dirty_rate: 0,
             hot_rounds: 0,
             throttle: 0,
@@ -543,7 +552,7 @@ impl Source {
         }
         let dirty = self.to_send.count();
         let round_us = now_us.saturating_sub(self.round_start_us.unwrap_or(now_us));
-        let delivered = (self.round_bytes + self.round_start_backlog).saturating_sub(self.backlog);
+        let delivered = self.delivered_this_round();
         // A round too short to time (nothing to send, or all of it handed
         // out and harvested at one instant) keeps the old rate. Until there
         // is one, the rate since the start stands in: without it, an idle
@@ -558,6 +567,9 @@ impl Source {
                 self.bandwidth = rate(delivered, since_us);
             }
         }
+        // The round is timed whole now; the next one shows this until it
+        // has run long enough to be timed.
+        self.live_bandwidth = 0;
         let harvest_us = now_us.saturating_sub(self.last_harvest_us);
         if harvest_us > 0 {
             self.dirty_rate = rate(dirty, harvest_us);
@@ -600,7 +612,7 @@ impl Source {
             }
             Decision::StopAndCopy => {
                 self.report.stop_reason = converge::stop_reason(&inputs);
-                self.report.expected_downtime_us = self.expected_downtime_us(dirty);
+                self.report.expected_downtime_us = self.expected_downtime_us(dirty, self.bandwidth);
                 self.out.push_back(SourceAction::PauseVm);
                 self.phase = Phase::Pausing;
             }
@@ -653,6 +665,12 @@ impl Source {
         // the wait for Ready hand out nothing while the transport drains.
         if core::mem::take(&mut self.backlog_drained) {
             self.progress(now_us);
+        }
+        if let (Phase::Sending, Some(start)) = (self.phase, self.round_start_us) {
+            let round_us = now_us.saturating_sub(start);
+            if round_us >= LIVE_RATE_MIN_US {
+                self.live_bandwidth = rate(self.delivered_this_round(), round_us);
+            }
         }
         let since = *self.last_progress_us.get_or_insert(now_us);
         if now_us.saturating_sub(since) >= PROGRESS_TIMEOUT_US {
@@ -903,14 +921,21 @@ impl Source {
         }
     }
 
-    /// The pause sending `pages` (after the queued bytes) would take, with
-    /// the verify read.
-    fn expected_downtime_us(&self, pages: u64) -> u64 {
-        converge::transfer_time_us(pages, self.backlog, self.bandwidth).saturating_add(self.fixed_pause_us())
+    /// The pause sending `pages` (after the queued bytes) would take at
+    /// `bandwidth`, with the verify read.
+    fn expected_downtime_us(&self, pages: u64, bandwidth: u64) -> u64 {
+        converge::transfer_time_us(pages, self.backlog, bandwidth).saturating_add(self.fixed_pause_us())
+    }
+
+    /// Bytes of this round (and of the backlog it started behind) the
+    /// transport has delivered.
+    fn delivered_this_round(&self) -> u64 {
+        (self.round_bytes + self.round_start_backlog).saturating_sub(self.backlog)
     }
 
     /// Progress snapshot.
     pub fn status(&self) -> Status {
+        let bandwidth = if self.live_bandwidth > 0 { self.live_bandwidth } else { self.bandwidth };
         let stage = match self.phase {
             Phase::Setup => Stage::Setup,
             Phase::Sending | Phase::Harvest => Stage::PreCopy,
@@ -926,8 +951,8 @@ impl Source {
             pages_sent: self.pages_sent,
             pages_remaining: self.remaining,
             dirty_rate_pages_per_s: self.dirty_rate,
-            bandwidth_bytes_per_s: self.bandwidth,
-            expected_downtime_us: self.expected_downtime_us(self.remaining),
+            bandwidth_bytes_per_s: bandwidth,
+            expected_downtime_us: self.expected_downtime_us(self.remaining, bandwidth),
             throttle: self.throttle,
         }
     }
@@ -1054,6 +1079,32 @@ mod tests {
         s.config.verify = false;
         assert_eq!(s.status().expected_downtime_us, want, "but only when there is one");
         assert!(!drain(&mut s, &mem, 1_000_020).contains(&SourceAction::PauseVm));
+    }
+
+    #[test]
+    fn status_shows_the_rate_of_the_round_under_way() {
+        // Round 0 of a large guest takes seconds: its progress showed no
+        // rate (0, and no expected downtime) until it ended.
+        // Behind 1 MiB of earlier records, which the transport then
+        // delivers, with a quarter of the round 0 that followed.
+        let (mut s, mem, a) = accepted_behind(300, 1 << 20);
+        let handed: u64 = a.iter().map(|a| if let SourceAction::Send(b) = a { b.len() as u64 } else { 0 }).sum();
+        let backlog = handed - handed / 4;
+        s.set_backlog(backlog);
+        s.on_tick(50_020);
+        assert_eq!(s.status().bandwidth_bytes_per_s, 0, "50 ms are too short to time");
+        s.on_tick(500_020);
+        let delivered = (1 << 20) + handed / 4;
+        assert_eq!(s.status().bandwidth_bytes_per_s, delivered * 2, "half a second for {delivered} bytes");
+        let want = converge::transfer_time_us(s.status().pages_remaining, backlog, delivered * 2);
+        assert_eq!(s.status().expected_downtime_us, want);
+        assert!(want < u64::MAX);
+        // The round's end measures the whole round, and the next round
+        // shows that until it has its own.
+        s.set_backlog(0);
+        assert_eq!(drain(&mut s, &mem, 1_000_020), vec![SourceAction::HarvestDirty]);
+        s.on_dirty(&[1], 1_000_020);
+        assert_eq!(s.status().bandwidth_bytes_per_s, ((1 << 20) + handed));
     }
 
     #[test]
