@@ -215,6 +215,9 @@ impl Net {
         // SLAAC state): nothing with the features built now, but the
         // single-step calls below would skip it when a feature comes.
         self.iface.poll_maintenance(now());
+        // Lets QEMU's software TLB grow to what the poll streams through
+        // (a host running no VM never flushes it otherwise).
+        memory::refresh_tlb();
         let mut result = PollResult::None;
         for _ in 0..INGRESS_BURSTS {
             let start = self.nic.rx_bytes();
