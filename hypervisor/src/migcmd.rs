@@ -6,7 +6,7 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use vmx::{GuestRegs, VcpuState};
+use vmx::{FxImage, GuestRegs, VcpuState};
 
 use crate::netcmd::parse_ipv4;
 
@@ -155,13 +155,18 @@ pub fn parse(args: &[&str]) -> Result<MigrateCommand, String> {
     Ok(cmd)
 }
 
-/// Bytes of an encoded vCPU state: 15 GPRs, RIP, RSP, RFLAGS, guest TSC.
-pub const VCPU_STATE_LEN: usize = 19 * 8;
+/// Words of an encoded vCPU state before its x87/SSE image: 15 GPRs, RIP,
+/// RSP, RFLAGS, the guest TSC, DR0-DR3, DR6, DR7, CR2 and KernelGsBase.
+const VCPU_WORDS: usize = 27;
+/// Bytes of an encoded vCPU state: [`VCPU_WORDS`] little-endian words,
+/// then the 512-byte FXSAVE image.
+pub const VCPU_STATE_LEN: usize = VCPU_WORDS * 8 + 512;
 
 /// Encodes a vCPU's state and its guest TSC for the migration stream.
 pub fn encode_vcpu(state: &VcpuState, guest_tsc: u64) -> Vec<u8> {
     let r = &state.regs;
-    let words = [
+    let [dr0, dr1, dr2, dr3] = state.dr;
+    let words: [u64; VCPU_WORDS] = [
         r.rax,
         r.rbx,
         r.rcx,
@@ -181,17 +186,30 @@ pub fn encode_vcpu(state: &VcpuState, guest_tsc: u64) -> Vec<u8> {
         state.rsp,
         state.rflags,
         guest_tsc,
+        dr0,
+        dr1,
+        dr2,
+        dr3,
+        state.dr6,
+        state.dr7,
+        state.cr2,
+        state.kernel_gs_base,
     ];
-    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+    let mut bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    bytes.extend_from_slice(&state.fx.0);
+    bytes
 }
 
-/// Decodes [`encode_vcpu`]'s bytes; refuses any other length.
-pub fn decode_vcpu(bytes: &[u8]) -> Result<(VcpuState, u64), String> {
+/// Decodes [`encode_vcpu`]'s bytes; refuses any other length, and a state
+/// this host could not load: see [`check_vcpu`]. `mxcsr_mask` is this
+/// CPU's (`arch::fpu::mxcsr_mask`).
+pub fn decode_vcpu(bytes: &[u8], mxcsr_mask: u32) -> Result<(VcpuState, u64), String> {
     if bytes.len() != VCPU_STATE_LEN {
         return Err(format!("vCPU state of {} bytes, expected {VCPU_STATE_LEN}", bytes.len()));
     }
-    let mut w = [0u64; 19];
-    for (word, chunk) in w.iter_mut().zip(bytes.as_chunks::<8>().0) {
+    let (head, fx) = bytes.split_at(VCPU_WORDS * 8);
+    let mut w = [0u64; VCPU_WORDS];
+    for (word, chunk) in w.iter_mut().zip(head.as_chunks::<8>().0) {
         *word = u64::from_le_bytes(*chunk);
     }
     let regs = GuestRegs {
@@ -211,8 +229,21 @@ pub fn decode_vcpu(bytes: &[u8]) -> Result<(VcpuState, u64), String> {
         r14: w[13],
         r15: w[14],
     };
-    let state = VcpuState { regs, rip: w[15], rsp: w[16], rflags: w[17] };
-    check_vcpu(&state)?;
+    let mut image = [0u8; 512];
+    image.copy_from_slice(fx);
+    let state = VcpuState {
+        regs,
+        rip: w[15],
+        rsp: w[16],
+        rflags: w[17],
+        dr: [w[19], w[20], w[21], w[22]],
+        dr6: w[23],
+        dr7: w[24],
+        cr2: w[25],
+        kernel_gs_base: w[26],
+        fx: FxImage(image),
+    };
+    check_vcpu(&state, mxcsr_mask)?;
     Ok((state, w[18]))
 }
 
@@ -229,11 +260,13 @@ fn canonical(a: u64) -> bool {
 }
 
 /// Refuses a vCPU state a VM entry refuses for a long-mode guest (with
-/// 4-level paging, as every guest here has). Checked before Ready, so the
-/// source resumes its own copy: the entry would otherwise fail on the VM's
-/// first run here (VT-x checks RFLAGS and RIP), after the source had freed
-/// the VM.
-fn check_vcpu(s: &VcpuState) -> Result<(), String> {
+/// 4-level paging, as every guest here has), or that would fault in the
+/// host as it loads it. Checked before Ready, so the source resumes its
+/// own copy: the entry would otherwise fail on the VM's first run here
+/// (VT-x checks RFLAGS and RIP; both vendors DR6 and DR7), after the source
+/// had freed the VM, and the host's own `mov dr6` (VT-x), WRMSR of
+/// KernelGsBase (VT-x) or FXRSTOR would raise #GP.
+fn check_vcpu(s: &VcpuState, mxcsr_mask: u32) -> Result<(), String> {
     if s.rflags & (RFLAGS_RESERVED | RFLAGS_VM) != 0 || s.rflags & RFLAGS_FIXED1 == 0 {
         return Err(format!("vCPU state has RFLAGS {:#x}, not a long-mode guest's", s.rflags));
     }
@@ -241,6 +274,20 @@ fn check_vcpu(s: &VcpuState) -> Result<(), String> {
     // anything in it for a while.
     if !canonical(s.rip) {
         return Err(format!("vCPU state has a non-canonical RIP {:#x}", s.rip));
+    }
+    // Bits 63:32 of DR6 and DR7 must be 0 (MOV DR, VMRUN, VM entry); DR0-
+    // DR3 take any address.
+    for (name, value) in [("DR6", s.dr6), ("DR7", s.dr7)] {
+        if value >> 32 != 0 {
+            return Err(format!("vCPU state has {name} {value:#x}, with bits above 31"));
+        }
+    }
+    if !canonical(s.kernel_gs_base) {
+        return Err(format!("vCPU state has a non-canonical KernelGsBase {:#x}", s.kernel_gs_base));
+    }
+    let mxcsr = s.fx.mxcsr();
+    if mxcsr & !mxcsr_mask != 0 {
+        return Err(format!("vCPU state has MXCSR {mxcsr:#x}, with bits this CPU lacks (mask {mxcsr_mask:#x})"));
     }
     Ok(())
 }
@@ -331,10 +378,19 @@ mod tests {
         let mut s = VcpuState { rip: 0x10040, rsp: 0x1fff8, rflags: 0x202, ..VcpuState::default() };
         s.regs.rbx = 0x1000;
         s.regs.r15 = 7;
+        // Each register a migration must carry (it carried only these
+        // three and the GPRs: the x87/SSE registers, the debug registers,
+        // CR2 and KernelGsBase arrived at their reset values).
+        s.dr = [1, 2, 3, 0xffff_8000_0000_0004];
+        (s.dr6, s.dr7, s.cr2, s.kernel_gs_base) = (0xFFFF_4FF1, 0x0F0_0402, 0xdead_b000, 0xffff_8880_1234_0000);
+        s.fx.0[FxImage::XMM0..FxImage::XMM0 + 16].copy_from_slice(&0x1111_u128.to_le_bytes());
+        s.fx.0[FxImage::MXCSR..FxImage::MXCSR + 4].copy_from_slice(&0x9FC0_u32.to_le_bytes());
+        s.fx.0[511] = 0x5A;
         let bytes = encode_vcpu(&s, 123_456);
         assert_eq!(bytes.len(), VCPU_STATE_LEN);
-        assert_eq!(decode_vcpu(&bytes), Ok((s, 123_456)));
-        assert!(decode_vcpu(&bytes[1..]).is_err());
+        assert_eq!(decode_vcpu(&bytes, 0xFFFF), Ok((s, 123_456)));
+        assert!(decode_vcpu(&bytes[1..], 0xFFFF).is_err());
+        assert!(decode_vcpu(&bytes[..19 * 8], 0xFFFF).is_err(), "the old, shorter state");
     }
 
     #[test]
@@ -344,7 +400,7 @@ mod tests {
         // had freed its copy.
         let good =
             VcpuState { rip: 0xffff_8000_0000_0000, rsp: 0x7fff_ffff_fff8, rflags: 0x246, ..VcpuState::default() };
-        assert!(decode_vcpu(&encode_vcpu(&good, 1)).is_ok());
+        assert!(decode_vcpu(&encode_vcpu(&good, 1), 0xFFBF).is_ok());
         for (rip, rsp, rflags, why) in [
             (0x1000, 0x2000, 0x200, "RFLAGS 0x200"),
             (0x1000, 0x2000, 0x202 | 1 << 3, "RFLAGS 0x20a"),
@@ -353,9 +409,29 @@ mod tests {
             (0x0000_8000_0000_0000, 0x2000, 0x202, "non-canonical RIP 0x800000000000"),
         ] {
             let s = VcpuState { rip, rsp, rflags, ..VcpuState::default() };
-            let err = decode_vcpu(&encode_vcpu(&s, 1)).unwrap_err();
+            let err = decode_vcpu(&encode_vcpu(&s, 1), 0xFFBF).unwrap_err();
             assert!(err.contains(why), "{err}");
         }
+    }
+
+    #[test]
+    fn vcpu_state_the_host_would_fault_loading_is_refused() {
+        let good = VcpuState { rip: 0x1000, rflags: 0x202, ..VcpuState::default() };
+        let refused = |change: &dyn Fn(&mut VcpuState), why: &str| {
+            let mut s = good;
+            change(&mut s);
+            let err = decode_vcpu(&encode_vcpu(&s, 1), 0xFFBF).unwrap_err();
+            assert!(err.contains(why), "{err}");
+        };
+        refused(&|s| s.dr6 |= 1 << 32, "DR6 0x1ffff0ff0");
+        refused(&|s| s.dr7 |= 1 << 63, "DR7 0x8000000000000400");
+        refused(&|s| s.kernel_gs_base = 0x0000_8000_0000_0000, "KernelGsBase 0x800000000000");
+        // DAZ (bit 6) on a CPU whose MXCSR_MASK lacks it, and a reserved bit.
+        refused(&|s| s.fx.0[FxImage::MXCSR] |= 1 << 6, "MXCSR 0x1fc0");
+        refused(&|s| s.fx.0[FxImage::MXCSR + 2] = 1, "MXCSR 0x11f80");
+        let mut daz = good;
+        daz.fx.0[FxImage::MXCSR] |= 1 << 6;
+        assert!(decode_vcpu(&encode_vcpu(&daz, 1), 0xFFFF).is_ok(), "DAZ where the CPU has it");
     }
 
     #[test]

@@ -1599,7 +1599,7 @@ fn tweak(rec: Record, rng: &mut Rng) -> Record {
                 2 => h.vm.vcpus = rng.pick(&[0, 1, 2, 3, 255, 256, 257, u32::MAX]),
                 3 => h.features |= 1 << rng.below(64),
                 4 => h.cpu_vendor[rng.below(12)] ^= 1 << rng.below(8),
-                5 => h.protocol_version = rng.pick(&[0, 2, 0xFFFF]),
+                5 => h.protocol_version = rng.pick(&[0, PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1, 0xFFFF]),
                 6 => h.vm.page_size = rng.pick(&[0, 4095, 4097, 8192, 2 << 20]),
                 _ => h.vm.name = "x".repeat(rng.below(MAX_NAME + 1)),
             }

@@ -53,22 +53,26 @@ pub fn command(c: &mut Console, cmd: &str, reply: Duration) -> Result<serde_json
 /// CR2 and KernelGsBase) are each guest's own: `vm regs` on VMs `p` and `q`, which must both
 /// be running, each finding only what it loaded itself.
 pub fn unswitched_registers_are_each_guests_own(c: &mut Console, p: &str, q: &str) -> Result<()> {
-    let mut seen = |vm: &str, value: u64, want: u64| -> Result<()> {
-        let r = command(c, &format!("vm regs {vm} {value}"), REPLY)?;
-        if r["done"] != true {
-            bail!("vm regs {vm} did not finish: {r}");
+    registers_hold(c, p, 0, 1111, REPLY)?;
+    registers_hold(c, q, 0, 2222, REPLY)?;
+    registers_hold(c, p, 1111, 3333, REPLY)?;
+    registers_hold(c, q, 2222, 4444, REPLY)
+}
+
+/// `vm regs vm next`: the running guest `vm` finds `want` in XMM0, DR0,
+/// CR2 and KernelGsBase, then loads `next` into each. `reply` is the
+/// console's budget (the guest runs for the answer).
+pub fn registers_hold(c: &mut Console, vm: &str, want: u64, next: u64, reply: Duration) -> Result<()> {
+    let r = command(c, &format!("vm regs {vm} {next}"), reply)?;
+    if r["done"] != true {
+        bail!("vm regs {vm} did not finish: {r}");
+    }
+    for reg in ["xmm0", "dr0", "cr2", "kernel_gs_base"] {
+        if r[reg] != want {
+            bail!("{vm} found {reg} = {} instead of {want}: {r}", r[reg]);
         }
-        for reg in ["xmm0", "dr0", "cr2", "kernel_gs_base"] {
-            if r[reg] != want {
-                bail!("{vm} found {reg} = {} instead of {want} (its own): {r}", r[reg]);
-            }
-        }
-        Ok(())
-    };
-    seen(p, 1111, 0)?;
-    seen(q, 2222, 0)?;
-    seen(p, 3333, 1111)?;
-    seen(q, 4444, 2222)
+    }
+    Ok(())
 }
 
 /// The receiver's result of the `net bench` transfer of `mib` MiB that has

@@ -53,6 +53,9 @@ fn a_writing_vm_moves_to_the_peer_intact_and_keeps_running() {
     ok(a.console(), "vm start m");
     std::thread::sleep(Duration::from_millis(1000));
     let before = ticks(a.console(), "m");
+    // Registers the vCPU state must carry besides the GPRs (x87/SSE, the
+    // debug registers, CR2, KernelGsBase; they arrived at reset values).
+    tests::registers_hold(a.console(), "m", 0, 1111, REPLY).unwrap();
     ok(a.console(), "migrate m 10.77.0.12 verify");
     let e = a.console().json("migrate m 10.77.0.12", REPLY).unwrap();
     assert!(e["ok"] == false, "a second migration must be refused: {e}");
@@ -84,6 +87,7 @@ fn a_writing_vm_moves_to_the_peer_intact_and_keeps_running() {
     let v = ok(b.console(), "vm verify m");
     assert_eq!(v["verified"], true, "{v}");
     assert_eq!(v["check_errors"], 0, "{v}");
+    tests::registers_hold(b.console(), "m", 1111, 2222, REPLY).unwrap();
 }
 
 #[test]

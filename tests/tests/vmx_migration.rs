@@ -90,6 +90,9 @@ fn a_vm_live_migrates_between_two_vmx_hosts() {
     ok(a.console(), "vm create m mem=16 workload=random rate=200");
     ok(a.console(), "vm start m");
     let before = ticks_past(a.console(), "m", 10, Duration::from_secs(60));
+    // Registers the vCPU state must carry besides the GPRs (x87/SSE, the
+    // debug registers, CR2, KernelGsBase; they arrived at reset values).
+    tests::registers_hold(a.console(), "m", 0, 1111, SLOW).unwrap();
 
     let clocks0 = [uptime_s(a.console()), uptime_s(b.console())];
     let m0 = Instant::now();
@@ -138,6 +141,7 @@ fn a_vm_live_migrates_between_two_vmx_hosts() {
     let v = ok(b.console(), "vm verify m");
     assert_eq!(v["verified"], true, "{v}");
     assert_eq!(v["check_errors"], 0, "{v}");
+    tests::registers_hold(b.console(), "m", 1111, 2222, SLOW).unwrap();
     println!(
         "wall clock: {:.1} s to boot both hosts, {:.1} s migrating, {:.1} s in all",
         booted.as_secs_f64(),

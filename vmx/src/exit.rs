@@ -144,7 +144,7 @@ pub struct GuestRegs {
 
 /// Architectural state of a vCPU that migration and inspection need,
 /// independent of the vendor's control structure.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VcpuState {
     /// General-purpose registers.
     pub regs: GuestRegs,
@@ -154,6 +154,86 @@ pub struct VcpuState {
     pub rsp: u64,
     /// RFLAGS.
     pub rflags: u64,
+    /// DR0-DR3, the breakpoint addresses.
+    pub dr: [u64; 4],
+    /// DR6, the debug status.
+    pub dr6: u64,
+    /// DR7, the debug control.
+    pub dr7: u64,
+    /// CR2, the last page-fault address.
+    pub cr2: u64,
+    /// IA32_KERNEL_GS_BASE, what `swapgs` exchanges with the GS base.
+    pub kernel_gs_base: u64,
+    /// The x87 and SSE registers, as FXSAVE stores them.
+    pub fx: FxImage,
+}
+
+impl Default for VcpuState {
+    /// Zero registers with the reset values of DR6 (0xFFFF0FF0), DR7
+    /// (0x400) and the x87/SSE state ([`FxImage::default`]).
+    fn default() -> Self {
+        VcpuState {
+            regs: GuestRegs::default(),
+            rip: 0,
+            rsp: 0,
+            rflags: 0,
+            dr: [0; 4],
+            dr6: 0xFFFF_0FF0,
+            dr7: 0x400,
+            cr2: 0,
+            kernel_gs_base: 0,
+            fx: FxImage::default(),
+        }
+    }
+}
+
+/// The 512 bytes FXSAVE stores in 64-bit mode (SDM Vol. 1 10.5.1): the x87
+/// registers and their control, status and tag words, MXCSR, XMM0-XMM15.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct FxImage(pub [u8; 512]);
+
+impl FxImage {
+    /// Offset of MXCSR in the image.
+    pub const MXCSR: usize = 24;
+    /// Offset of MXCSR_MASK, the MXCSR bits this CPU supports (0 there
+    /// means 0xFFBF).
+    pub const MXCSR_MASK: usize = 28;
+    /// Offset of XMM0.
+    pub const XMM0: usize = 160;
+
+    /// MXCSR.
+    pub fn mxcsr(&self) -> u32 {
+        let m = Self::MXCSR;
+        u32::from_le_bytes([self.0[m], self.0[m + 1], self.0[m + 2], self.0[m + 3]])
+    }
+
+    /// MXCSR_MASK, with 0 read as 0xFFBF (SDM Vol. 1 11.6.6).
+    pub fn mxcsr_mask(&self) -> u32 {
+        let m = Self::MXCSR_MASK;
+        match u32::from_le_bytes([self.0[m], self.0[m + 1], self.0[m + 2], self.0[m + 3]]) {
+            0 => 0xFFBF,
+            mask => mask,
+        }
+    }
+}
+
+impl Default for FxImage {
+    /// The state after FNINIT with SSE's reset MXCSR: x87 control word
+    /// 0x037F (all exceptions masked, 64-bit precision), every register
+    /// empty and zero, MXCSR 0x1F80 (all SIMD exceptions masked).
+    fn default() -> Self {
+        let mut a = [0u8; 512];
+        a[0..2].copy_from_slice(&0x037Fu16.to_le_bytes());
+        a[Self::MXCSR..Self::MXCSR + 4].copy_from_slice(&0x1F80u32.to_le_bytes());
+        FxImage(a)
+    }
+}
+
+impl core::fmt::Debug for FxImage {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let xmm0 = u128::from_le_bytes(self.0[Self::XMM0..Self::XMM0 + 16].try_into().unwrap_or([0; 16]));
+        write!(f, "FxImage {{ mxcsr: {:#x}, xmm0: {xmm0:#x}, .. }}", self.mxcsr())
+    }
 }
 
 /// One virtual CPU. The VM run loop is written against this trait only;

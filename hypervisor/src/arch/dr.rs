@@ -19,10 +19,14 @@ const MSR_KERNEL_GS_BASE: u32 = 0xC000_0102;
 /// One vCPU's values of the registers this module switches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Unswitched {
-    dr: [u64; 4],
-    dr6: u64,
-    cr2: u64,
-    kernel_gs_base: u64,
+    /// DR0-DR3.
+    pub dr: [u64; 4],
+    /// DR6 (VT-x; the VMCB holds SVM's).
+    pub dr6: u64,
+    /// CR2 (VT-x; the VMCB holds SVM's).
+    pub cr2: u64,
+    /// KernelGsBase (VT-x; the VMCB holds SVM's).
+    pub kernel_gs_base: u64,
 }
 
 impl Default for Unswitched {

@@ -11,35 +11,49 @@
 
 use core::arch::asm;
 
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use vmx::FxImage;
 use x86_64::registers::control::{Cr0, Cr0Flags, Cr4, Cr4Flags};
 
 /// The 512-byte FXSAVE/FXRSTOR area (SDM Vol. 1 10.5.1), 16-byte aligned.
 #[repr(C, align(16))]
-pub struct FxArea([u8; 512]);
+pub struct FxArea(FxImage);
 
 impl FxArea {
-    /// The state after FNINIT with SSE's reset MXCSR: x87 control word
-    /// 0x037F (all exceptions masked, 64-bit precision), every register
-    /// empty and zero, MXCSR 0x1F80 (all SIMD exceptions masked).
+    /// The state after FNINIT with SSE's reset MXCSR ([`FxImage::default`]).
     pub fn reset() -> Self {
-        let mut a = [0u8; 512];
-        a[0..2].copy_from_slice(&0x037Fu16.to_le_bytes());
-        a[24..28].copy_from_slice(&0x1F80u32.to_le_bytes());
-        FxArea(a)
+        FxArea(FxImage::default())
+    }
+
+    /// The registers as last stored (what a migration carries).
+    pub fn image(&self) -> FxImage {
+        self.0
+    }
+
+    /// Replaces the registers the next [`FxArea::load`] loads. `image`'s
+    /// MXCSR must have no bit outside [`mxcsr_mask`] (FXRSTOR faults on
+    /// one): `migcmd::decode_vcpu` refuses such a state.
+    pub fn set_image(&mut self, image: &FxImage) {
+        self.0 = *image;
+        // Kept loadable whatever the caller checked.
+        let mxcsr = image.mxcsr() & mxcsr_mask();
+        self.0 .0[FxImage::MXCSR..FxImage::MXCSR + 4].copy_from_slice(&mxcsr.to_le_bytes());
     }
 
     /// Loads this area into the x87/SSE registers.
     pub fn load(&self) {
         // SAFETY: `enable` set CR4.OSFXSR and cleared CR0.EM/TS, so FXRSTOR
         // neither faults nor skips the XMM registers; the area is 16-byte
-        // aligned and was written by `reset` (valid MXCSR) or by FXSAVE.
-        unsafe { asm!("fxrstor64 [{}]", in(reg) self.0.as_ptr(), options(nostack, readonly, preserves_flags)) };
+        // aligned and was written by `reset` (valid MXCSR), by FXSAVE or by
+        // `set_image`, which masks MXCSR with this CPU's MXCSR_MASK.
+        unsafe { asm!("fxrstor64 [{}]", in(reg) self.0 .0.as_ptr(), options(nostack, readonly, preserves_flags)) };
     }
 
     /// Stores the x87/SSE registers into this area.
     pub fn store(&mut self) {
         // SAFETY: as in `load`; FXSAVE writes the 512 bytes of the area.
-        unsafe { asm!("fxsave64 [{}]", in(reg) self.0.as_mut_ptr(), options(nostack, preserves_flags)) };
+        unsafe { asm!("fxsave64 [{}]", in(reg) self.0 .0.as_mut_ptr(), options(nostack, preserves_flags)) };
     }
 }
 
@@ -56,4 +70,15 @@ pub fn enable() {
         });
         Cr4::update(|f| f.insert(Cr4Flags::OSFXSR | Cr4Flags::OSXMMEXCPT_ENABLE));
     }
+    let mut probe = FxArea::reset();
+    probe.store();
+    MXCSR_MASK.store(probe.0.mxcsr_mask(), Ordering::Relaxed);
+}
+
+/// This CPU's MXCSR_MASK, read by [`enable`].
+static MXCSR_MASK: AtomicU32 = AtomicU32::new(0xFFBF);
+
+/// The MXCSR bits this CPU supports: FXRSTOR raises #GP for any other.
+pub fn mxcsr_mask() -> u32 {
+    MXCSR_MASK.load(Ordering::Relaxed)
 }

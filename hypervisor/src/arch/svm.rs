@@ -249,7 +249,18 @@ impl Vcpu for SvmVcpu {
 
     fn state(&self) -> VcpuState {
         let v = self.vmcb();
-        VcpuState { regs: self.regs, rip: v.save.rip, rsp: v.save.rsp, rflags: v.save.rflags }
+        VcpuState {
+            regs: self.regs,
+            rip: v.save.rip,
+            rsp: v.save.rsp,
+            rflags: v.save.rflags,
+            dr: self.unswitched.dr,
+            dr6: v.save.dr6,
+            dr7: v.save.dr7,
+            cr2: v.save.cr2,
+            kernel_gs_base: v.save.kernel_gs_base,
+            fx: self.fpu.image(),
+        }
     }
 
     fn regs_mut(&mut self) -> &mut GuestRegs {
@@ -261,7 +272,13 @@ impl Vcpu for SvmVcpu {
         v.save.rip = state.rip;
         v.save.rsp = state.rsp;
         v.save.rflags = state.rflags;
+        v.save.dr6 = state.dr6;
+        v.save.dr7 = state.dr7;
+        v.save.cr2 = state.cr2;
+        v.save.kernel_gs_base = state.kernel_gs_base;
         self.regs = state.regs;
+        self.unswitched.dr = state.dr;
+        self.fpu.set_image(&state.fx);
     }
 
     fn guest_tsc(&self, host_tsc: u64) -> u64 {

@@ -566,6 +566,12 @@ impl Vcpu for VmxVcpu {
             rip: vmread(FieldN::GuestRip as u32),
             rsp: vmread(FieldN::GuestRsp as u32),
             rflags: vmread(FieldN::GuestRflags as u32),
+            dr: self.unswitched.dr,
+            dr6: self.unswitched.dr6,
+            dr7: vmread(FieldN::GuestDr7 as u32),
+            cr2: self.unswitched.cr2,
+            kernel_gs_base: self.unswitched.kernel_gs_base,
+            fx: self.fpu.image(),
         }
     }
 
@@ -578,8 +584,12 @@ impl Vcpu for VmxVcpu {
             write_n(FieldN::GuestRip, state.rip);
             write_n(FieldN::GuestRsp, state.rsp);
             write_n(FieldN::GuestRflags, state.rflags);
+            write_n(FieldN::GuestDr7, state.dr7);
         }
         self.regs = state.regs;
+        self.unswitched =
+            Unswitched { dr: state.dr, dr6: state.dr6, cr2: state.cr2, kernel_gs_base: state.kernel_gs_base };
+        self.fpu.set_image(&state.fx);
     }
 
     fn guest_tsc(&self, host_tsc: u64) -> u64 {

@@ -21,7 +21,7 @@ use vmx::{Access, Vcpu, VmExit};
 use crate::arch::guest_memory::{GuestMemory, KernelFrames};
 use crate::arch::svm::SvmVcpu;
 use crate::arch::vmx::VmxVcpu;
-use crate::arch::{clock, memory, timer};
+use crate::arch::{clock, fpu, memory, timer};
 
 /// Host memory kept free for the hypervisor itself, beyond what VMs take.
 const HOST_RESERVE: u64 = 8 << 20;
@@ -376,7 +376,7 @@ impl Manager {
 
     /// Loads an incoming VM's vCPU state (and makes its TSC continue).
     pub fn load_vcpu(&mut self, name: &str, bytes: &[u8]) -> Result<(), String> {
-        let (state, guest_tsc) = hypervisor::migcmd::decode_vcpu(bytes)?;
+        let (state, guest_tsc) = hypervisor::migcmd::decode_vcpu(bytes, fpu::mxcsr_mask())?;
         let vm = self.find(name)?;
         vm.vcpu.set_state(&state);
         vm.vcpu.set_guest_tsc(guest_tsc, clock::rdtsc());
