@@ -33,6 +33,13 @@ pub const CODE_GPA: u64 = 0x10000;
 pub const CODE_MAX: usize = 0x8000;
 /// Initial guest RSP.
 pub const STACK_TOP: u64 = 0x20000;
+/// RSP for the single step of hidden `vm trap`: its #DB pushes the frame
+/// on page 0x1E000, below it, which nothing else writes (the program ends
+/// by `CODE_GPA + CODE_MAX`, the stack stays near `STACK_TOP`). Under
+/// write-protect dirty tracking that push itself faults, so the #DB's
+/// delivery is cut short by an exit and must be finished after it.
+pub const TRAP_STACK: u64 = 0x1F008;
+const _: () = assert!(TRAP_STACK - 0x1008 >= CODE_GPA + CODE_MAX as u64 && TRAP_STACK + 0x800 <= STACK_TOP);
 /// Generation table.
 pub const GEN_TABLE_GPA: u64 = 0x100000;
 /// Smallest and largest guest memory, MiB (4 PDs of identity map cover 4 GiB).
@@ -87,9 +94,9 @@ pub mod cfg {
     /// `vm ltr`, a test that guest state stays out of the host).
     pub const LTR_REQ: u64 = 0x60;
     /// Nonzero: the guest loads the GDT of `LTR_REQ` (without the `ltr`),
-    /// installs an IDT with a #DB handler, single-steps one instruction and
-    /// takes the #DB, then goes back to no IDT (hidden `vm trap`, a test
-    /// that #DB exits and is reflected back).
+    /// installs an IDT with a #DB handler, single-steps one instruction on
+    /// the stack at [`TRAP_STACK`] and takes the #DB, then goes back to no
+    /// IDT (hidden `vm trap`, a test that #DB exits and is reflected back).
     pub const TRAP_REQ: u64 = 0x68;
     /// Nonzero: the guest stores XMM0's low quadword, DR0, CR2 and
     /// KernelGsBase (through `swapgs` and `rdgsbase`, after setting

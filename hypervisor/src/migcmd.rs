@@ -156,8 +156,9 @@ pub fn parse(args: &[&str]) -> Result<MigrateCommand, String> {
 }
 
 /// Words of an encoded vCPU state before its x87/SSE image: 15 GPRs, RIP,
-/// RSP, RFLAGS, the guest TSC, DR0-DR3, DR6, DR7, CR2 and KernelGsBase.
-const VCPU_WORDS: usize = 27;
+/// RSP, RFLAGS, the guest TSC, DR0-DR3, DR6, DR7, CR2, KernelGsBase and
+/// the pending event.
+const VCPU_WORDS: usize = 28;
 /// Bytes of an encoded vCPU state: [`VCPU_WORDS`] little-endian words,
 /// then the 512-byte FXSAVE image.
 pub const VCPU_STATE_LEN: usize = VCPU_WORDS * 8 + 512;
@@ -194,6 +195,7 @@ pub fn encode_vcpu(state: &VcpuState, guest_tsc: u64) -> Vec<u8> {
         state.dr7,
         state.cr2,
         state.kernel_gs_base,
+        state.pending_event,
     ];
     let mut bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
     bytes.extend_from_slice(&state.fx.0);
@@ -242,6 +244,7 @@ pub fn decode_vcpu(bytes: &[u8], mxcsr_mask: u32) -> Result<(VcpuState, u64), St
         cr2: w[25],
         kernel_gs_base: w[26],
         fx: FxImage(image),
+        pending_event: w[27],
     };
     check_vcpu(&state, mxcsr_mask)?;
     Ok((state, w[18]))
@@ -285,9 +288,40 @@ fn check_vcpu(s: &VcpuState, mxcsr_mask: u32) -> Result<(), String> {
     if !canonical(s.kernel_gs_base) {
         return Err(format!("vCPU state has a non-canonical KernelGsBase {:#x}", s.kernel_gs_base));
     }
+    if let Err(why) = check_pending_event(s.pending_event) {
+        return Err(format!("vCPU state has a pending event {:#x}: {why}", s.pending_event));
+    }
     let mxcsr = s.fx.mxcsr();
     if mxcsr & !mxcsr_mask != 0 {
         return Err(format!("vCPU state has MXCSR {mxcsr:#x}, with bits this CPU lacks (mask {mxcsr_mask:#x})"));
+    }
+    Ok(())
+}
+
+/// Refuses a pending event (EVENTINJ's layout) that VMRUN or VM entry would
+/// refuse (APM 15.20, SDM Vol. 3C 26.2.1.3), or that this hypervisor never
+/// leaves pending: an external interrupt (vector 32 and up), NMI (vector
+/// 2), or hardware exception (vector 0-31 but 2), with an error code
+/// exactly for those that push one, of at most 16 bits.
+fn check_pending_event(e: u64) -> Result<(), &'static str> {
+    const VALID: u64 = 1 << 31;
+    const ERROR_CODE: u64 = 1 << 11;
+    if e == 0 {
+        return Ok(());
+    }
+    if e & VALID == 0 || e & 0x7FFF_F000 != 0 {
+        return Err("not a valid event");
+    }
+    let (kind, vector) = ((e >> 8) & 7, e & 0xFF);
+    let pushes_code = matches!(vector, 8 | 10..=14 | 17);
+    match kind {
+        0 if vector >= 32 && e & ERROR_CODE == 0 => {}
+        2 if vector == 2 && e & ERROR_CODE == 0 => {}
+        3 if vector < 32 && vector != 2 && (e & ERROR_CODE != 0) == pushes_code => {}
+        _ => return Err("not an interrupt, NMI or exception as delivered"),
+    }
+    if e >> 48 != 0 {
+        return Err("error code wider than 16 bits");
     }
     Ok(())
 }
@@ -386,6 +420,7 @@ mod tests {
         s.fx.0[FxImage::XMM0..FxImage::XMM0 + 16].copy_from_slice(&0x1111_u128.to_le_bytes());
         s.fx.0[FxImage::MXCSR..FxImage::MXCSR + 4].copy_from_slice(&0x9FC0_u32.to_le_bytes());
         s.fx.0[511] = 0x5A;
+        s.pending_event = vmx::svm::event_exception(14, Some(2));
         let bytes = encode_vcpu(&s, 123_456);
         assert_eq!(bytes.len(), VCPU_STATE_LEN);
         assert_eq!(decode_vcpu(&bytes, 0xFFFF), Ok((s, 123_456)));
@@ -426,6 +461,24 @@ mod tests {
         refused(&|s| s.dr6 |= 1 << 32, "DR6 0x1ffff0ff0");
         refused(&|s| s.dr7 |= 1 << 63, "DR7 0x8000000000000400");
         refused(&|s| s.kernel_gs_base = 0x0000_8000_0000_0000, "KernelGsBase 0x800000000000");
+        // Events no entry takes: no valid bit, #DB with an error code, #PF
+        // without, vector 40 as an exception, an NMI on vector 3, a code
+        // of 17 bits, a software interrupt (never left pending here).
+        for event in [
+            14,
+            vmx::svm::event_exception(1, Some(0)),
+            vmx::svm::event_exception(14, None),
+            vmx::svm::event_exception(40, None),
+            (1 << 31) | (2 << 8) | 3,
+            vmx::svm::event_exception(13, Some(0x1_0000)),
+            (1 << 31) | (4 << 8) | 0x80,
+        ] {
+            refused(&|s| s.pending_event = event, "pending event");
+        }
+        for event in [0, vmx::svm::event_exception(1, None), vmx::svm::event_exception(8, Some(0)), (1 << 31) | 0x30] {
+            let s = VcpuState { pending_event: event, ..good };
+            assert!(decode_vcpu(&encode_vcpu(&s, 1), 0xFFBF).is_ok(), "{event:#x}");
+        }
         // DAZ (bit 6) on a CPU whose MXCSR_MASK lacks it, and a reserved bit.
         refused(&|s| s.fx.0[FxImage::MXCSR] |= 1 << 6, "MXCSR 0x1fc0");
         refused(&|s| s.fx.0[FxImage::MXCSR + 2] = 1, "MXCSR 0x11f80");

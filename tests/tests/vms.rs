@@ -129,6 +129,16 @@ fn two_vms_run_and_a_triple_fault_stops_only_its_vm() {
     assert_eq!(r["guest_traps"], 1, "the guest's #DB handler did not run once: {r}");
     assert_eq!(r["exception_exits"], 1, "the #DB did not exit to the hypervisor: {r}");
     assert_ne!(r["guest_dr6"].as_u64().unwrap() & (1 << 14), 0, "DR6.BS was not set for the handler: {r}");
+    // Again with write-protect dirty tracking: pushing the #DB's frame on a
+    // page nothing had written since (guest::TRAP_STACK) exits, which cuts
+    // the delivery short. The #DB must go in again after it: it was lost.
+    assert_eq!(ok(c, "vm dirty t wp")["baseline"], true);
+    let r = ok(c, "vm trap t");
+    // Lost, the guest went on single-stepping: a second #DB, after the
+    // next instruction, exited and reached the handler (2 exits).
+    assert_eq!(r["exception_exits"], 1, "the #DB whose delivery an exit cut short was lost: {r}");
+    assert_eq!(r["guest_traps"], 2, "{r}");
+    ok(c, "vm dirty t off");
     let t2 = ticks(c, "t");
     std::thread::sleep(Duration::from_millis(500));
     assert!(ticks(c, "t") > t2, "the guest stopped after its #DB");

@@ -88,6 +88,16 @@ fn trap_exits_and_reaches_the_guests_handler(c: &mut Console, vm: &str) {
     assert_eq!(r["guest_traps"], 1, "the guest's #DB handler did not run once: {r}");
     assert_eq!(r["exception_exits"], 1, "the #DB did not exit to the hypervisor: {r}");
     assert_ne!(r["guest_dr6"].as_u64().unwrap() & (1 << 14), 0, "DR6.BS was not set for the handler: {r}");
+    // Again with write-protect dirty tracking: pushing the #DB's frame on a
+    // page nothing had written since (guest::TRAP_STACK) exits, which cuts
+    // the delivery short. The #DB must go in again after it: it was lost.
+    assert_eq!(ok(c, &format!("vm dirty {vm} wp"))["baseline"], true);
+    let r = ok(c, &format!("vm trap {vm}"));
+    // Lost, the guest went on single-stepping: a second #DB, after the
+    // next instruction, exited and reached the handler (2 exits).
+    assert_eq!(r["exception_exits"], 1, "the #DB whose delivery an exit cut short was lost: {r}");
+    assert_eq!(r["guest_traps"], 2, "{r}");
+    ok(c, &format!("vm dirty {vm} off"));
     let t = ticks(c, vm);
     std::thread::sleep(Duration::from_millis(1500));
     assert!(ticks(c, vm) > t, "the VM stopped after its #DB");

@@ -166,6 +166,12 @@ pub struct VcpuState {
     pub kernel_gs_base: u64,
     /// The x87 and SSE registers, as FXSAVE stores them.
     pub fx: FxImage,
+    /// An event waiting to be delivered at the next entry (a reflected
+    /// exception, or one whose delivery an exit cut short), in the layout
+    /// of SVM's EVENTINJ: vector (7:0), type (10:8: 0 interrupt, 2 NMI, 3
+    /// exception), error code valid (11), valid (31), error code (63:32).
+    /// 0: none.
+    pub pending_event: u64,
 }
 
 impl Default for VcpuState {
@@ -183,6 +189,7 @@ impl Default for VcpuState {
             cr2: 0,
             kernel_gs_base: 0,
             fx: FxImage::default(),
+            pending_event: 0,
         }
     }
 }

@@ -298,6 +298,25 @@ pub fn event_exception(vector: u8, error_code: Option<u32>) -> u64 {
     (u64::from(error_code.unwrap_or(0)) << 32) | (1 << 31) | ev | (3 << 8) | u64::from(vector)
 }
 
+/// The EVENTINJ that finishes delivering the event an exit cut short, from
+/// that exit's EXITINTINFO (same layout, APM 15.7.2), or 0 if there is
+/// none. Hardware would have gone on delivering it (after the nested page
+/// fault on the frame it was pushing, say), so it goes in again with the
+/// next VMRUN. Not an INTn (type 4), INT3 (#BP) or INTO (#OF): their
+/// instruction had not completed, so it runs again and raises them itself
+/// (injecting them would need the instruction's length, which only NRIP
+/// save reports).
+pub fn redelivery(exit_int_info: u64) -> u64 {
+    const VALID: u64 = 1 << 31;
+    const SOFTWARE_INTERRUPT: u64 = 4;
+    let (kind, vector) = ((exit_int_info >> 8) & 7, exit_int_info & 0xFF);
+    let restarts = kind == SOFTWARE_INTERRUPT || (kind == 3 && (vector == 3 || vector == 4));
+    if exit_int_info & VALID == 0 || restarts {
+        return 0;
+    }
+    exit_int_info
+}
+
 /// Exit codes (APM Appendix C).
 pub mod exit_code {
     /// Exception intercepts: 0x40 plus the vector.
@@ -425,6 +444,23 @@ impl Vmcb {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn an_event_cut_short_is_delivered_again_unless_its_instruction_restarts() {
+        // A #PF with error code 2 (EV), a #DB, an NMI, an external interrupt.
+        for info in [
+            (2u64 << 32) | (1 << 31) | (1 << 11) | (3 << 8) | 14,
+            event_exception(1, None),
+            (1 << 31) | (2 << 8) | 2,
+            (1 << 31) | 0x30,
+        ] {
+            assert_eq!(redelivery(info), info, "{info:#x}");
+        }
+        // INT 0x80, INT3, INTO, and nothing at all.
+        for info in [(1 << 31) | (4 << 8) | 0x80, event_exception(3, None), event_exception(4, None), 0, 14] {
+            assert_eq!(redelivery(info), 0, "{info:#x}");
+        }
+    }
     use super::*;
 
     fn control(code: u64, info1: u64, info2: u64) -> ControlArea {

@@ -7,7 +7,7 @@ use alloc::boxed::Box;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use vmx::exit::INTERCEPTED_EXCEPTIONS;
-use vmx::svm::{decode_exit, event_exception, tlb_control, Vmcb, GUEST_INTERCEPTS, V_INTR_MASKING};
+use vmx::svm::{decode_exit, event_exception, redelivery, tlb_control, Vmcb, GUEST_INTERCEPTS, V_INTR_MASKING};
 use vmx::{GuestRegs, Vcpu, VcpuState, VmExit};
 use x86_64::registers::model_specific::Msr;
 
@@ -237,9 +237,11 @@ impl Vcpu for SvmVcpu {
         self.regs.rax = self.vmcb().save.rax;
         let v = self.vmcb_mut();
         v.control.tlb_control = tlb_control::NOTHING;
-        // An injected event went in with this VMRUN (or, if its delivery
-        // was cut short, is in EXITINTINFO): never inject it twice.
-        v.control.event_inj = 0;
+        // An event injected with this VMRUN went in. One whose delivery
+        // this exit cut short (EXITINTINFO) goes in again, as hardware
+        // would have finished delivering it; an intercepted exception this
+        // exit reports replaces it (`inject_exception`).
+        v.control.event_inj = redelivery(v.control.exit_int_info);
         decode_exit(&v.control)
     }
 
@@ -260,6 +262,7 @@ impl Vcpu for SvmVcpu {
             cr2: v.save.cr2,
             kernel_gs_base: v.save.kernel_gs_base,
             fx: self.fpu.image(),
+            pending_event: v.control.event_inj,
         }
     }
 
@@ -276,6 +279,7 @@ impl Vcpu for SvmVcpu {
         v.save.dr7 = state.dr7;
         v.save.cr2 = state.cr2;
         v.save.kernel_gs_base = state.kernel_gs_base;
+        v.control.event_inj = state.pending_event;
         self.regs = state.regs;
         self.unswitched.dr = state.dr;
         self.fpu.set_image(&state.fx);

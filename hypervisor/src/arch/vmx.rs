@@ -12,8 +12,8 @@ use vmx::cpu::CpuReport;
 use vmx::exit::INTERCEPTED_EXCEPTIONS;
 use vmx::svm::{ATTR_CODE64, ATTR_DATA, ATTR_TSS64};
 use vmx::vmcs::{
-    access_rights, adjust_controls, ctl, decode_exit, entry_exception, instruction_error, msr, ExitFields, Field16,
-    Field32, Field64, FieldN, UNUSABLE,
+    access_rights, adjust_controls, ctl, decode_exit, entry_exception, instruction_error, msr, redelivery, ExitFields,
+    Field16, Field32, Field64, FieldN, UNUSABLE,
 };
 use vmx::{GuestRegs, Vcpu, VcpuState, VmExit};
 use x86_64::registers::control::{Cr0, Cr3, Cr4};
@@ -539,6 +539,16 @@ impl Vcpu for VmxVcpu {
                     interruption_error: (vmread(Field32::ExitInterruptionErrorCode as u32) & 0xFFFF_FFFF) as u32,
                 };
                 let exit = decode_exit(&f);
+                // An event whose delivery this exit cut short goes in again
+                // with the next entry, as hardware would have finished
+                // delivering it (an intercepted exception this exit reports
+                // replaces it: `inject_exception`).
+                let vectoring = (vmread(Field32::IdtVectoringInfo as u32) & 0xFFFF_FFFF) as u32;
+                if let Some(info) = redelivery(vectoring) {
+                    write32(Field32::EntryInterruptionInfo, info);
+                    let code = vmread(Field32::IdtVectoringErrorCode as u32) & 0xFFFF_FFFF;
+                    write32(Field32::EntryExceptionErrorCode, code as u32);
+                }
                 if let VmExit::Exception { vector: 1, resume_at, .. } = exit {
                     self.unswitched.set_dr6_trap_bits(f.qualification);
                     prepare_db_reflection(resume_at);
@@ -572,6 +582,10 @@ impl Vcpu for VmxVcpu {
             cr2: self.unswitched.cr2,
             kernel_gs_base: self.unswitched.kernel_gs_base,
             fx: self.fpu.image(),
+            pending_event: pending_event(
+                vmread(Field32::EntryInterruptionInfo as u32),
+                vmread(Field32::EntryExceptionErrorCode as u32),
+            ),
         }
     }
 
@@ -585,6 +599,10 @@ impl Vcpu for VmxVcpu {
             write_n(FieldN::GuestRsp, state.rsp);
             write_n(FieldN::GuestRflags, state.rflags);
             write_n(FieldN::GuestDr7, state.dr7);
+            // The layouts agree in the low 32 bits (vector, type, error
+            // code valid, valid); the error code is in the high ones.
+            write32(Field32::EntryInterruptionInfo, (state.pending_event & 0x8000_0FFF) as u32);
+            write32(Field32::EntryExceptionErrorCode, (state.pending_event >> 32) as u32);
         }
         self.regs = state.regs;
         self.unswitched =
@@ -619,6 +637,16 @@ impl Vcpu for VmxVcpu {
             }
         }
     }
+}
+
+/// `VcpuState::pending_event` (EVENTINJ's layout) from the VM-entry
+/// interruption information and exception error code.
+fn pending_event(info: u64, error_code: u64) -> u64 {
+    let info = info & 0x8000_0FFF;
+    if info & u64::from(vmx::vmcs::interruption::VALID) == 0 {
+        return 0;
+    }
+    (error_code & 0xFFFF_FFFF) << 32 | info
 }
 
 /// Readies the current VMCS to reflect the #DB that just exited (as KVM

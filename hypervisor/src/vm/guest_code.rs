@@ -282,10 +282,11 @@ g_gdt:
     add rsp, 16
     ret
 
-// An IDT of two gates on the stack, above RSP (delivery pushes below it):
-// vector 1 goes to g_trap_handler, through code selector 0x08 of the
-// guest's own GDT. Then TF for one instruction, an STI that sets IF: its
-// #DB comes while the STI still blocks interrupts.
+// An IDT of two gates on the stack: vector 1 goes to g_trap_handler,
+// through code selector 0x08 of the guest's own GDT. Then TF for one
+// instruction on the stack at TRAP_STACK (RBP keeps ours), an STI that sets
+// IF: its #DB comes while the STI still blocks interrupts, and its frame
+// goes on the page below TRAP_STACK.
 g_trap:
     call g_gdt
     sub rsp, 64
@@ -294,12 +295,15 @@ g_trap:
     call g_idt_db
     mov eax, 0xFFFF0FF0
     mov dr6, rax
+    mov rbp, rsp
+    mov rsp, {trap_stack}
     cli
     pushfq
     or qword ptr [rsp], 0x100
     popfq
     sti
     nop
+    mov rsp, rbp
     mov word ptr [rsp + 32], 0
     mov qword ptr [rsp + 34], 0
     lidt [rsp + 32]
@@ -389,6 +393,7 @@ g_trap_handler:
 guest_image_end:
 "#,
     stack_top = const hypervisor::guest::STACK_TOP,
+    trap_stack = const hypervisor::guest::TRAP_STACK,
     config = const hypervisor::guest::CONFIG_GPA,
     golden = const hypervisor::guest::GOLDEN,
     port_heartbeat = const hypervisor::guest::PORT_HEARTBEAT,
