@@ -299,13 +299,16 @@ fn check_vcpu(s: &VcpuState, mxcsr_mask: u32) -> Result<(), String> {
 }
 
 /// Refuses a pending event (EVENTINJ's layout) that VMRUN or VM entry would
-/// refuse (APM 15.20, SDM Vol. 3C 26.2.1.3), or that this hypervisor never
-/// leaves pending: an external interrupt (vector 32 and up), NMI (vector
-/// 2), or hardware exception (vector 0-31 but 2), with an error code
-/// exactly for those that push one, of at most 16 bits.
+/// refuse (APM 15.20, SDM Vol. 3C 26.2.1.3 and 26.3.1.5), or that this
+/// hypervisor never leaves pending. It injects only hardware exceptions
+/// (vector 0-31 but 2), with an error code exactly for those that push
+/// one, of at most 16 bits: no external interrupt or NMI reaches a guest
+/// here, and VT-x would refuse an external interrupt under RFLAGS.IF=0 or
+/// STI blocking.
 fn check_pending_event(e: u64) -> Result<(), &'static str> {
     const VALID: u64 = 1 << 31;
     const ERROR_CODE: u64 = 1 << 11;
+    const EXCEPTION: u64 = 3;
     if e == 0 {
         return Ok(());
     }
@@ -314,11 +317,8 @@ fn check_pending_event(e: u64) -> Result<(), &'static str> {
     }
     let (kind, vector) = ((e >> 8) & 7, e & 0xFF);
     let pushes_code = matches!(vector, 8 | 10..=14 | 17);
-    match kind {
-        0 if vector >= 32 && e & ERROR_CODE == 0 => {}
-        2 if vector == 2 && e & ERROR_CODE == 0 => {}
-        3 if vector < 32 && vector != 2 && (e & ERROR_CODE != 0) == pushes_code => {}
-        _ => return Err("not an interrupt, NMI or exception as delivered"),
+    if kind != EXCEPTION || vector >= 32 || vector == 2 || (e & ERROR_CODE != 0) != pushes_code {
+        return Err("not a hardware exception as delivered");
     }
     if e >> 48 != 0 {
         return Err("error code wider than 16 bits");
@@ -462,20 +462,22 @@ mod tests {
         refused(&|s| s.dr7 |= 1 << 63, "DR7 0x8000000000000400");
         refused(&|s| s.kernel_gs_base = 0x0000_8000_0000_0000, "KernelGsBase 0x800000000000");
         // Events no entry takes: no valid bit, #DB with an error code, #PF
-        // without, vector 40 as an exception, an NMI on vector 3, a code
-        // of 17 bits, a software interrupt (never left pending here).
+        // without, vector 40 as an exception, a code of 17 bits; and
+        // events never left pending here: an NMI, an external interrupt
+        // (VT-x refuses one under RFLAGS.IF=0), a software interrupt.
         for event in [
             14,
             vmx::svm::event_exception(1, Some(0)),
             vmx::svm::event_exception(14, None),
             vmx::svm::event_exception(40, None),
-            (1 << 31) | (2 << 8) | 3,
             vmx::svm::event_exception(13, Some(0x1_0000)),
+            (1 << 31) | (2 << 8) | 2,
+            (1 << 31) | 0x30,
             (1 << 31) | (4 << 8) | 0x80,
         ] {
             refused(&|s| s.pending_event = event, "pending event");
         }
-        for event in [0, vmx::svm::event_exception(1, None), vmx::svm::event_exception(8, Some(0)), (1 << 31) | 0x30] {
+        for event in [0, vmx::svm::event_exception(1, None), vmx::svm::event_exception(8, Some(0))] {
             let s = VcpuState { pending_event: event, ..good };
             assert!(decode_vcpu(&encode_vcpu(&s, 1), 0xFFBF).is_ok(), "{event:#x}");
         }

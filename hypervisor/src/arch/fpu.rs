@@ -10,7 +10,6 @@
 //! later state cannot be enabled in a guest.
 
 use core::arch::asm;
-
 use core::sync::atomic::{AtomicU32, Ordering};
 
 use vmx::FxImage;
