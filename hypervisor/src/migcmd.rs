@@ -301,10 +301,12 @@ fn check_vcpu(s: &VcpuState, mxcsr_mask: u32) -> Result<(), String> {
 /// Refuses a pending event (EVENTINJ's layout) that VMRUN or VM entry would
 /// refuse (APM 15.20, SDM Vol. 3C 26.2.1.3 and 26.3.1.5), or that this
 /// hypervisor never leaves pending. It injects only hardware exceptions
-/// (vector 0-31 but 2), with an error code exactly for those that push
-/// one, of at most 16 bits: no external interrupt or NMI reaches a guest
-/// here, and VT-x would refuse an external interrupt under RFLAGS.IF=0 or
-/// STI blocking.
+/// (vectors 0-20 but 2, 3 and 4: no NMI, and #BP and #OF come from
+/// instructions that run again), with an error code exactly for those that
+/// push one, of at most 16 bits: no external interrupt or NMI reaches a
+/// guest here, VT-x would refuse an external interrupt under RFLAGS.IF=0
+/// or STI blocking, and it would want an error code with a #CP (21) on some
+/// CPUs and not on others.
 fn check_pending_event(e: u64) -> Result<(), &'static str> {
     const VALID: u64 = 1 << 31;
     const ERROR_CODE: u64 = 1 << 11;
@@ -317,7 +319,7 @@ fn check_pending_event(e: u64) -> Result<(), &'static str> {
     }
     let (kind, vector) = ((e >> 8) & 7, e & 0xFF);
     let pushes_code = matches!(vector, 8 | 10..=14 | 17);
-    if kind != EXCEPTION || vector >= 32 || vector == 2 || (e & ERROR_CODE != 0) != pushes_code {
+    if kind != EXCEPTION || vector > 20 || matches!(vector, 2..=4) || (e & ERROR_CODE != 0) != pushes_code {
         return Err("not a hardware exception as delivered");
     }
     if e >> 48 != 0 {
@@ -470,6 +472,8 @@ mod tests {
             vmx::svm::event_exception(1, Some(0)),
             vmx::svm::event_exception(14, None),
             vmx::svm::event_exception(40, None),
+            vmx::svm::event_exception(21, Some(0)),
+            vmx::svm::event_exception(3, None),
             vmx::svm::event_exception(13, Some(0x1_0000)),
             (1 << 31) | (2 << 8) | 2,
             (1 << 31) | 0x30,

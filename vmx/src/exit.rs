@@ -254,8 +254,9 @@ pub trait Vcpu {
     fn state(&self) -> VcpuState;
     /// The general-purpose registers, to emulate an instruction.
     fn regs_mut(&mut self) -> &mut GuestRegs;
-    /// Loads RIP, RSP, RFLAGS and the GPRs (an incoming migration).
-    fn set_state(&mut self, state: &VcpuState);
+    /// Loads the whole state (an incoming migration); fails if the vCPU's
+    /// control structure cannot be made current.
+    fn set_state(&mut self, state: &VcpuState) -> Result<(), &'static str>;
     /// The guest's TSC now (host TSC plus the vCPU's offset).
     fn guest_tsc(&self, host_tsc: u64) -> u64;
     /// Sets the TSC offset so that the guest's TSC reads `guest_tsc` when

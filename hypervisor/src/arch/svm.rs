@@ -270,7 +270,7 @@ impl Vcpu for SvmVcpu {
         &mut self.regs
     }
 
-    fn set_state(&mut self, state: &VcpuState) {
+    fn set_state(&mut self, state: &VcpuState) -> Result<(), &'static str> {
         let v = self.vmcb_mut();
         v.save.rip = state.rip;
         v.save.rsp = state.rsp;
@@ -283,6 +283,7 @@ impl Vcpu for SvmVcpu {
         self.regs = state.regs;
         self.unswitched.dr = state.dr;
         self.fpu.set_image(&state.fx);
+        Ok(())
     }
 
     fn guest_tsc(&self, host_tsc: u64) -> u64 {

@@ -548,6 +548,9 @@ impl Vcpu for VmxVcpu {
                     write32(Field32::EntryInterruptionInfo, info);
                     let code = vmread(Field32::IdtVectoringErrorCode as u32) & 0xFFFF_FFFF;
                     write32(Field32::EntryExceptionErrorCode, code as u32);
+                    // If the exit kept STI or MOV SS blocking with TF set,
+                    // the entry needs BS pending, as for a reflected #DB.
+                    prepare_db_reflection(None);
                 }
                 if let VmExit::Exception { vector: 1, resume_at, .. } = exit {
                     self.unswitched.set_dr6_trap_bits(f.qualification);
@@ -593,21 +596,23 @@ impl Vcpu for VmxVcpu {
         &mut self.regs
     }
 
-    fn set_state(&mut self, state: &VcpuState) {
-        if self.make_current().is_ok() {
-            write_n(FieldN::GuestRip, state.rip);
-            write_n(FieldN::GuestRsp, state.rsp);
-            write_n(FieldN::GuestRflags, state.rflags);
-            write_n(FieldN::GuestDr7, state.dr7);
-            // The layouts agree in the low 32 bits (vector, type, error
-            // code valid, valid); the error code is in the high ones.
-            write32(Field32::EntryInterruptionInfo, (state.pending_event & 0x8000_0FFF) as u32);
-            write32(Field32::EntryExceptionErrorCode, (state.pending_event >> 32) as u32);
-        }
+    fn set_state(&mut self, state: &VcpuState) -> Result<(), &'static str> {
+        // Else RIP, RSP, RFLAGS, DR7 and the event would go into another
+        // VM's VMCS, or nowhere, and the VM start from its old ones.
+        self.make_current().map_err(|_| "VMPTRLD of the vCPU's VMCS failed")?;
+        write_n(FieldN::GuestRip, state.rip);
+        write_n(FieldN::GuestRsp, state.rsp);
+        write_n(FieldN::GuestRflags, state.rflags);
+        write_n(FieldN::GuestDr7, state.dr7);
+        // The layouts agree in the low 32 bits (vector, type, error code
+        // valid, valid); the error code is in the high ones.
+        write32(Field32::EntryInterruptionInfo, (state.pending_event & 0x8000_0FFF) as u32);
+        write32(Field32::EntryExceptionErrorCode, (state.pending_event >> 32) as u32);
         self.regs = state.regs;
         self.unswitched =
             Unswitched { dr: state.dr, dr6: state.dr6, cr2: state.cr2, kernel_gs_base: state.kernel_gs_base };
         self.fpu.set_image(&state.fx);
+        Ok(())
     }
 
     fn guest_tsc(&self, host_tsc: u64) -> u64 {
@@ -650,10 +655,11 @@ fn pending_event(info: u64, error_code: u64) -> u64 {
 }
 
 /// Readies the current VMCS to reflect the #DB that just exited (as KVM
-/// does). An ICEBP's exit reports the instruction itself: the #DB goes to
+/// does), or to deliver again an event an exit cut short (`resume_at`
+/// `None`). An ICEBP's exit reports the instruction itself: the #DB goes to
 /// `resume_at`, and having run, the instruction ends any STI or MOV SS
-/// blocking. Any other #DB that comes under such blocking with RFLAGS.TF
-/// set is a single step, which the exit did not record in the pending
+/// blocking. Any other exit under such blocking with RFLAGS.TF set has a
+/// single step to come, which the exit may not have recorded in the pending
 /// debug exceptions; VM entry then requires their BS bit (SDM Vol. 3C
 /// 26.3.1.5), else it fails.
 fn prepare_db_reflection(resume_at: Option<u64>) {

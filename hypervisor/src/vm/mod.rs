@@ -109,7 +109,7 @@ impl Vcpu for AnyVcpu {
             AnyVcpu::Vmx(v) => v.flush_tlb(),
         }
     }
-    fn set_state(&mut self, state: &vmx::VcpuState) {
+    fn set_state(&mut self, state: &vmx::VcpuState) -> Result<(), &'static str> {
         match self {
             AnyVcpu::Svm(v) => v.set_state(state),
             AnyVcpu::Vmx(v) => v.set_state(state),
@@ -378,7 +378,7 @@ impl Manager {
     pub fn load_vcpu(&mut self, name: &str, bytes: &[u8]) -> Result<(), String> {
         let (state, guest_tsc) = hypervisor::migcmd::decode_vcpu(bytes, fpu::mxcsr_mask())?;
         let vm = self.find(name)?;
-        vm.vcpu.set_state(&state);
+        vm.vcpu.set_state(&state).map_err(String::from)?;
         vm.vcpu.set_guest_tsc(guest_tsc, clock::rdtsc());
         Ok(())
     }
