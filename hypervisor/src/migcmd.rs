@@ -141,7 +141,9 @@ pub fn parse(args: &[&str]) -> Result<MigrateCommand, String> {
             None if *opt == "verify" => *verify = true,
             Some(("downtime", v)) => *downtime_ms = num("downtime", v, 1..=60_000)?,
             Some(("bandwidth", v)) => *bandwidth_mbit = Some(num("bandwidth", v, 1..=100_000)?),
-            Some(("rounds", v)) => *rounds = u32::try_from(num("rounds", v, 1..=1000)?).unwrap_or(30),
+            Some(("rounds", v)) => {
+                *rounds = u32::try_from(num("rounds", v, 1..=u64::from(migration::converge::MAX_ROUNDS))?).unwrap_or(30)
+            }
             Some(("policy", "throttle")) => *policy = PolicyArg::Throttle,
             Some(("policy", "force")) => *policy = PolicyArg::Force,
             Some(("policy", "abort")) => *policy = PolicyArg::Abort,

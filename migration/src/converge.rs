@@ -49,6 +49,11 @@ pub const THROTTLE_STEP: u8 = 20;
 pub const MAX_THROTTLE: u8 = 80;
 /// Consecutive hot rounds after which a guest is non-converging.
 pub const HOT_ROUNDS: u32 = 2;
+/// Most pre-copy rounds a migration may be given (`migrate ... rounds=`).
+/// The last round's number is at most this, so a destination refuses a
+/// stream that goes past it: without a limit, a source trickling one page
+/// a round held the skeleton and its memory for as long as it liked.
+pub const MAX_ROUNDS: u32 = 1000;
 
 /// Measurements after a pre-copy round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -26,6 +26,7 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
+use crate::converge::MAX_ROUNDS;
 use crate::delta;
 use crate::record::{
     clip_reason, is_vm_name, printable, Hello, PageBatchView, PageDataRef, Record, RoundEnd, VmConfig, MAX_NAME,
@@ -467,6 +468,9 @@ impl Destination {
         if e.round == 0 && e.pages_sent != self.vm_pages() {
             return Err(protocol(format!("round 0 carried {} of {} pages", e.pages_sent, self.vm_pages())));
         }
+        if e.round > MAX_ROUNDS {
+            return Err(protocol(format!("round {} ended: past the last a source may use ({MAX_ROUNDS})", e.round)));
+        }
         self.round = self.round.saturating_add(1);
         self.round_pages = 0;
         self.round0_seen = Vec::new();
@@ -760,6 +764,24 @@ mod tests {
         let pages = [0, 1, 2, 0].map(|gfn| Page { gfn, data: PageData::Zero }).to_vec();
         d.on_bytes(&round0_of(pages), &mut mem);
         assert_failed_with_error(&mut d, "page 0x0 twice in round 0");
+    }
+
+    #[test]
+    fn a_stream_past_the_last_round_a_source_may_use_is_refused() {
+        // Empty rounds after round 0, up to the last a source may number
+        // (the final round after MAX_ROUNDS of pre-copy): all taken.
+        let (mut d, mut mem) = accepted();
+        let mut bytes = round0(7);
+        for round in 1..=MAX_ROUNDS {
+            bytes.extend(frame(Record::RoundEnd(RoundEnd { round, ..RoundEnd::default() })));
+        }
+        d.on_bytes(&bytes, &mut mem);
+        drain(&mut d);
+        assert_eq!(d.state(), DestState::Receiving);
+        // One more: a source trickling rounds held the skeleton for ever.
+        let next = RoundEnd { round: MAX_ROUNDS + 1, ..RoundEnd::default() };
+        d.on_bytes(&frame(Record::RoundEnd(next)), &mut mem);
+        assert_failed_with_error(&mut d, "past the last");
     }
 
     #[test]

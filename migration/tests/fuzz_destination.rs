@@ -31,6 +31,7 @@ use std::panic::{self, AssertUnwindSafe};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use migration::converge::MAX_ROUNDS;
 use migration::crc::crc32c;
 use migration::delta::MAX_DELTA;
 use migration::dest::MAX_VCPUS;
@@ -456,7 +457,13 @@ impl Model {
             }
             (Receiving, Record::RoundEnd(e)) => {
                 let complete = e.round != 0 || e.pages_sent == self.pages();
-                if self.memory_done || e.round != self.round || e.pages_sent != self.round_pages || !complete {
+                let past_the_last = e.round > MAX_ROUNDS;
+                if self.memory_done
+                    || e.round != self.round
+                    || e.pages_sent != self.round_pages
+                    || !complete
+                    || past_the_last
+                {
                     return self.protocol_error();
                 }
                 self.round = self.round.saturating_add(1);
@@ -907,6 +914,7 @@ const PROTOCOL_ERRORS: &[(&str, &str)] = &[
     ("RoundEnd of round", "proto/round-end-of-wrong-round"),
     ("arrived", "proto/round-page-count"),
     ("round 0 carried", "proto/round-0-incomplete"),
+    ("past the last", "proto/too-many-rounds"),
     ("beyond the VM", "proto/gfn-beyond-vm"),
     ("skeleton has", "proto/skeleton-too-small"),
     ("state before the end of round", "proto/state-before-round-end"),
