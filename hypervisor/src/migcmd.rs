@@ -6,7 +6,8 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use vmx::{FxImage, GuestRegs, VcpuState};
+use vmx::svm::Segment;
+use vmx::{FxImage, GuestRegs, SystemState, VcpuState};
 
 use crate::netcmd::parse_ipv4;
 
@@ -157,13 +158,17 @@ pub fn parse(args: &[&str]) -> Result<MigrateCommand, String> {
     Ok(cmd)
 }
 
-/// Words of an encoded vCPU state before its x87/SSE image: 15 GPRs, RIP,
-/// RSP, RFLAGS, the guest TSC, DR0-DR3, DR6, DR7, CR2, KernelGsBase and
-/// the pending event.
-const VCPU_WORDS: usize = 28;
+/// Words of an encoded vCPU state before its segments: 15 GPRs, RIP, RSP,
+/// RFLAGS, the guest TSC, DR0-DR3, DR6, DR7, CR2, KernelGsBase, the
+/// pending event, CR0, CR3 and CR4.
+const VCPU_WORDS: usize = 31;
+/// Segments in an encoded vCPU state: ES, CS, SS, DS, FS, GS, LDTR, TR,
+/// GDTR, IDTR; 16 bytes each (selector u16, attributes u16, limit u32,
+/// base u64).
+const VCPU_SEGMENTS: usize = 10;
 /// Bytes of an encoded vCPU state: [`VCPU_WORDS`] little-endian words,
-/// then the 512-byte FXSAVE image.
-pub const VCPU_STATE_LEN: usize = VCPU_WORDS * 8 + 512;
+/// [`VCPU_SEGMENTS`] segments, then the 512-byte FXSAVE image.
+pub const VCPU_STATE_LEN: usize = VCPU_WORDS * 8 + VCPU_SEGMENTS * 16 + 512;
 
 /// Encodes a vCPU's state and its guest TSC for the migration stream.
 pub fn encode_vcpu(state: &VcpuState, guest_tsc: u64) -> Vec<u8> {
@@ -198,8 +203,18 @@ pub fn encode_vcpu(state: &VcpuState, guest_tsc: u64) -> Vec<u8> {
         state.cr2,
         state.kernel_gs_base,
         state.pending_event,
+        state.system.cr0,
+        state.system.cr3,
+        state.system.cr4,
     ];
     let mut bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let sys = &state.system;
+    for seg in sys.segments.iter().chain([&sys.gdtr, &sys.idtr]) {
+        bytes.extend_from_slice(&seg.selector.to_le_bytes());
+        bytes.extend_from_slice(&seg.attrib.to_le_bytes());
+        bytes.extend_from_slice(&seg.limit.to_le_bytes());
+        bytes.extend_from_slice(&seg.base.to_le_bytes());
+    }
     bytes.extend_from_slice(&state.fx.0);
     bytes
 }
@@ -211,7 +226,17 @@ pub fn decode_vcpu(bytes: &[u8], mxcsr_mask: u32) -> Result<(VcpuState, u64), St
     if bytes.len() != VCPU_STATE_LEN {
         return Err(format!("vCPU state of {} bytes, expected {VCPU_STATE_LEN}", bytes.len()));
     }
-    let (head, fx) = bytes.split_at(VCPU_WORDS * 8);
+    let (head, rest) = bytes.split_at(VCPU_WORDS * 8);
+    let (segments, fx) = rest.split_at(VCPU_SEGMENTS * 16);
+    let mut seg = segments.as_chunks::<16>().0.iter().map(|b| Segment {
+        selector: u16::from_le_bytes([b[0], b[1]]),
+        attrib: u16::from_le_bytes([b[2], b[3]]),
+        limit: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+        base: u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]),
+    });
+    let mut next = || seg.next().unwrap_or_default();
+    let system =
+        SystemState { cr0: 0, cr3: 0, cr4: 0, segments: core::array::from_fn(|_| next()), gdtr: next(), idtr: next() };
     let mut w = [0u64; VCPU_WORDS];
     for (word, chunk) in w.iter_mut().zip(head.as_chunks::<8>().0) {
         *word = u64::from_le_bytes(*chunk);
@@ -247,6 +272,7 @@ pub fn decode_vcpu(bytes: &[u8], mxcsr_mask: u32) -> Result<(VcpuState, u64), St
         kernel_gs_base: w[26],
         fx: FxImage(image),
         pending_event: w[27],
+        system: SystemState { cr0: w[28], cr3: w[29], cr4: w[30], ..system },
     };
     check_vcpu(&state, mxcsr_mask)?;
     Ok((state, w[18]))
@@ -289,6 +315,18 @@ fn check_vcpu(s: &VcpuState, mxcsr_mask: u32) -> Result<(), String> {
     }
     if !canonical(s.kernel_gs_base) {
         return Err(format!("vCPU state has a non-canonical KernelGsBase {:#x}", s.kernel_gs_base));
+    }
+    // The bases the host cannot load otherwise (VT-x checks FS, GS, TR,
+    // LDTR, GDTR and IDTR; a VMLOAD of a non-canonical one faults), and
+    // CR3's address bits; everything else the trial entry checks.
+    let sys = &s.system;
+    let bases = [("FS", sys.segments[4].base), ("GS", sys.segments[5].base), ("LDTR", sys.segments[6].base)];
+    let tables = [("TR", sys.segments[7].base), ("GDTR", sys.gdtr.base), ("IDTR", sys.idtr.base)];
+    if let Some((name, base)) = bases.into_iter().chain(tables).find(|&(_, b)| !canonical(b)) {
+        return Err(format!("vCPU state has a non-canonical {name} base {base:#x}"));
+    }
+    if sys.cr3 >> 52 != 0 {
+        return Err(format!("vCPU state has CR3 {:#x}, with bits above 51", sys.cr3));
     }
     if let Err(why) = check_pending_event(s.pending_event) {
         return Err(format!("vCPU state has a pending event {:#x}: {why}", s.pending_event));
@@ -425,6 +463,14 @@ mod tests {
         s.fx.0[FxImage::MXCSR..FxImage::MXCSR + 4].copy_from_slice(&0x9FC0_u32.to_le_bytes());
         s.fx.0[511] = 0x5A;
         s.pending_event = vmx::svm::event_exception(14, Some(2));
+        s.system.cr0 = 0x8005_0033;
+        s.system.cr3 = 0x2000;
+        s.system.cr4 = 0x10620;
+        s.system.segments[1] = Segment { selector: 0x08, attrib: 0xA9B, limit: 0xFFFF_FFFF, base: 0 };
+        s.system.segments[5].base = 0xffff_8880_0000_1000;
+        s.system.segments[7] = Segment { selector: 0x28, attrib: 0x8B, limit: 0x67, base: 0x1900 };
+        s.system.gdtr = Segment { selector: 0, attrib: 0, limit: 0x37, base: 0x1800 };
+        s.system.idtr = Segment { selector: 0, attrib: 0, limit: 0xFFF, base: 0x1A00 };
         let bytes = encode_vcpu(&s, 123_456);
         assert_eq!(bytes.len(), VCPU_STATE_LEN);
         assert_eq!(decode_vcpu(&bytes, 0xFFFF), Ok((s, 123_456)));
@@ -465,6 +511,9 @@ mod tests {
         refused(&|s| s.dr6 |= 1 << 32, "DR6 0x1ffff0ff0");
         refused(&|s| s.dr7 |= 1 << 63, "DR7 0x8000000000000400");
         refused(&|s| s.kernel_gs_base = 0x0000_8000_0000_0000, "KernelGsBase 0x800000000000");
+        refused(&|s| s.system.segments[4].base = 1 << 60, "FS base 0x1000000000000000");
+        refused(&|s| s.system.idtr.base = 0x0000_8000_0000_0000, "IDTR base 0x800000000000");
+        refused(&|s| s.system.cr3 = 1 << 52, "CR3 0x10000000000000");
         // Events no entry takes: no valid bit, #DB with an error code, #PF
         // without, vector 40 as an exception, a code of 17 bits; and
         // events never left pending here: an NMI, an external interrupt

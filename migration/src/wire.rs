@@ -4,7 +4,7 @@
 //! ```text
 //! offset size field
 //!      0    4 magic        0x4D56_4948 (bytes "HIVM")
-//!      4    2 version      PROTOCOL_VERSION (4)
+//!      4    2 version      PROTOCOL_VERSION (5)
 //!      6    2 record type  RecordType (0 is never valid)
 //!      8    4 length       payload bytes, <= the type's limit <= MAX_PAYLOAD
 //!     12    4 crc          CRC32C of the payload (`record::frame_crc`: a
@@ -28,8 +28,9 @@ pub const MAGIC: u32 = 0x4D56_4948;
 /// The only protocol version this crate speaks. Version 1 covered full
 /// pages with the frame CRC and sent no page hash; version 2's vCPU state
 /// (the host's `migcmd::encode_vcpu`) left out the x87/SSE and debug
-/// registers, CR2 and KernelGsBase, and version 3's the pending event.
-pub const PROTOCOL_VERSION: u16 = 4;
+/// registers, CR2 and KernelGsBase, version 3's the pending event, and
+/// version 4's the control registers, segments and descriptor tables.
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 16;
 /// Upper bound on any payload: 1 MiB of pages plus 64 KiB of slack.

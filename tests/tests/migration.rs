@@ -56,6 +56,11 @@ fn a_writing_vm_moves_to_the_peer_intact_and_keeps_running() {
     // Registers the vCPU state must carry besides the GPRs (x87/SSE, the
     // debug registers, CR2, KernelGsBase; they arrived at reset values).
     tests::registers_hold(a.console(), "m", 0, 1111, REPLY).unwrap();
+    // And its own GDT and task register (hidden `vm ltr`): the control
+    // registers, segments and tables must arrive as they are.
+    assert_eq!(ok(a.console(), "vm ltr m")["done"], true);
+    let system = ok(a.console(), "vm info m")["system"].clone();
+    assert_eq!(system["tr"], 0x28, "{system}");
     ok(a.console(), "migrate m 10.77.0.12 verify");
     let e = a.console().json("migrate m 10.77.0.12", REPLY).unwrap();
     assert!(e["ok"] == false, "a second migration must be refused: {e}");
@@ -88,6 +93,8 @@ fn a_writing_vm_moves_to_the_peer_intact_and_keeps_running() {
     assert_eq!(v["verified"], true, "{v}");
     assert_eq!(v["check_errors"], 0, "{v}");
     tests::registers_hold(b.console(), "m", 1111, 2222, REPLY).unwrap();
+    let arrived = ok(b.console(), "vm info m")["system"].clone();
+    assert_eq!(arrived, system, "the system registers changed on the way");
 }
 
 #[test]

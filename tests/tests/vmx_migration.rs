@@ -93,6 +93,11 @@ fn a_vm_live_migrates_between_two_vmx_hosts() {
     // Registers the vCPU state must carry besides the GPRs (x87/SSE, the
     // debug registers, CR2, KernelGsBase; they arrived at reset values).
     tests::registers_hold(a.console(), "m", 0, 1111, SLOW).unwrap();
+    // And its own GDT and task register (hidden `vm ltr`): the control
+    // registers, segments and tables must arrive as they are.
+    assert_eq!(ok(a.console(), "vm ltr m")["done"], true);
+    let system = ok(a.console(), "vm info m")["system"].clone();
+    assert_eq!(system["tr"], 0x28, "{system}");
 
     let clocks0 = [uptime_s(a.console()), uptime_s(b.console())];
     let m0 = Instant::now();
@@ -142,6 +147,8 @@ fn a_vm_live_migrates_between_two_vmx_hosts() {
     assert_eq!(v["verified"], true, "{v}");
     assert_eq!(v["check_errors"], 0, "{v}");
     tests::registers_hold(b.console(), "m", 1111, 2222, SLOW).unwrap();
+    let arrived = ok(b.console(), "vm info m")["system"].clone();
+    assert_eq!(arrived, system, "the system registers changed on the way");
     println!(
         "wall clock: {:.1} s to boot both hosts, {:.1} s migrating, {:.1} s in all",
         booted.as_secs_f64(),

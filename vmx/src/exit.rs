@@ -1,6 +1,8 @@
 //! The vendor-neutral vCPU interface: one exit enum both backends decode
 //! into, and the trait the VM run loop drives.
 
+use crate::svm::Segment;
+
 /// Why a guest stopped running, decoded from the backend's exit fields.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VmExit {
@@ -172,6 +174,30 @@ pub struct VcpuState {
     /// exception), error code valid (11), valid (31), error code (63:32).
     /// 0: none.
     pub pending_event: u64,
+    /// The registers the guest may change that set its mode and tables.
+    pub system: SystemState,
+}
+
+/// The control registers, segment registers and descriptor tables a guest
+/// may change (with MOV CR, segment loads, LGDT/LIDT/LTR/LLDT and
+/// WRFSBASE/WRGSBASE). Segments are in the VMCB's form, attributes packed as
+/// SVM packs them, with P clear for a segment VT-x calls unusable; GDTR and
+/// IDTR use only base and limit. EFER and the MSRs are not here: every
+/// guest WRMSR exits and is ignored, so they stay as the VM was built.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SystemState {
+    /// CR0.
+    pub cr0: u64,
+    /// CR3.
+    pub cr3: u64,
+    /// CR4, as the guest sees it.
+    pub cr4: u64,
+    /// ES, CS, SS, DS, FS, GS, LDTR, TR, in that order.
+    pub segments: [Segment; 8],
+    /// GDTR.
+    pub gdtr: Segment,
+    /// IDTR.
+    pub idtr: Segment,
 }
 
 impl Default for VcpuState {
@@ -190,6 +216,7 @@ impl Default for VcpuState {
             kernel_gs_base: 0,
             fx: FxImage::default(),
             pending_event: 0,
+            system: SystemState::default(),
         }
     }
 }
@@ -257,6 +284,12 @@ pub trait Vcpu {
     /// Loads the whole state (an incoming migration); fails if the vCPU's
     /// control structure cannot be made current.
     fn set_state(&mut self, state: &VcpuState) -> Result<(), &'static str>;
+    /// Enters the guest with `empty_root` (a zeroed page) as the root of
+    /// its second-level page table, so that its first memory access exits
+    /// before any instruction completes, and puts the real root back: what
+    /// that entry does shows whether the state set by `set_state` enters at
+    /// all (`VmExit::EntryFailed` if not), before anything depends on it.
+    fn enter_without_memory(&mut self, empty_root: u64) -> VmExit;
     /// The guest's TSC now (host TSC plus the vCPU's offset).
     fn guest_tsc(&self, host_tsc: u64) -> u64;
     /// Sets the TSC offset so that the guest's TSC reads `guest_tsc` when

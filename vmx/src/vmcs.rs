@@ -416,8 +416,39 @@ pub fn access_rights(svm_attrib: u16) -> u32 {
 /// Access rights of an unusable segment.
 pub const UNUSABLE: u32 = 1 << 16;
 
+/// The access rights of a segment with SVM-style attributes `attrib`: a
+/// segment that is not present is unusable.
+pub fn segment_access_rights(attrib: u16) -> u32 {
+    if attrib & (1 << 7) == 0 {
+        UNUSABLE
+    } else {
+        access_rights(attrib)
+    }
+}
+
+/// The SVM-style attributes of a segment with VMX access rights `ar`
+/// (the inverse of [`segment_access_rights`]): an unusable segment has
+/// none, so it is not present.
+pub fn segment_attrib(ar: u32) -> u16 {
+    if ar & UNUSABLE != 0 {
+        return 0;
+    }
+    u16::try_from((ar & 0xFF) | ((ar >> 4) & 0xF00)).unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn segment_attributes_and_access_rights_convert_both_ways() {
+        use crate::svm::{ATTR_CODE64, ATTR_DATA, ATTR_TSS64};
+        for attrib in [ATTR_CODE64, ATTR_DATA, ATTR_TSS64, 0x8B, 0xC93] {
+            assert_eq!(segment_attrib(segment_access_rights(attrib)), attrib, "{attrib:#x}");
+        }
+        assert_eq!(segment_access_rights(0), UNUSABLE);
+        assert_eq!(segment_attrib(UNUSABLE | 0x93), 0);
+        assert_eq!(segment_access_rights(ATTR_CODE64), 0xA09B);
+    }
 
     #[test]
     fn an_event_cut_short_is_delivered_again_unless_its_instruction_restarts() {

@@ -8,7 +8,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use vmx::exit::INTERCEPTED_EXCEPTIONS;
 use vmx::svm::{decode_exit, event_exception, redelivery, tlb_control, Vmcb, GUEST_INTERCEPTS, V_INTR_MASKING};
-use vmx::{GuestRegs, Vcpu, VcpuState, VmExit};
+use vmx::{GuestRegs, SystemState, Vcpu, VcpuState, VmExit};
 use x86_64::registers::model_specific::Msr;
 
 use super::cpu::MSR_EFER;
@@ -263,6 +263,14 @@ impl Vcpu for SvmVcpu {
             kernel_gs_base: v.save.kernel_gs_base,
             fx: self.fpu.image(),
             pending_event: v.control.event_inj,
+            system: SystemState {
+                cr0: v.save.cr0,
+                cr3: v.save.cr3,
+                cr4: v.save.cr4,
+                segments: [v.save.es, v.save.cs, v.save.ss, v.save.ds, v.save.fs, v.save.gs, v.save.ldtr, v.save.tr],
+                gdtr: v.save.gdtr,
+                idtr: v.save.idtr,
+            },
         }
     }
 
@@ -280,10 +288,27 @@ impl Vcpu for SvmVcpu {
         v.save.cr2 = state.cr2;
         v.save.kernel_gs_base = state.kernel_gs_base;
         v.control.event_inj = state.pending_event;
+        let sys = &state.system;
+        (v.save.cr0, v.save.cr3, v.save.cr4) = (sys.cr0, sys.cr3, sys.cr4);
+        [v.save.es, v.save.cs, v.save.ss, v.save.ds, v.save.fs, v.save.gs, v.save.ldtr, v.save.tr] = sys.segments;
+        (v.save.gdtr, v.save.idtr) = (sys.gdtr, sys.idtr);
+        // The CPL is SS's DPL (a VMRUN consistency rule).
+        v.save.cpl = ((v.save.ss.attrib >> 5) & 3) as u8;
         self.regs = state.regs;
         self.unswitched.dr = state.dr;
         self.fpu.set_image(&state.fx);
         Ok(())
+    }
+
+    fn enter_without_memory(&mut self, empty_root: u64) -> VmExit {
+        let root = self.vmcb().control.n_cr3;
+        let v = self.vmcb_mut();
+        v.control.n_cr3 = empty_root;
+        v.control.tlb_control = tlb_control::FLUSH_ALL;
+        let exit = self.run();
+        self.vmcb_mut().control.n_cr3 = root;
+        self.flush_tlb();
+        exit
     }
 
     fn guest_tsc(&self, host_tsc: u64) -> u64 {

@@ -10,12 +10,12 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use ept::DirtyBitmap;
 use vmx::cpu::CpuReport;
 use vmx::exit::INTERCEPTED_EXCEPTIONS;
-use vmx::svm::{ATTR_CODE64, ATTR_DATA, ATTR_TSS64};
+use vmx::svm::{Segment, ATTR_CODE64, ATTR_DATA, ATTR_TSS64};
 use vmx::vmcs::{
-    access_rights, adjust_controls, ctl, decode_exit, entry_exception, instruction_error, msr, redelivery, ExitFields,
-    Field16, Field32, Field64, FieldN, UNUSABLE,
+    access_rights, adjust_controls, ctl, decode_exit, entry_exception, instruction_error, msr, redelivery,
+    segment_access_rights, segment_attrib, ExitFields, Field16, Field32, Field64, FieldN, UNUSABLE,
 };
-use vmx::{GuestRegs, Vcpu, VcpuState, VmExit};
+use vmx::{GuestRegs, SystemState, Vcpu, VcpuState, VmExit};
 use x86_64::registers::control::{Cr0, Cr3, Cr4};
 use x86_64::registers::model_specific::Msr;
 
@@ -589,6 +589,20 @@ impl Vcpu for VmxVcpu {
                 vmread(Field32::EntryInterruptionInfo as u32),
                 vmread(Field32::EntryExceptionErrorCode as u32),
             ),
+            system: SystemState {
+                cr0: vmread(FieldN::GuestCr0 as u32),
+                cr3: vmread(FieldN::GuestCr3 as u32),
+                // VMXE is the host's (guest/host mask); the guest reads 0.
+                cr4: vmread(FieldN::GuestCr4 as u32) & !CR4_VMXE,
+                segments: SEGMENT_FIELDS.map(|(sel, limit, ar, base)| Segment {
+                    selector: (vmread(sel as u32) & 0xFFFF) as u16,
+                    attrib: segment_attrib((vmread(ar as u32) & 0xFFFF_FFFF) as u32),
+                    limit: (vmread(limit as u32) & 0xFFFF_FFFF) as u32,
+                    base: vmread(base as u32),
+                }),
+                gdtr: table(Field32::GuestGdtrLimit, FieldN::GuestGdtrBase),
+                idtr: table(Field32::GuestIdtrLimit, FieldN::GuestIdtrBase),
+            },
         }
     }
 
@@ -608,11 +622,39 @@ impl Vcpu for VmxVcpu {
         // valid, valid); the error code is in the high ones.
         write32(Field32::EntryInterruptionInfo, (state.pending_event & 0x8000_0FFF) as u32);
         write32(Field32::EntryExceptionErrorCode, (state.pending_event >> 32) as u32);
+        let sys = &state.system;
+        write_n(FieldN::GuestCr0, sys.cr0);
+        write_n(FieldN::GuestCr3, sys.cr3);
+        write_n(FieldN::GuestCr4, sys.cr4 | CR4_VMXE);
+        write_n(FieldN::Cr4ReadShadow, sys.cr4 & !CR4_VMXE);
+        for ((sel, limit, ar, base), seg) in SEGMENT_FIELDS.into_iter().zip(sys.segments) {
+            write16(sel, seg.selector);
+            write32(limit, seg.limit);
+            write32(ar, segment_access_rights(seg.attrib));
+            write_n(base, seg.base);
+        }
+        write32(Field32::GuestGdtrLimit, sys.gdtr.limit);
+        write_n(FieldN::GuestGdtrBase, sys.gdtr.base);
+        write32(Field32::GuestIdtrLimit, sys.idtr.limit);
+        write_n(FieldN::GuestIdtrBase, sys.idtr.base);
         self.regs = state.regs;
         self.unswitched =
             Unswitched { dr: state.dr, dr6: state.dr6, cr2: state.cr2, kernel_gs_base: state.kernel_gs_base };
         self.fpu.set_image(&state.fx);
         Ok(())
+    }
+
+    fn enter_without_memory(&mut self, empty_root: u64) -> VmExit {
+        if let Err(VmxError::Instruction(reason)) = self.make_current() {
+            return VmExit::EntryFailed { code: 0, reason };
+        }
+        // A root never used before: no translation of it is cached, and
+        // none is made (every walk stops at its first entry).
+        write64(Field64::EptPointer, (self.eptp & 0xFFF) | empty_root);
+        let exit = self.run();
+        let _ = self.make_current();
+        write64(Field64::EptPointer, self.eptp);
+        exit
     }
 
     fn guest_tsc(&self, host_tsc: u64) -> u64 {
@@ -642,6 +684,28 @@ impl Vcpu for VmxVcpu {
             }
         }
     }
+}
+
+/// CR4.VMXE, which VMX operation requires in the guest's CR4 and the
+/// guest/host mask hides from it.
+const CR4_VMXE: u64 = 1 << 13;
+
+/// The VMCS fields of ES, CS, SS, DS, FS, GS, LDTR and TR, in
+/// `SystemState::segments`' order: selector, limit, access rights, base.
+const SEGMENT_FIELDS: [(Field16, Field32, Field32, FieldN); 8] = [
+    (Field16::GuestEsSelector, Field32::GuestEsLimit, Field32::GuestEsAccessRights, FieldN::GuestEsBase),
+    (Field16::GuestCsSelector, Field32::GuestCsLimit, Field32::GuestCsAccessRights, FieldN::GuestCsBase),
+    (Field16::GuestSsSelector, Field32::GuestSsLimit, Field32::GuestSsAccessRights, FieldN::GuestSsBase),
+    (Field16::GuestDsSelector, Field32::GuestDsLimit, Field32::GuestDsAccessRights, FieldN::GuestDsBase),
+    (Field16::GuestFsSelector, Field32::GuestFsLimit, Field32::GuestFsAccessRights, FieldN::GuestFsBase),
+    (Field16::GuestGsSelector, Field32::GuestGsLimit, Field32::GuestGsAccessRights, FieldN::GuestGsBase),
+    (Field16::GuestLdtrSelector, Field32::GuestLdtrLimit, Field32::GuestLdtrAccessRights, FieldN::GuestLdtrBase),
+    (Field16::GuestTrSelector, Field32::GuestTrLimit, Field32::GuestTrAccessRights, FieldN::GuestTrBase),
+];
+
+/// GDTR or IDTR from the current VMCS, as a `Segment` (base and limit).
+fn table(limit: Field32, base: FieldN) -> Segment {
+    Segment { selector: 0, attrib: 0, limit: (vmread(limit as u32) & 0xFFFF_FFFF) as u32, base: vmread(base as u32) }
 }
 
 /// `VcpuState::pending_event` (EVENTINJ's layout) from the VM-entry

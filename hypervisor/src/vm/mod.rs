@@ -115,6 +115,12 @@ impl Vcpu for AnyVcpu {
             AnyVcpu::Vmx(v) => v.set_state(state),
         }
     }
+    fn enter_without_memory(&mut self, empty_root: u64) -> VmExit {
+        match self {
+            AnyVcpu::Svm(v) => v.enter_without_memory(empty_root),
+            AnyVcpu::Vmx(v) => v.enter_without_memory(empty_root),
+        }
+    }
     fn guest_tsc(&self, host_tsc: u64) -> u64 {
         match self {
             AnyVcpu::Svm(v) => v.guest_tsc(host_tsc),
@@ -380,7 +386,17 @@ impl Manager {
         let vm = self.find(name)?;
         vm.vcpu.set_state(&state).map_err(String::from)?;
         vm.vcpu.set_guest_tsc(guest_tsc, clock::rdtsc());
-        Ok(())
+        // One entry that cannot run an instruction, to find out now, while
+        // the source can still resume its copy, whether the state enters:
+        // a state VMRUN or VM entry refuses would otherwise stop the VM at
+        // its first run here, after the source had freed it.
+        let root = memory::alloc_zeroed(1).ok_or("no memory for a trial entry")?;
+        let exit = vm.vcpu.enter_without_memory(root);
+        memory::free_frames(root, 1);
+        match exit {
+            VmExit::EntryFailed { reason, .. } => Err(format!("the vCPU state does not enter: {reason}")),
+            _ => Ok(()),
+        }
     }
 
     /// Starts an incoming VM after the switchover; reads its workload from
@@ -992,6 +1008,7 @@ impl Vm {
             .with("migrating", self.migrating)
             .with("throttle", self.throttle)
             .with("in_doubt", self.in_doubt)
+            .with("system", system_obj(&self.vcpu.state().system))
     }
 
     fn gen_table(&self) -> Vec<u32> {
@@ -1150,4 +1167,21 @@ impl Vm {
         vcpu.destroy();
         mem.free();
     }
+}
+
+/// The vCPU's control registers and tables for `vm info`.
+fn system_obj(sys: &vmx::SystemState) -> Obj {
+    let [.., ldtr, tr] = sys.segments;
+    Obj::new()
+        .with("cr0", sys.cr0)
+        .with("cr3", sys.cr3)
+        .with("cr4", sys.cr4)
+        .with("gdtr_base", sys.gdtr.base)
+        .with("gdtr_limit", sys.gdtr.limit)
+        .with("idtr_base", sys.idtr.base)
+        .with("idtr_limit", sys.idtr.limit)
+        .with("tr", tr.selector)
+        .with("ldtr", ldtr.selector)
+        .with("fs_base", sys.segments[4].base)
+        .with("gs_base", sys.segments[5].base)
 }
