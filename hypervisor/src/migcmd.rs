@@ -235,8 +235,12 @@ pub fn decode_vcpu(bytes: &[u8], mxcsr_mask: u32) -> Result<(VcpuState, u64), St
         base: u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]),
     });
     let mut next = || seg.next().unwrap_or_default();
-    let system =
-        SystemState { cr0: 0, cr3: 0, cr4: 0, segments: core::array::from_fn(|_| next()), gdtr: next(), idtr: next() };
+    let segments = core::array::from_fn(|_| next());
+    // GDTR and IDTR: base and limit only, the rest of the VMCB's field is
+    // reserved.
+    let gdtr = Segment { selector: 0, attrib: 0, ..next() };
+    let idtr = Segment { selector: 0, attrib: 0, ..next() };
+    let system = SystemState { cr0: 0, cr3: 0, cr4: 0, segments, gdtr, idtr };
     let mut w = [0u64; VCPU_WORDS];
     for (word, chunk) in w.iter_mut().zip(head.as_chunks::<8>().0) {
         *word = u64::from_le_bytes(*chunk);
@@ -471,6 +475,11 @@ mod tests {
         s.system.segments[7] = Segment { selector: 0x28, attrib: 0x8B, limit: 0x67, base: 0x1900 };
         s.system.gdtr = Segment { selector: 0, attrib: 0, limit: 0x37, base: 0x1800 };
         s.system.idtr = Segment { selector: 0, attrib: 0, limit: 0xFFF, base: 0x1A00 };
+        let mut junk = s;
+        junk.system.gdtr.selector = 0x1234;
+        junk.system.idtr.attrib = 0x5678;
+        let decoded = decode_vcpu(&encode_vcpu(&junk, 1), 0xFFFF).unwrap().0;
+        assert_eq!(decoded.system, s.system, "GDTR and IDTR carry base and limit only");
         let bytes = encode_vcpu(&s, 123_456);
         assert_eq!(bytes.len(), VCPU_STATE_LEN);
         assert_eq!(decode_vcpu(&bytes, 0xFFFF), Ok((s, 123_456)));

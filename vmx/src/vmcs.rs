@@ -417,23 +417,23 @@ pub fn access_rights(svm_attrib: u16) -> u32 {
 pub const UNUSABLE: u32 = 1 << 16;
 
 /// The access rights of a segment with SVM-style attributes `attrib`: a
-/// segment that is not present is unusable.
+/// segment that is not present is unusable, and keeps its other bits (an
+/// unusable SS's DPL is still the CPL, SDM Vol. 3C 28.3.2).
 pub fn segment_access_rights(attrib: u16) -> u32 {
-    if attrib & (1 << 7) == 0 {
-        UNUSABLE
-    } else {
-        access_rights(attrib)
-    }
+    let unusable = if attrib & (1 << 7) == 0 { UNUSABLE } else { 0 };
+    access_rights(attrib) | unusable
 }
 
 /// The SVM-style attributes of a segment with VMX access rights `ar`
-/// (the inverse of [`segment_access_rights`]): an unusable segment has
-/// none, so it is not present.
+/// (the inverse of [`segment_access_rights`]): an unusable segment is not
+/// present.
 pub fn segment_attrib(ar: u32) -> u16 {
+    let attrib = u16::try_from((ar & 0xFF) | ((ar >> 4) & 0xF00)).unwrap_or(0);
     if ar & UNUSABLE != 0 {
-        return 0;
+        attrib & !(1 << 7)
+    } else {
+        attrib
     }
-    u16::try_from((ar & 0xFF) | ((ar >> 4) & 0xF00)).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -446,7 +446,10 @@ mod tests {
             assert_eq!(segment_attrib(segment_access_rights(attrib)), attrib, "{attrib:#x}");
         }
         assert_eq!(segment_access_rights(0), UNUSABLE);
-        assert_eq!(segment_attrib(UNUSABLE | 0x93), 0);
+        // Unusable: present no more, the rest kept (an SS at DPL 3).
+        assert_eq!(segment_access_rights(0x73), UNUSABLE | 0x73);
+        assert_eq!(segment_attrib(UNUSABLE | 0xF3), 0x73);
+        assert_eq!(segment_attrib(segment_access_rights(0x73)), 0x73);
         assert_eq!(segment_access_rights(ATTR_CODE64), 0xA09B);
     }
 

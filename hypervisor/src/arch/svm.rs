@@ -7,7 +7,9 @@ use alloc::boxed::Box;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use vmx::exit::INTERCEPTED_EXCEPTIONS;
-use vmx::svm::{decode_exit, event_exception, redelivery, tlb_control, Vmcb, GUEST_INTERCEPTS, V_INTR_MASKING};
+use vmx::svm::{
+    decode_exit, event_exception, redelivery, tlb_control, Segment, Vmcb, GUEST_INTERCEPTS, V_INTR_MASKING,
+};
 use vmx::{GuestRegs, SystemState, Vcpu, VcpuState, VmExit};
 use x86_64::registers::model_specific::Msr;
 
@@ -267,7 +269,19 @@ impl Vcpu for SvmVcpu {
                 cr0: v.save.cr0,
                 cr3: v.save.cr3,
                 cr4: v.save.cr4,
-                segments: [v.save.es, v.save.cs, v.save.ss, v.save.ds, v.save.fs, v.save.gs, v.save.ldtr, v.save.tr],
+                // The CPL travels as SS's DPL, which it equals but after
+                // an AMD SYSRET (unreachable: EFER.SCE stays 0), as VT-x
+                // defines it.
+                segments: [
+                    v.save.es,
+                    v.save.cs,
+                    Segment { attrib: (v.save.ss.attrib & !0x60) | (u16::from(v.save.cpl & 3) << 5), ..v.save.ss },
+                    v.save.ds,
+                    v.save.fs,
+                    v.save.gs,
+                    v.save.ldtr,
+                    v.save.tr,
+                ],
                 gdtr: v.save.gdtr,
                 idtr: v.save.idtr,
             },
@@ -292,7 +306,7 @@ impl Vcpu for SvmVcpu {
         (v.save.cr0, v.save.cr3, v.save.cr4) = (sys.cr0, sys.cr3, sys.cr4);
         [v.save.es, v.save.cs, v.save.ss, v.save.ds, v.save.fs, v.save.gs, v.save.ldtr, v.save.tr] = sys.segments;
         (v.save.gdtr, v.save.idtr) = (sys.gdtr, sys.idtr);
-        // The CPL is SS's DPL (a VMRUN consistency rule).
+        // The CPL travels as SS's DPL (see `state`).
         v.save.cpl = ((v.save.ss.attrib >> 5) & 3) as u8;
         self.regs = state.regs;
         self.unswitched.dr = state.dr;

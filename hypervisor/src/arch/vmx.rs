@@ -478,6 +478,10 @@ impl VmxVcpu {
 
     /// Frees the VMCS and the PML page.
     pub fn destroy(self) {
+        // The EPT's frames go back to the allocator with the VM: no
+        // translation of them may outlive it (a later table, or a trial
+        // entry's empty root, could sit at the same address).
+        let _ = self.invept();
         // VMCLEAR makes our VMCS inactive before its frame goes back to the
         // allocator; a failure leaves nothing to undo.
         let _ = region_insn!("vmclear", &self.vmcs_pa, "VMCLEAR failed");
@@ -489,7 +493,12 @@ impl VmxVcpu {
     /// Drops the cached translations of this vCPU's EPT (or of all EPTs
     /// where the processor has no single-context INVEPT).
     fn invept(&self) -> Result<(), VmxError> {
-        let descriptor: [u64; 2] = [self.eptp, 0];
+        self.invept_of(self.eptp)
+    }
+
+    /// As [`Self::invept`], for the EPT `eptp`.
+    fn invept_of(&self, eptp: u64) -> Result<(), VmxError> {
+        let descriptor: [u64; 2] = [eptp, 0];
         let (cf, zf): (u8, u8);
         // SAFETY: the CPU report said INVEPT and this type exist (without
         // them there is no EPT backend); the descriptor names this vCPU's
@@ -624,6 +633,7 @@ impl Vcpu for VmxVcpu {
         write32(Field32::EntryExceptionErrorCode, (state.pending_event >> 32) as u32);
         let sys = &state.system;
         write_n(FieldN::GuestCr0, sys.cr0);
+        write_n(FieldN::Cr0ReadShadow, sys.cr0);
         write_n(FieldN::GuestCr3, sys.cr3);
         write_n(FieldN::GuestCr4, sys.cr4 | CR4_VMXE);
         write_n(FieldN::Cr4ReadShadow, sys.cr4 & !CR4_VMXE);
@@ -648,9 +658,13 @@ impl Vcpu for VmxVcpu {
         if let Err(VmxError::Instruction(reason)) = self.make_current() {
             return VmExit::EntryFailed { code: 0, reason };
         }
-        // A root never used before: no translation of it is cached, and
-        // none is made (every walk stops at its first entry).
-        write64(Field64::EptPointer, (self.eptp & 0xFFF) | empty_root);
+        // Whatever was cached for a table once at this address goes first
+        // (every walk of the empty one stops at its first entry).
+        let trial = (self.eptp & 0xFFF) | empty_root;
+        if let Err(VmxError::Instruction(reason)) = self.invept_of(trial) {
+            return VmExit::EntryFailed { code: 0, reason };
+        }
+        write64(Field64::EptPointer, trial);
         let exit = self.run();
         let _ = self.make_current();
         write64(Field64::EptPointer, self.eptp);

@@ -394,8 +394,14 @@ impl Manager {
         let exit = vm.vcpu.enter_without_memory(root);
         memory::free_frames(root, 1);
         match exit {
+            // The first memory access, or a host interrupt before it; a
+            // #DB exit is an instruction breakpoint at RIP (it comes again).
+            VmExit::NestedPageFault { .. } | VmExit::ExternalInterrupt | VmExit::Exception { vector: 1, .. } => Ok(()),
             VmExit::EntryFailed { reason, .. } => Err(format!("the vCPU state does not enter: {reason}")),
-            _ => Ok(()),
+            // A triple fault without a memory access (an event through an
+            // IDT too short for it), or anything else no guest can reach
+            // before its first access: not a VM to resume.
+            other => Err(format!("the vCPU state does not run: its trial entry ended in '{}'", other.name())),
         }
     }
 
