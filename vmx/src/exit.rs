@@ -275,6 +275,9 @@ impl core::fmt::Debug for FxImage {
 pub trait Vcpu {
     /// Enters the guest and returns when it exits.
     fn run(&mut self) -> VmExit;
+    /// The guest RIP (cheaper than all of [`Vcpu::state`], which exits that
+    /// emulate an instruction need not build).
+    fn rip(&self) -> u64;
     /// Sets the guest RIP (after emulating an instruction).
     fn set_rip(&mut self, rip: u64);
     /// Current architectural state.

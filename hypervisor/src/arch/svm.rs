@@ -247,6 +247,10 @@ impl Vcpu for SvmVcpu {
         decode_exit(&v.control)
     }
 
+    fn rip(&self) -> u64 {
+        self.vmcb().save.rip
+    }
+
     fn set_rip(&mut self, rip: u64) {
         self.vmcb_mut().save.rip = rip;
     }

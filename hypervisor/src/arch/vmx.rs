@@ -575,6 +575,11 @@ impl Vcpu for VmxVcpu {
         }
     }
 
+    fn rip(&self) -> u64 {
+        let _ = self.make_current();
+        vmread(FieldN::GuestRip as u32)
+    }
+
     fn set_rip(&mut self, rip: u64) {
         if self.make_current().is_ok() {
             write_n(FieldN::GuestRip, rip);

@@ -85,6 +85,12 @@ impl Vcpu for AnyVcpu {
             AnyVcpu::Vmx(v) => v.run(),
         }
     }
+    fn rip(&self) -> u64 {
+        match self {
+            AnyVcpu::Svm(v) => v.rip(),
+            AnyVcpu::Vmx(v) => v.rip(),
+        }
+    }
     fn set_rip(&mut self, rip: u64) {
         match self {
             AnyVcpu::Svm(v) => v.set_rip(rip),
@@ -945,11 +951,11 @@ impl Vm {
                     regs.rbx = 0;
                     regs.rcx = 0;
                 }
-                let rip = self.vcpu.state().rip;
+                let rip = self.vcpu.rip();
                 self.vcpu.set_rip(rip.wrapping_add(2));
             }
             VmExit::Hlt => {
-                let rip = self.vcpu.state().rip;
+                let rip = self.vcpu.rip();
                 self.vcpu.set_rip(rip.wrapping_add(1));
             }
             VmExit::NestedPageFault { gpa, access: Access::Write, .. } if self.dirty_mode == DirtyMode::Wp => {
@@ -968,7 +974,7 @@ impl Vm {
             VmExit::Shutdown => self.stop(String::from("triple fault")),
             VmExit::EntryFailed { code, reason } => self.stop(format!("{reason} (code {code:#x})")),
             VmExit::Hypercall => {
-                let rip = self.vcpu.state().rip;
+                let rip = self.vcpu.rip();
                 self.vcpu.set_rip(rip.wrapping_add(3));
             }
             VmExit::ExternalInterrupt => {}
