@@ -444,6 +444,7 @@ impl Vmcb {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn an_event_cut_short_is_delivered_again_unless_its_instruction_restarts() {
@@ -461,7 +462,6 @@ mod tests {
             assert_eq!(redelivery(info), 0, "{info:#x}");
         }
     }
-    use super::*;
 
     fn control(code: u64, info1: u64, info2: u64) -> ControlArea {
         let mut v = Vmcb::zeroed();

@@ -438,6 +438,7 @@ pub fn segment_attrib(ar: u32) -> u16 {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn segment_attributes_and_access_rights_convert_both_ways() {
@@ -473,7 +474,6 @@ mod tests {
             assert_eq!(redelivery(info), None, "{info:#x}");
         }
     }
-    use super::*;
 
     #[test]
     fn controls_take_required_bits_and_drop_impossible_ones() {

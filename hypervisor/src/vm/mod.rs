@@ -1183,7 +1183,7 @@ impl Vm {
 
 /// The vCPU's control registers and tables for `vm info`.
 fn system_obj(sys: &vmx::SystemState) -> Obj {
-    let [.., ldtr, tr] = sys.segments;
+    let [_, _, _, _, fs, gs, ldtr, tr] = sys.segments;
     Obj::new()
         .with("cr0", sys.cr0)
         .with("cr3", sys.cr3)
@@ -1194,6 +1194,6 @@ fn system_obj(sys: &vmx::SystemState) -> Obj {
         .with("idtr_limit", sys.idtr.limit)
         .with("tr", tr.selector)
         .with("ldtr", ldtr.selector)
-        .with("fs_base", sys.segments[4].base)
-        .with("gs_base", sys.segments[5].base)
+        .with("fs_base", fs.base)
+        .with("gs_base", gs.base)
 }
