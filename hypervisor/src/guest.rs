@@ -98,12 +98,13 @@ pub mod cfg {
     /// the stack at [`TRAP_STACK`] and takes the #DB, then goes back to no
     /// IDT (hidden `vm trap`, a test that #DB exits and is reflected back).
     pub const TRAP_REQ: u64 = 0x68;
-    /// Nonzero: the guest stores XMM0's low quadword, DR0, CR2 and
+    /// Nonzero: the guest stores XMM0's low quadword, DR0, CR2,
     /// KernelGsBase (through `swapgs` and `rdgsbase`, after setting
-    /// CR4.FSGSBASE) in `st::SEEN_XMM0`, `st::SEEN_DR0`, `st::SEEN_CR2` and
-    /// `st::SEEN_KERNEL_GS_BASE`, then loads this value into each (hidden
-    /// `vm regs`, a test that each guest's registers that no VM transition
-    /// switches are its own).
+    /// CR4.FSGSBASE) and CR8 in `st::SEEN_XMM0`, `st::SEEN_DR0`,
+    /// `st::SEEN_CR2`, `st::SEEN_KERNEL_GS_BASE` and `st::SEEN_CR8`, then
+    /// loads this value into each, its low 4 bits into CR8 (hidden `vm
+    /// regs`, a test that each guest's registers that no VM transition
+    /// switches are its own, and that a migration carries them).
     pub const REGS_REQ: u64 = 0x70;
     /// Nonzero: the guest sets off an endless chain of #DB exceptions (a
     /// write breakpoint on the slot of its #DB stack that delivering a #DB
@@ -154,6 +155,8 @@ pub mod st {
     pub const SEEN_CR2: u64 = 0x178;
     /// KernelGsBase as the guest found it (`vm regs`).
     pub const SEEN_KERNEL_GS_BASE: u64 = 0x180;
+    /// CR8, the task priority, as the guest found it (`vm regs`).
+    pub const SEEN_CR8: u64 = 0x188;
 }
 
 /// Port the guest's heartbeat goes out on (`OUT 0xE0, AL`).

@@ -160,8 +160,8 @@ pub fn parse(args: &[&str]) -> Result<MigrateCommand, String> {
 
 /// Words of an encoded vCPU state before its segments: 15 GPRs, RIP, RSP,
 /// RFLAGS, the guest TSC, DR0-DR3, DR6, DR7, CR2, KernelGsBase, the
-/// pending event, CR0, CR3 and CR4.
-const VCPU_WORDS: usize = 31;
+/// pending event, CR0, CR3, CR4 and CR8.
+const VCPU_WORDS: usize = 32;
 /// Segments in an encoded vCPU state: ES, CS, SS, DS, FS, GS, LDTR, TR,
 /// GDTR, IDTR; 16 bytes each (selector u16, attributes u16, limit u32,
 /// base u64).
@@ -206,6 +206,7 @@ pub fn encode_vcpu(state: &VcpuState, guest_tsc: u64) -> Vec<u8> {
         state.system.cr0,
         state.system.cr3,
         state.system.cr4,
+        state.system.cr8,
     ];
     let mut bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
     let sys = &state.system;
@@ -240,7 +241,7 @@ pub fn decode_vcpu(bytes: &[u8], mxcsr_mask: u32) -> Result<(VcpuState, u64), St
     // reserved.
     let gdtr = Segment { selector: 0, attrib: 0, ..next() };
     let idtr = Segment { selector: 0, attrib: 0, ..next() };
-    let system = SystemState { cr0: 0, cr3: 0, cr4: 0, segments, gdtr, idtr };
+    let system = SystemState { cr0: 0, cr3: 0, cr4: 0, cr8: 0, segments, gdtr, idtr };
     let mut w = [0u64; VCPU_WORDS];
     for (word, chunk) in w.iter_mut().zip(head.as_chunks::<8>().0) {
         *word = u64::from_le_bytes(*chunk);
@@ -276,7 +277,7 @@ pub fn decode_vcpu(bytes: &[u8], mxcsr_mask: u32) -> Result<(VcpuState, u64), St
         kernel_gs_base: w[26],
         fx: FxImage(image),
         pending_event: w[27],
-        system: SystemState { cr0: w[28], cr3: w[29], cr4: w[30], ..system },
+        system: SystemState { cr0: w[28], cr3: w[29], cr4: w[30], cr8: w[31], ..system },
     };
     check_vcpu(&state, mxcsr_mask)?;
     Ok((state, w[18]))
@@ -331,6 +332,11 @@ fn check_vcpu(s: &VcpuState, mxcsr_mask: u32) -> Result<(), String> {
     }
     if sys.cr3 >> 52 != 0 {
         return Err(format!("vCPU state has CR3 {:#x}, with bits above 51", sys.cr3));
+    }
+    // A task priority has 4 bits (MOV to CR8 refuses more); V_TPR and the
+    // virtual-APIC page would keep only those, so more is not a guest's.
+    if sys.cr8 > 0xF {
+        return Err(format!("vCPU state has CR8 {:#x}, above 15", sys.cr8));
     }
     if let Err(why) = check_pending_event(s.pending_event) {
         return Err(format!("vCPU state has a pending event {:#x}: {why}", s.pending_event));
@@ -470,6 +476,7 @@ mod tests {
         s.system.cr0 = 0x8005_0033;
         s.system.cr3 = 0x2000;
         s.system.cr4 = 0x10620;
+        s.system.cr8 = 0xD;
         s.system.segments[1] = Segment { selector: 0x08, attrib: 0xA9B, limit: 0xFFFF_FFFF, base: 0 };
         s.system.segments[5].base = 0xffff_8880_0000_1000;
         s.system.segments[7] = Segment { selector: 0x28, attrib: 0x8B, limit: 0x67, base: 0x1900 };
@@ -523,6 +530,7 @@ mod tests {
         refused(&|s| s.system.segments[4].base = 1 << 60, "FS base 0x1000000000000000");
         refused(&|s| s.system.idtr.base = 0x0000_8000_0000_0000, "IDTR base 0x800000000000");
         refused(&|s| s.system.cr3 = 1 << 52, "CR3 0x10000000000000");
+        refused(&|s| s.system.cr8 = 0x10, "CR8 0x10");
         // Events no entry takes: no valid bit, #DB with an error code, #PF
         // without, vector 40 as an exception, a code of 17 bits; and
         // events never left pending here: an NMI, an external interrupt

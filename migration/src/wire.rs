@@ -28,9 +28,10 @@ pub const MAGIC: u32 = 0x4D56_4948;
 /// The only protocol version this crate speaks. Version 1 covered full
 /// pages with the frame CRC and sent no page hash; version 2's vCPU state
 /// (the host's `migcmd::encode_vcpu`) left out the x87/SSE and debug
-/// registers, CR2 and KernelGsBase, version 3's the pending event, and
-/// version 4's the control registers, segments and descriptor tables.
-pub const PROTOCOL_VERSION: u16 = 5;
+/// registers, CR2 and KernelGsBase, version 3's the pending event,
+/// version 4's the control registers, segments and descriptor tables, and
+/// version 5's CR8.
+pub const PROTOCOL_VERSION: u16 = 6;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 16;
 /// Upper bound on any payload: 1 MiB of pages plus 64 KiB of slack.

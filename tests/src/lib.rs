@@ -50,7 +50,7 @@ pub fn command(c: &mut Console, cmd: &str, reply: Duration) -> Result<serde_json
 }
 
 /// Registers that no VM transition switches (x87/SSE, DR0-DR3, and on VT-x
-/// CR2 and KernelGsBase) are each guest's own: `vm regs` on VMs `p` and `q`, which must both
+/// CR2, KernelGsBase and CR8) are each guest's own: `vm regs` on VMs `p` and `q`, which must both
 /// be running, each finding only what it loaded itself.
 pub fn unswitched_registers_are_each_guests_own(c: &mut Console, p: &str, q: &str) -> Result<()> {
     registers_hold(c, p, 0, 1111, REPLY)?;
@@ -60,14 +60,15 @@ pub fn unswitched_registers_are_each_guests_own(c: &mut Console, p: &str, q: &st
 }
 
 /// `vm regs vm next`: the running guest `vm` finds `want` in XMM0, DR0,
-/// CR2 and KernelGsBase, then loads `next` into each. `reply` is the
-/// console's budget (the guest runs for the answer).
+/// CR2 and KernelGsBase and its low 4 bits in CR8, then loads `next` into
+/// each (its low 4 bits into CR8). `reply` is the console's budget (the
+/// guest runs for the answer).
 pub fn registers_hold(c: &mut Console, vm: &str, want: u64, next: u64, reply: Duration) -> Result<()> {
     let r = command(c, &format!("vm regs {vm} {next}"), reply)?;
     if r["done"] != true {
         bail!("vm regs {vm} did not finish: {r}");
     }
-    for reg in ["xmm0", "dr0", "cr2", "kernel_gs_base"] {
+    for (reg, want) in [("xmm0", want), ("dr0", want), ("cr2", want), ("kernel_gs_base", want), ("cr8", want & 0xF)] {
         if r[reg] != want {
             bail!("{vm} found {reg} = {} instead of {want}: {r}", r[reg]);
         }

@@ -192,6 +192,9 @@ pub struct SystemState {
     pub cr3: u64,
     /// CR4, as the guest sees it.
     pub cr4: u64,
+    /// CR8, the task priority (0-15). Each guest has its own: SVM keeps it
+    /// as the VMCB's V_TPR, VT-x in its virtual-APIC page (TPR shadow).
+    pub cr8: u64,
     /// ES, CS, SS, DS, FS, GS, LDTR, TR, in that order.
     pub segments: [Segment; 8],
     /// GDTR.

@@ -287,6 +287,10 @@ pub mod tlb_control {
 /// V_INTR_MASKING in `vintr`: the guest's RFLAGS.IF does not mask host
 /// interrupts, so they always exit when INTR is intercepted.
 pub const V_INTR_MASKING: u64 = 1 << 24;
+/// V_TPR in `vintr`, the guest's CR8 (APM 15.21.1 "Virtualizing APIC.TPR"):
+/// with V_INTR_MASKING, the guest's MOV to and from CR8 use it and leave the
+/// host's TPR alone.
+pub const V_TPR: u64 = 0xF;
 /// EFER.SVME.
 pub const EFER_SVME: u64 = 1 << 12;
 

@@ -43,6 +43,7 @@ pub enum Field64 {
     MsrBitmap = 0x2004,
     PmlAddress = 0x200E,
     TscOffset = 0x2010,
+    VirtualApicAddress = 0x2012,
     EptPointer = 0x201A,
     GuestPhysicalAddress = 0x2400,
     VmcsLinkPointer = 0x2800,
@@ -69,6 +70,7 @@ pub enum Field32 {
     EntryMsrLoadCount = 0x4014,
     EntryInterruptionInfo = 0x4016,
     EntryExceptionErrorCode = 0x4018,
+    TprThreshold = 0x401C,
     SecondaryProcControls = 0x401E,
     VmInstructionError = 0x4400,
     ExitReason = 0x4402,
@@ -194,6 +196,9 @@ pub mod ctl {
     pub const PROC_CR3_LOAD: u32 = 1 << 15;
     /// Primary: CR3-store exiting.
     pub const PROC_CR3_STORE: u32 = 1 << 16;
+    /// Primary: use TPR shadow (MOV to and from CR8 use the VTPR in the
+    /// virtual-APIC page, not the processor's TPR).
+    pub const PROC_TPR_SHADOW: u32 = 1 << 21;
     /// Primary: unconditional I/O exiting.
     pub const PROC_UNCOND_IO: u32 = 1 << 24;
     /// Primary: activate secondary controls.

@@ -8,7 +8,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use vmx::exit::INTERCEPTED_EXCEPTIONS;
 use vmx::svm::{
-    decode_exit, event_exception, redelivery, tlb_control, Segment, Vmcb, GUEST_INTERCEPTS, V_INTR_MASKING,
+    decode_exit, event_exception, redelivery, tlb_control, Segment, Vmcb, GUEST_INTERCEPTS, V_INTR_MASKING, V_TPR,
 };
 use vmx::{GuestRegs, SystemState, Vcpu, VcpuState, VmExit};
 use x86_64::registers::model_specific::Msr;
@@ -273,6 +273,7 @@ impl Vcpu for SvmVcpu {
                 cr0: v.save.cr0,
                 cr3: v.save.cr3,
                 cr4: v.save.cr4,
+                cr8: v.control.vintr & V_TPR,
                 // The CPL travels as SS's DPL, which it equals but after
                 // an AMD SYSRET (unreachable: EFER.SCE stays 0), as VT-x
                 // defines it.
@@ -308,6 +309,7 @@ impl Vcpu for SvmVcpu {
         v.control.event_inj = state.pending_event;
         let sys = &state.system;
         (v.save.cr0, v.save.cr3, v.save.cr4) = (sys.cr0, sys.cr3, sys.cr4);
+        v.control.vintr = (v.control.vintr & !V_TPR) | (sys.cr8 & V_TPR);
         [v.save.es, v.save.cs, v.save.ss, v.save.ds, v.save.fs, v.save.gs, v.save.ldtr, v.save.tr] = sys.segments;
         (v.save.gdtr, v.save.idtr) = (sys.gdtr, sys.idtr);
         // The CPL travels as SS's DPL (see `state`).

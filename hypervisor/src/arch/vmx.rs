@@ -152,6 +152,10 @@ fn controls(desired: u32, plain: u32, true_msr: u32, name: &'static str, require
     Ok(value)
 }
 
+/// Offset of the VTPR, the guest's task priority, in the virtual-APIC page
+/// (SDM Vol. 3C 30.1 "Virtual APIC state"): CR8 is its bits 7:4.
+const VTPR: u64 = 0x80;
+
 /// One VMX vCPU: its VMCS, the GPRs, and its EPT/PML state.
 pub struct VmxVcpu {
     vmcs_pa: u64,
@@ -160,6 +164,10 @@ pub struct VmxVcpu {
     eptp: u64,
     flush_pending: bool,
     pml_pa: u64,
+    /// The virtual-APIC page, where the guest's CR8 lives (TPR shadow):
+    /// without it, MOV to CR8 wrote the processor's TPR, which every
+    /// other guest then read.
+    vapic_pa: u64,
     proc2: u32,
     pml_supported: bool,
     /// INVEPT type: 1 single-context (this EPTP only), 2 all-context.
@@ -271,6 +279,11 @@ impl VmxVcpu {
             memory::free_frames(vmcs_pa, 1);
             return Err(VmxError::OutOfMemory);
         };
+        let Some(vapic_pa) = memory::alloc_zeroed(1) else {
+            memory::free_frames(vmcs_pa, 1);
+            memory::free_frames(pml_pa, 1);
+            return Err(VmxError::OutOfMemory);
+        };
         // SAFETY: the VMCS frame is fresh; its first word takes the revision.
         unsafe { memory::phys_to_virt(vmcs_pa).cast::<u32>().write(revision()) };
         let mut vcpu = VmxVcpu {
@@ -280,6 +293,7 @@ impl VmxVcpu {
             eptp,
             flush_pending: true,
             pml_pa,
+            vapic_pa,
             proc2: 0,
             pml_supported: cpu.pml,
             invept_type: if cpu.invept_single { 1 } else { 2 },
@@ -293,7 +307,7 @@ impl VmxVcpu {
             Ok(()) => Ok(vcpu),
             Err(e) => {
                 // A control this processor refuses failed every `vm create`
-                // and leaked both frames each time.
+                // and leaked its frames each time.
                 vcpu.destroy();
                 Err(e)
             }
@@ -318,11 +332,11 @@ impl VmxVcpu {
             ctl::PIN_EXTERNAL_INTERRUPT,
         )?;
         let proc = controls(
-            ctl::PROC_HLT | ctl::PROC_UNCOND_IO | ctl::PROC_SECONDARY | ctl::PROC_TSC_OFFSET,
+            ctl::PROC_HLT | ctl::PROC_UNCOND_IO | ctl::PROC_SECONDARY | ctl::PROC_TSC_OFFSET | ctl::PROC_TPR_SHADOW,
             msr::PROCBASED,
             msr::TRUE_PROCBASED,
             "processor-based",
-            ctl::PROC_UNCOND_IO | ctl::PROC_SECONDARY,
+            ctl::PROC_UNCOND_IO | ctl::PROC_SECONDARY | ctl::PROC_TPR_SHADOW,
         )?;
         let want2 = ctl::PROC2_EPT | if cpu.vpid { ctl::PROC2_VPID } else { 0 };
         let proc2 = controls(want2, msr::PROCBASED2, msr::PROCBASED2, "secondary", ctl::PROC2_EPT)?;
@@ -357,6 +371,9 @@ impl VmxVcpu {
         write32(Field32::EntryInterruptionInfo, 0);
         write64(Field64::EptPointer, self.eptp);
         write64(Field64::PmlAddress, self.pml_pa);
+        // No exit for a lowered priority: with threshold 0, none is below.
+        write64(Field64::VirtualApicAddress, self.vapic_pa);
+        write32(Field32::TprThreshold, 0);
         write64(Field64::TscOffset, 0);
         write16(Field16::GuestPmlIndex, 511);
         if cpu.vpid {
@@ -476,7 +493,7 @@ impl VmxVcpu {
         }
     }
 
-    /// Frees the VMCS and the PML page.
+    /// Frees the VMCS, the PML page and the virtual-APIC page.
     pub fn destroy(self) {
         // The EPT's frames go back to the allocator with the VM: no
         // translation of them may outlive it (a later table, or a trial
@@ -488,6 +505,12 @@ impl VmxVcpu {
         let _ = CURRENT_VMCS.compare_exchange(self.vmcs_pa, 0, Ordering::Relaxed, Ordering::Relaxed);
         memory::free_frames(self.vmcs_pa, 1);
         memory::free_frames(self.pml_pa, 1);
+        memory::free_frames(self.vapic_pa, 1);
+    }
+
+    /// The guest's VTPR, in its virtual-APIC page.
+    fn vtpr(&self) -> *mut u32 {
+        memory::phys_to_virt(self.vapic_pa + VTPR).cast::<u32>()
     }
 
     /// Drops the cached translations of this vCPU's EPT (or of all EPTs
@@ -608,6 +631,10 @@ impl Vcpu for VmxVcpu {
                 cr3: vmread(FieldN::GuestCr3 as u32),
                 // VMXE is the host's (guest/host mask); the guest reads 0.
                 cr4: vmread(FieldN::GuestCr4 as u32) & !CR4_VMXE,
+                // SAFETY: the virtual-APIC page is this vCPU's own frame, in
+                // the physical map; the guest, which alone writes it, does
+                // not run now.
+                cr8: u64::from(unsafe { self.vtpr().read_volatile() } >> 4) & 0xF,
                 segments: SEGMENT_FIELDS.map(|(sel, limit, ar, base)| Segment {
                     selector: (vmread(sel as u32) & 0xFFFF) as u16,
                     attrib: segment_attrib((vmread(ar as u32) & 0xFFFF_FFFF) as u32),
@@ -642,6 +669,9 @@ impl Vcpu for VmxVcpu {
         write_n(FieldN::GuestCr3, sys.cr3);
         write_n(FieldN::GuestCr4, sys.cr4 | CR4_VMXE);
         write_n(FieldN::Cr4ReadShadow, sys.cr4 & !CR4_VMXE);
+        let vtpr = u32::try_from(sys.cr8 & 0xF).unwrap_or(0) << 4;
+        // SAFETY: as in `state`. Bits 3:0 stay 0, as MOV to CR8 leaves them.
+        unsafe { self.vtpr().write_volatile(vtpr) };
         for ((sel, limit, ar, base), seg) in SEGMENT_FIELDS.into_iter().zip(sys.segments) {
             write16(sel, seg.selector);
             write32(limit, seg.limit);

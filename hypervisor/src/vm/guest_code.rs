@@ -324,12 +324,16 @@ g_regs:
     swapgs
     rdgsbase rax
     mov [rbx + {seen_kgs}], rax
+    mov rax, cr8
+    mov [rbx + {seen_cr8}], rax
     mov rax, [rbx + {regs_req}]
     wrgsbase rax
     swapgs
     movq xmm0, rax
     mov dr0, rax
     mov cr2, rax
+    and eax, 0xF
+    mov cr8, rax
     mov qword ptr [rbx + {regs_req}], 0
     jmp g_main
 
@@ -417,6 +421,7 @@ guest_image_end:
     seen_dr0 = const hypervisor::guest::st::SEEN_DR0,
     seen_cr2 = const hypervisor::guest::st::SEEN_CR2,
     seen_kgs = const hypervisor::guest::st::SEEN_KERNEL_GS_BASE,
+    seen_cr8 = const hypervisor::guest::st::SEEN_CR8,
     dbchain_req = const hypervisor::guest::cfg::DBCHAIN_REQ,
     ticks = const hypervisor::guest::st::TICKS,
     wake_tsc = const hypervisor::guest::st::WAKE_TSC,

@@ -583,7 +583,8 @@ impl Manager {
                         .with("xmm0", vm.status(st::SEEN_XMM0))
                         .with("dr0", vm.status(st::SEEN_DR0))
                         .with("cr2", vm.status(st::SEEN_CR2))
-                        .with("kernel_gs_base", vm.status(st::SEEN_KERNEL_GS_BASE)),
+                        .with("kernel_gs_base", vm.status(st::SEEN_KERNEL_GS_BASE))
+                        .with("cr8", vm.status(st::SEEN_CR8)),
                 ))
             }
             VmCommand::Poke(n, page) => {
@@ -1188,6 +1189,7 @@ fn system_obj(sys: &vmx::SystemState) -> Obj {
         .with("cr0", sys.cr0)
         .with("cr3", sys.cr3)
         .with("cr4", sys.cr4)
+        .with("cr8", sys.cr8)
         .with("gdtr_base", sys.gdtr.base)
         .with("gdtr_limit", sys.gdtr.limit)
         .with("idtr_base", sys.idtr.base)
