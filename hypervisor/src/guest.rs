@@ -111,6 +111,13 @@ pub mod cfg {
     /// writes) and never comes back from it (hidden `vm dbchain`, a test
     /// that such a guest cannot hold the host: CVE-2015-8104).
     pub const DBCHAIN_REQ: u64 = 0x78;
+    /// Nonzero: the guest loads the GDT of `LTR_REQ` and an IDT whose #UD
+    /// and #GP handlers note the vector and go on after the instruction,
+    /// runs each of [`super::INSNS`] once, notes in `st::INSN_FAULTS` what
+    /// it raised, then goes back to no IDT (hidden `vm insns`, a test that
+    /// they exit and the hypervisor answers as a CPU whose CPUID offers
+    /// nothing).
+    pub const INSNS_REQ: u64 = 0x80;
 }
 
 /// Status fields, written by the guest.
@@ -157,7 +164,13 @@ pub mod st {
     pub const SEEN_KERNEL_GS_BASE: u64 = 0x180;
     /// CR8, the task priority, as the guest found it (`vm regs`).
     pub const SEEN_CR8: u64 = 0x188;
+    /// What each of [`super::INSNS`] raised, a byte each in that order:
+    /// the vector, 0xFF for nothing (`vm insns`).
+    pub const INSN_FAULTS: u64 = 0x190;
 }
+
+/// The instructions hidden `vm insns` runs, in order (`st::INSN_FAULTS`).
+pub const INSNS: [&str; 6] = ["invd", "wbinvd", "rdpmc", "rdtscp", "monitor", "mwait"];
 
 /// Port the guest's heartbeat goes out on (`OUT 0xE0, AL`).
 pub const PORT_HEARTBEAT: u16 = 0xE0;

@@ -135,6 +135,10 @@ pub enum VmCommand {
     /// Hidden: `vm dbchain <name>` makes the guest set off an endless
     /// chain of #DB exceptions; the host must go on regardless.
     Dbchain(String),
+    /// Hidden: `vm insns <name>` makes the guest run INVD, WBINVD, RDPMC,
+    /// RDTSCP, MONITOR and MWAIT and report what each raised: each must
+    /// exit, and be answered as by a CPU whose CPUID offers nothing.
+    Insns(String),
     /// Hidden: `vm poke <name> <page>` flips a word of data page `page`
     /// behind the guest's back, so that `vm verify` has a page to find.
     Poke(String, u64),
@@ -196,6 +200,7 @@ pub fn parse(args: &[&str]) -> Result<VmCommand, String> {
         "ltr" => one(VmCommand::Ltr),
         "trap" => one(VmCommand::Trap),
         "dbchain" => one(VmCommand::Dbchain),
+        "insns" => one(VmCommand::Insns),
         "regs" => match rest {
             [n, v] => match number("value", v)? {
                 0 => Err(String::from("vm regs needs a value other than 0")),

@@ -49,6 +49,10 @@ pub enum VmExit {
     Hypercall,
     /// Intel: the PML buffer is full and must be drained.
     PmlFull,
+    /// An instruction intercepted so that it does not reach the host's
+    /// caches, counters or TSC_AUX: the VM run loop runs it as a CPU whose
+    /// CPUID offers nothing would.
+    Insn(Insn),
     /// The guest raised an exception the hypervisor intercepts (#DB and
     /// #AC, whose endless chains would otherwise hold the CPU with no exit
     /// at all: CVE-2015-8104, CVE-2015-5307). Reflected back with
@@ -72,6 +76,39 @@ pub enum VmExit {
     },
     /// Anything else: the raw exit code.
     Unknown(u64),
+}
+
+/// The instructions [`VmExit::Insn`] reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Insn {
+    /// `INVD`: would drop the host's dirty cache lines.
+    Invd,
+    /// `WBINVD`: would flush every cache of the machine, a stall for the
+    /// host and every other guest.
+    Wbinvd,
+    /// `RDPMC`: would read the host's performance counters.
+    Rdpmc,
+    /// `RDTSCP` (AMD; VT-x raises #UD itself unless it is enabled): would
+    /// read the host's TSC_AUX.
+    Rdtscp,
+    /// `MONITOR`: would arm the host's monitor hardware.
+    Monitor,
+    /// `MWAIT`: would put the host's processor to sleep.
+    Mwait,
+}
+
+impl Insn {
+    /// Its mnemonic, the key of its exit counter.
+    pub fn name(self) -> &'static str {
+        match self {
+            Insn::Invd => "invd",
+            Insn::Wbinvd => "wbinvd",
+            Insn::Rdpmc => "rdpmc",
+            Insn::Rdtscp => "rdtscp",
+            Insn::Monitor => "monitor",
+            Insn::Mwait => "mwait",
+        }
+    }
 }
 
 /// Kind of access of a nested page fault.
@@ -98,6 +135,7 @@ impl VmExit {
             VmExit::Shutdown => "shutdown",
             VmExit::Hypercall => "hypercall",
             VmExit::PmlFull => "pml_full",
+            VmExit::Insn(insn) => insn.name(),
             VmExit::Exception { .. } => "exception",
             VmExit::EntryFailed { .. } => "entry_failed",
             VmExit::Unknown(_) => "unknown",

@@ -12,4 +12,4 @@ pub mod exit;
 pub mod svm;
 pub mod vmcs;
 
-pub use exit::{Access, FxImage, GuestRegs, SystemState, Vcpu, VcpuState, VmExit};
+pub use exit::{Access, FxImage, GuestRegs, Insn, SystemState, Vcpu, VcpuState, VmExit};

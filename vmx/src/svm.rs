@@ -4,7 +4,7 @@
 //! "Layout of VMCB" (Table B-1 control area, Table B-2 state save area). The
 //! VMCB is plain data here; `VMRUN` itself lives in the kernel's `arch/svm.rs`.
 
-use crate::exit::{Access, VmExit};
+use crate::exit::{Access, Insn, VmExit};
 
 /// A segment register in the VMCB state save area (APM Table B-2).
 #[repr(C)]
@@ -215,9 +215,11 @@ pub mod intercept {
     pub const INTR: u32 = 1 << 0;
     /// NMI.
     pub const NMI: u32 = 1 << 1;
+    /// RDPMC.
+    pub const RDPMC: u32 = 1 << 15;
     /// CPUID.
     pub const CPUID: u32 = 1 << 18;
-    /// INVD: would drop the host's dirty cache lines.
+    /// INVD.
     pub const INVD: u32 = 1 << 22;
     /// HLT.
     pub const HLT: u32 = 1 << 24;
@@ -245,6 +247,14 @@ pub mod intercept2 {
     pub const CLGI: u32 = 1 << 5;
     /// SKINIT.
     pub const SKINIT: u32 = 1 << 6;
+    /// RDTSCP.
+    pub const RDTSCP: u32 = 1 << 7;
+    /// WBINVD.
+    pub const WBINVD: u32 = 1 << 9;
+    /// MONITOR.
+    pub const MONITOR: u32 = 1 << 10;
+    /// MWAIT (unconditionally).
+    pub const MWAIT: u32 = 1 << 11;
     /// XSETBV.
     pub const XSETBV: u32 = 1 << 13;
 }
@@ -254,10 +264,12 @@ pub mod intercept2 {
 /// instruction is live in it unless intercepted: VMSAVE and VMLOAD with a
 /// host physical address in RAX would read and write host memory, CLGI
 /// would keep host interrupts from ever reaching the INTR intercept.
-/// VT-x has no such hole: VMX instructions in a guest always exit.
+/// VT-x has no such hole: VMX instructions in a guest always exit. The
+/// instructions of [`crate::Insn`] exit too, as on VT-x.
 pub const GUEST_INTERCEPTS: (u32, u32) = (
     intercept::INTR
         | intercept::NMI
+        | intercept::RDPMC
         | intercept::CPUID
         | intercept::INVD
         | intercept::HLT
@@ -271,6 +283,10 @@ pub const GUEST_INTERCEPTS: (u32, u32) = (
         | intercept2::STGI
         | intercept2::CLGI
         | intercept2::SKINIT
+        | intercept2::RDTSCP
+        | intercept2::WBINVD
+        | intercept2::MONITOR
+        | intercept2::MWAIT
         | intercept2::XSETBV,
 );
 
@@ -331,8 +347,12 @@ pub mod exit_code {
     pub const INTR: u64 = 0x60;
     /// NMI.
     pub const NMI: u64 = 0x61;
+    /// RDPMC.
+    pub const RDPMC: u64 = 0x6F;
     /// CPUID.
     pub const CPUID: u64 = 0x72;
+    /// INVD.
+    pub const INVD: u64 = 0x76;
     /// HLT.
     pub const HLT: u64 = 0x78;
     /// IN/OUT.
@@ -345,6 +365,14 @@ pub mod exit_code {
     pub const VMRUN: u64 = 0x80;
     /// VMMCALL.
     pub const VMMCALL: u64 = 0x81;
+    /// RDTSCP.
+    pub const RDTSCP: u64 = 0x87;
+    /// WBINVD.
+    pub const WBINVD: u64 = 0x89;
+    /// MONITOR.
+    pub const MONITOR: u64 = 0x8A;
+    /// MWAIT.
+    pub const MWAIT: u64 = 0x8B;
     /// Nested page fault.
     pub const NPF: u64 = 0x400;
     /// Invalid guest state: VMRUN's consistency checks failed.
@@ -393,6 +421,12 @@ pub fn decode_exit(control: &ControlArea) -> VmExit {
         exit_code::INTR | exit_code::NMI => VmExit::ExternalInterrupt,
         exit_code::SHUTDOWN => VmExit::Shutdown,
         exit_code::VMMCALL => VmExit::Hypercall,
+        exit_code::INVD => VmExit::Insn(Insn::Invd),
+        exit_code::WBINVD => VmExit::Insn(Insn::Wbinvd),
+        exit_code::RDPMC => VmExit::Insn(Insn::Rdpmc),
+        exit_code::RDTSCP => VmExit::Insn(Insn::Rdtscp),
+        exit_code::MONITOR => VmExit::Insn(Insn::Monitor),
+        exit_code::MWAIT => VmExit::Insn(Insn::Mwait),
         // QEMU TCG writes VMEXIT_INVALID as a 32-bit -1.
         exit_code::INVALID | 0xFFFF_FFFF => {
             VmExit::EntryFailed { code: control.exit_code, reason: "VMRUN consistency checks failed (VMEXIT_INVALID)" }
@@ -550,6 +584,17 @@ mod tests {
         assert_eq!(decode_exit(&control(exit_code::HLT, 0, 0)), VmExit::Hlt);
         assert_eq!(decode_exit(&control(exit_code::CPUID, 0, 0)), VmExit::Cpuid);
         assert_eq!(decode_exit(&control(exit_code::MSR, 1, 0)), VmExit::Msr { write: true });
+        for (code, insn) in [
+            (0x76, Insn::Invd),
+            (0x89, Insn::Wbinvd),
+            (0x6F, Insn::Rdpmc),
+            (0x87, Insn::Rdtscp),
+            (0x8A, Insn::Monitor),
+            (0x8B, Insn::Mwait),
+        ] {
+            assert_eq!(decode_exit(&control(code, 0, 0)), VmExit::Insn(insn));
+        }
+        assert_eq!(decode_exit(&control(0x89, 0, 0)).name(), "wbinvd");
         assert_eq!(decode_exit(&control(0x79, 0, 0)), VmExit::Unknown(0x79)); // INVLPG
         assert_eq!(decode_exit(&control(0x79, 0, 0)).name(), "unknown");
     }

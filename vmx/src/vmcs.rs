@@ -7,7 +7,7 @@
 //! Reasons", and Vol. 3C 31.4 "VM Instruction Error Numbers". `VMREAD` and
 //! `VMWRITE` themselves live in the kernel's `arch/vmx.rs`.
 
-use crate::exit::{Access, VmExit};
+use crate::exit::{Access, Insn, VmExit};
 
 /// 16-bit fields.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -192,6 +192,10 @@ pub mod ctl {
     pub const PROC_TSC_OFFSET: u32 = 1 << 3;
     /// Primary: HLT exiting.
     pub const PROC_HLT: u32 = 1 << 7;
+    /// Primary: MWAIT exiting.
+    pub const PROC_MWAIT: u32 = 1 << 10;
+    /// Primary: RDPMC exiting.
+    pub const PROC_RDPMC: u32 = 1 << 11;
     /// Primary: CR3-load exiting.
     pub const PROC_CR3_LOAD: u32 = 1 << 15;
     /// Primary: CR3-store exiting.
@@ -201,10 +205,14 @@ pub mod ctl {
     pub const PROC_TPR_SHADOW: u32 = 1 << 21;
     /// Primary: unconditional I/O exiting.
     pub const PROC_UNCOND_IO: u32 = 1 << 24;
+    /// Primary: MONITOR exiting.
+    pub const PROC_MONITOR: u32 = 1 << 29;
     /// Primary: activate secondary controls.
     pub const PROC_SECONDARY: u32 = 1 << 31;
     /// Secondary: enable EPT.
     pub const PROC2_EPT: u32 = 1 << 1;
+    /// Secondary: WBINVD exiting.
+    pub const PROC2_WBINVD: u32 = 1 << 6;
     /// Secondary: enable VPID.
     pub const PROC2_VPID: u32 = 1 << 5;
     /// Secondary: enable PML.
@@ -280,6 +288,10 @@ pub mod reason {
     pub const CPUID: u32 = 10;
     /// HLT.
     pub const HLT: u32 = 12;
+    /// INVD (always exits).
+    pub const INVD: u32 = 13;
+    /// RDPMC.
+    pub const RDPMC: u32 = 15;
     /// VMCALL.
     pub const VMCALL: u32 = 18;
     /// I/O instruction.
@@ -292,10 +304,16 @@ pub mod reason {
     pub const INVALID_GUEST_STATE: u32 = 33;
     /// VM-entry failure: MSR loading.
     pub const MSR_LOADING: u32 = 34;
+    /// MWAIT.
+    pub const MWAIT: u32 = 36;
+    /// MONITOR.
+    pub const MONITOR: u32 = 39;
     /// EPT violation.
     pub const EPT_VIOLATION: u32 = 48;
     /// EPT misconfiguration.
     pub const EPT_MISCONFIG: u32 = 49;
+    /// WBINVD (or WBNOINVD).
+    pub const WBINVD: u32 = 54;
     /// Page-modification log full.
     pub const PML_FULL: u32 = 62;
 }
@@ -406,6 +424,11 @@ pub fn decode_exit(f: &ExitFields) -> VmExit {
             present: q & 0b11_1000 != 0,
         },
         reason::PML_FULL => VmExit::PmlFull,
+        reason::INVD => VmExit::Insn(Insn::Invd),
+        reason::WBINVD => VmExit::Insn(Insn::Wbinvd),
+        reason::RDPMC => VmExit::Insn(Insn::Rdpmc),
+        reason::MONITOR => VmExit::Insn(Insn::Monitor),
+        reason::MWAIT => VmExit::Insn(Insn::Mwait),
         other => VmExit::Unknown(u64::from(other)),
     }
 }
@@ -559,6 +582,11 @@ mod tests {
         assert_eq!(simple(reason::EXTERNAL_INTERRUPT), VmExit::ExternalInterrupt);
         assert_eq!(simple(reason::PML_FULL), VmExit::PmlFull);
         assert_eq!(simple(reason::WRMSR), VmExit::Msr { write: true });
+        assert_eq!(simple(reason::INVD), VmExit::Insn(Insn::Invd));
+        assert_eq!(simple(54), VmExit::Insn(Insn::Wbinvd));
+        assert_eq!(simple(15), VmExit::Insn(Insn::Rdpmc));
+        assert_eq!(simple(39), VmExit::Insn(Insn::Monitor));
+        assert_eq!(simple(36), VmExit::Insn(Insn::Mwait));
         assert_eq!(simple(55), VmExit::Unknown(55));
     }
 

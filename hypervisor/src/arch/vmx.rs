@@ -331,15 +331,23 @@ impl VmxVcpu {
             "pin-based",
             ctl::PIN_EXTERNAL_INTERRUPT,
         )?;
+        // The exits of `vmx::Insn` (INVD always exits; RDTSCP raises #UD
+        // without the "enable RDTSCP" control).
+        let insns = ctl::PROC_RDPMC | ctl::PROC_MWAIT | ctl::PROC_MONITOR;
         let proc = controls(
-            ctl::PROC_HLT | ctl::PROC_UNCOND_IO | ctl::PROC_SECONDARY | ctl::PROC_TSC_OFFSET | ctl::PROC_TPR_SHADOW,
+            ctl::PROC_HLT
+                | ctl::PROC_UNCOND_IO
+                | ctl::PROC_SECONDARY
+                | ctl::PROC_TSC_OFFSET
+                | ctl::PROC_TPR_SHADOW
+                | insns,
             msr::PROCBASED,
             msr::TRUE_PROCBASED,
             "processor-based",
-            ctl::PROC_UNCOND_IO | ctl::PROC_SECONDARY | ctl::PROC_TPR_SHADOW,
+            ctl::PROC_UNCOND_IO | ctl::PROC_SECONDARY | ctl::PROC_TPR_SHADOW | insns,
         )?;
-        let want2 = ctl::PROC2_EPT | if cpu.vpid { ctl::PROC2_VPID } else { 0 };
-        let proc2 = controls(want2, msr::PROCBASED2, msr::PROCBASED2, "secondary", ctl::PROC2_EPT)?;
+        let want2 = ctl::PROC2_EPT | ctl::PROC2_WBINVD | if cpu.vpid { ctl::PROC2_VPID } else { 0 };
+        let proc2 = controls(want2, msr::PROCBASED2, msr::PROCBASED2, "secondary", ctl::PROC2_EPT | ctl::PROC2_WBINVD)?;
         // The guest's DR7 lives in the VMCS across exits (each exit sets
         // DR7 to 0x400): without these, a guest's breakpoints vanished at
         // its next exit.

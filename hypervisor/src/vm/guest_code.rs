@@ -44,6 +44,8 @@ g_main:
     jne g_regs
     cmp qword ptr [rbx + {dbchain_req}], 0
     jne g_dbchain
+    cmp qword ptr [rbx + {insns_req}], 0
+    jne g_insns
     mov rax, [rbx + {verify_req}]
     cmp rax, [rbx + {verify_done}]
     jne g_verify
@@ -363,28 +365,109 @@ g_dbchain:
     jmp g_main
 
 // Two IDT gates at RDI, loaded into IDTR: vector 0 absent, vector 1 to
-// g_trap_handler through code selector 0x08 of g_gdt's GDT, on the IST
-// stack DL names (0: none).
+// g_trap_handler, on the IST stack DL names (0: none).
 g_idt_db:
-    xor eax, eax
-    mov [rdi], rax
-    mov [rdi + 8], rax
-    mov [rdi + 24], rax
+    mov qword ptr [rdi], 0
+    mov qword ptr [rdi + 8], 0
+    add rdi, 16
     lea rax, [rip + g_trap_handler]
-    mov [rdi + 16], ax
-    mov word ptr [rdi + 18], 0x08
-    mov [rdi + 20], dl
-    mov byte ptr [rdi + 21], 0x8E
+    call g_gate
+    sub rdi, 16
+    mov ecx, 31
+    jmp g_lidt
+
+// An interrupt gate at RDI to the handler at RAX, through code selector
+// 0x08 of g_gdt's GDT, on the IST stack DL names (0: none).
+g_gate:
+    mov [rdi], ax
+    mov word ptr [rdi + 2], 0x08
+    mov [rdi + 4], dl
+    mov byte ptr [rdi + 5], 0x8E
     shr rax, 16
-    mov [rdi + 22], ax
+    mov [rdi + 6], ax
     shr rax, 16
-    mov [rdi + 24], eax
+    mov [rdi + 8], eax
+    mov dword ptr [rdi + 12], 0
+    ret
+
+// Loads the IDT at RDI, of limit CX, into IDTR.
+g_lidt:
     sub rsp, 16
-    mov word ptr [rsp], 31
+    mov [rsp], cx
     mov [rsp + 2], rdi
     lidt [rsp]
     add rsp, 16
     ret
+
+// An IDT of 14 gates on the stack: #UD (6) and #GP (13) go to
+// g_insn_ud and g_insn_gp, the others are absent. Then each instruction of
+// guest::INSNS, with R8 the index of its byte in INSN_FAULTS and R9 where
+// a handler resumes: after the instruction.
+g_insns:
+    call g_gdt
+    sub rsp, 224
+    mov rdi, rsp
+    xor eax, eax
+    mov ecx, 28
+    rep stosq
+    xor edx, edx
+    lea rdi, [rsp + 6 * 16]
+    lea rax, [rip + g_insn_ud]
+    call g_gate
+    lea rdi, [rsp + 13 * 16]
+    lea rax, [rip + g_insn_gp]
+    call g_gate
+    mov rdi, rsp
+    mov ecx, 14 * 16 - 1
+    call g_lidt
+    mov qword ptr [rbx + {insn_faults}], -1
+    xor r8d, r8d
+    lea r9, [rip + g_insn_1]
+    invd
+g_insn_1:
+    inc r8d
+    lea r9, [rip + g_insn_2]
+    wbinvd
+g_insn_2:
+    inc r8d
+    lea r9, [rip + g_insn_3]
+    xor ecx, ecx
+    rdpmc
+g_insn_3:
+    inc r8d
+    lea r9, [rip + g_insn_4]
+    rdtscp
+g_insn_4:
+    inc r8d
+    lea r9, [rip + g_insn_5]
+    mov rax, rbx
+    xor ecx, ecx
+    xor edx, edx
+    monitor
+g_insn_5:
+    inc r8d
+    lea r9, [rip + g_insn_6]
+    xor eax, eax
+    xor ecx, ecx
+    mwait
+g_insn_6:
+    xor edi, edi
+    xor ecx, ecx
+    call g_lidt
+    add rsp, 224
+    mov qword ptr [rbx + {insns_req}], 0
+    jmp g_main
+
+g_insn_gp:
+    add rsp, 8
+    mov byte ptr [rbx + r8 + {insn_faults}], 13
+    mov [rsp], r9
+    iretq
+
+g_insn_ud:
+    mov byte ptr [rbx + r8 + {insn_faults}], 6
+    mov [rsp], r9
+    iretq
 
 // Counts the #DB, keeps DR6 and returns with TF clear (RFLAGS is at
 // [rsp + 16]). RAX is the hook's scratch register.
@@ -423,6 +506,8 @@ guest_image_end:
     seen_kgs = const hypervisor::guest::st::SEEN_KERNEL_GS_BASE,
     seen_cr8 = const hypervisor::guest::st::SEEN_CR8,
     dbchain_req = const hypervisor::guest::cfg::DBCHAIN_REQ,
+    insns_req = const hypervisor::guest::cfg::INSNS_REQ,
+    insn_faults = const hypervisor::guest::st::INSN_FAULTS,
     ticks = const hypervisor::guest::st::TICKS,
     wake_tsc = const hypervisor::guest::st::WAKE_TSC,
     writes = const hypervisor::guest::st::WRITES,

@@ -16,7 +16,7 @@ use hypervisor::json::{Obj, Value};
 use hypervisor::shell::Reply;
 use hypervisor::vmcmd::{DirtyMode, VmCommand};
 use vmx::cpu::{Backend, CpuReport};
-use vmx::{Access, Vcpu, VmExit};
+use vmx::{Access, Insn, Vcpu, VmExit};
 
 use crate::arch::guest_memory::{GuestMemory, KernelFrames};
 use crate::arch::svm::SvmVcpu;
@@ -587,6 +587,27 @@ impl Manager {
                         .with("cr8", vm.status(st::SEEN_CR8)),
                 ))
             }
+            VmCommand::Insns(n) => {
+                let vm = self.find(&n)?;
+                let before = vm.exits.clone();
+                let done = vm.serve_request("insns", cfg::INSNS_REQ, 1)?;
+                let faults = vm.status(st::INSN_FAULTS).to_le_bytes();
+                let mut raised = Obj::new();
+                let mut exits = Obj::new();
+                for (i, insn) in guest::INSNS.into_iter().enumerate() {
+                    raised = match faults[i] {
+                        0xFF => raised.with(insn, "none"),
+                        6 => raised.with(insn, "#UD"),
+                        13 => raised.with(insn, "#GP"),
+                        v => raised.with(insn, u64::from(v)),
+                    };
+                    let count = |e: &BTreeMap<&'static str, u64>| e.get(insn).copied().unwrap_or(0);
+                    exits = exits.with(insn, count(&vm.exits) - count(&before));
+                }
+                Ok(Reply::data(
+                    Obj::new().with("name", n).with("done", done).with("raised", raised).with("exits", exits),
+                ))
+            }
             VmCommand::Poke(n, page) => {
                 let vm = self.find(&n)?;
                 if page >= vm.layout.data_pages {
@@ -848,7 +869,8 @@ impl Vm {
                 || self.status(cfg::LTR_REQ) != 0
                 || self.status(cfg::TRAP_REQ) != 0
                 || self.status(cfg::REGS_REQ) != 0
-                || self.status(cfg::DBCHAIN_REQ) != 0;
+                || self.status(cfg::DBCHAIN_REQ) != 0
+                || self.status(cfg::INSNS_REQ) != 0;
             if request || self.vcpu.guest_tsc(clock::rdtsc()) >= self.status(st::WAKE_TSC) {
                 self.halted = false;
             }
@@ -978,6 +1000,17 @@ impl Vm {
                 let rip = self.vcpu.rip();
                 self.vcpu.set_rip(rip.wrapping_add(3));
             }
+            // As a CPU whose CPUID offers nothing runs them (the guest's
+            // CPUID reads zeros). Flushing caches (0F 08, 0F 09: two bytes)
+            // does nothing here: no device of ours needs it. There are no performance counters,
+            // and no RDTSCP, MONITOR or MWAIT. They used to stop the VM
+            // (INVD, an exit it cannot avoid) or reach the host.
+            VmExit::Insn(Insn::Invd | Insn::Wbinvd) => {
+                let rip = self.vcpu.rip();
+                self.vcpu.set_rip(rip.wrapping_add(2));
+            }
+            VmExit::Insn(Insn::Rdpmc) => self.vcpu.inject_exception(13, Some(0)),
+            VmExit::Insn(Insn::Rdtscp | Insn::Monitor | Insn::Mwait) => self.vcpu.inject_exception(6, None),
             VmExit::ExternalInterrupt => {}
             VmExit::PmlFull => {
                 self.vcpu.drain_pml(&mut self.pml_log);
