@@ -94,9 +94,10 @@ pub mod cfg {
     /// `vm ltr`, a test that guest state stays out of the host).
     pub const LTR_REQ: u64 = 0x60;
     /// Nonzero: the guest loads the GDT of `LTR_REQ` (without the `ltr`),
-    /// installs an IDT with a #DB handler, single-steps one instruction on
-    /// the stack at [`TRAP_STACK`] and takes the #DB, then goes back to no
-    /// IDT (hidden `vm trap`, a test that #DB exits and is reflected back).
+    /// installs an IDT with a #DB handler, sets DR6.BD, single-steps one
+    /// instruction on the stack at [`TRAP_STACK`] and takes the #DB, then
+    /// goes back to no IDT (hidden `vm trap`, a test that #DB exits and is
+    /// reflected back, with DR6 as the processor would leave it).
     pub const TRAP_REQ: u64 = 0x68;
     /// Nonzero: the guest stores XMM0's low quadword, DR0, CR2,
     /// KernelGsBase (through `swapgs` and `rdgsbase`, after setting

@@ -93,6 +93,8 @@ fn trap_exits_and_reaches_the_guests_handler(c: &mut Console, vm: &str) {
     assert_eq!(r["guest_traps"], 1, "the guest's #DB handler did not run once: {r}");
     assert_eq!(r["exception_exits"], 1, "the #DB did not exit to the hypervisor: {r}");
     assert_ne!(r["guest_dr6"].as_u64().unwrap() & (1 << 14), 0, "DR6.BS was not set for the handler: {r}");
+    // The guest set BD before: a #DB never clears BD (SDM Vol. 3B 18.2.3).
+    assert_ne!(r["guest_dr6"].as_u64().unwrap() & (1 << 13), 0, "DR6.BD was cleared: {r}");
     // Again with write-protect dirty tracking: pushing the #DB's frame on a
     // page nothing had written since (guest::TRAP_STACK) exits, which cuts
     // the delivery short. The #DB must go in again after it: it was lost.

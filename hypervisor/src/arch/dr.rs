@@ -111,8 +111,10 @@ impl Unswitched {
     /// VT-x: a #DB that exits leaves DR6 as it was and reports the status
     /// bits it would have set in the exit qualification (SDM Vol. 3C
     /// 27.1): they go into the guest's DR6 here, so the reflected #DB finds
-    /// them.
+    /// them. Added to those there, as a #DB adds them: the processor never
+    /// clears BD and BS (SDM Vol. 3B 18.2.3; they used to be replaced), and
+    /// an ICEBP, whose qualification has none, changes nothing.
     pub fn set_dr6_trap_bits(&mut self, qualification: u64) {
-        self.dr6 = (self.dr6 & !DR6_TRAP_BITS) | (qualification & DR6_TRAP_BITS);
+        self.dr6 |= qualification & DR6_TRAP_BITS;
     }
 }

@@ -285,7 +285,8 @@ g_gdt:
     ret
 
 // An IDT of two gates on the stack: vector 1 goes to g_trap_handler,
-// through code selector 0x08 of the guest's own GDT. Then TF for one
+// through code selector 0x08 of the guest's own GDT. DR6 gets BD, which
+// no #DB clears (its handler must find it with BS). Then TF for one
 // instruction on the stack at TRAP_STACK (RBP keeps ours), an STI that sets
 // IF: its #DB comes while the STI still blocks interrupts, and its frame
 // goes on the page below TRAP_STACK.
@@ -295,7 +296,7 @@ g_trap:
     mov rdi, rsp
     xor edx, edx
     call g_idt_db
-    mov eax, 0xFFFF0FF0
+    mov eax, 0xFFFF2FF0
     mov dr6, rax
     mov rbp, rsp
     mov rsp, {trap_stack}
