@@ -68,7 +68,7 @@ impl Host for Machine {
     fn migrate(&mut self, cmd: MigrateCommand) -> Result<Reply, String> {
         // Two listeners on one port: smoltcp gives each connection to
         // whichever comes first, so a migration could land in the bench.
-        if let (MigrateCommand::Listen(Some(port)), Some(net)) = (&cmd, &self.net) {
+        if let (MigrateCommand::Listen { port: Some(port), .. }, Some(net)) = (&cmd, &self.net) {
             if net.bench_port() == Some(*port) {
                 return Err(format!("port {port} is taken by 'net bench listen'"));
             }

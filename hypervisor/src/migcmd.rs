@@ -57,8 +57,13 @@ pub enum MigrateCommand {
     Status,
     /// `migrate cancel`
     Cancel,
-    /// `migrate listen [port|off]`
-    Listen(Option<u16>),
+    /// `migrate listen [port|off] [from=<ip>[,<ip>...]|from=any]`
+    Listen {
+        /// The port, `None` for off.
+        port: Option<u16>,
+        /// The only hosts whose migrations are taken; empty for any host.
+        from: Vec<[u8; 4]>,
+    },
     /// `migrate lose-resumed` (hidden test hook): the next incoming
     /// migration runs the VM here but never tells the source, as if its
     /// `Resumed` record were lost, so the source ends in doubt.
@@ -73,8 +78,57 @@ pub const USAGE: &[(&str, &str)] = &[
     ),
     ("migrate status", "progress of the running migration, or the last report"),
     ("migrate cancel", "cancel before the switchover; the VM keeps running here"),
-    ("migrate listen [port|off]", "accept incoming migrations (on by default, port 7070)"),
+    (
+        "migrate listen [port|off] [from=<ip>[,<ip>...]|from=any]",
+        "accept incoming migrations (on by default, port 7070, from any host)",
+    ),
 ];
+
+/// Most hosts `migrate listen from=` names.
+pub const MAX_LISTEN_FROM: usize = 8;
+
+/// Parses the words after `migrate listen`.
+fn parse_listen(words: &[&str]) -> Result<MigrateCommand, String> {
+    const USAGE: &str = "usage: migrate listen [port|off] [from=<ip>[,<ip>...]|from=any]";
+    let (port, from) = match words {
+        [] => (None, None),
+        [f] if f.starts_with("from=") => (None, Some(&f[5..])),
+        [p] => (Some(*p), None),
+        [p, f] if f.starts_with("from=") => (Some(*p), Some(&f[5..])),
+        [_, f, extra, ..] if f.starts_with("from=") => return Err(format!("{USAGE}; unexpected '{extra}'")),
+        [_, extra, ..] => return Err(format!("{USAGE}; unexpected '{extra}'")),
+    };
+    let port = match port {
+        None => Some(MIGRATION_PORT),
+        Some("off") => None,
+        Some(p) => Some(u16::try_from(num("port", p, 1..=65535)?).unwrap_or(MIGRATION_PORT)),
+    };
+    let mut hosts = Vec::new();
+    for ip in from.filter(|&f| f != "any").map(|f| f.split(',')).into_iter().flatten() {
+        let ip = parse_ipv4(ip).map_err(|e| format!("from=: {e}"))?;
+        if hosts.contains(&ip) {
+            return Err(format!("from=: {} given twice", Ipv4(ip)));
+        }
+        hosts.push(ip);
+    }
+    if hosts.len() > MAX_LISTEN_FROM {
+        return Err(format!("from=: {} hosts, at most {MAX_LISTEN_FROM}", hosts.len()));
+    }
+    if port.is_none() && from.is_some() {
+        return Err(String::from("migrate listen off takes no from="));
+    }
+    Ok(MigrateCommand::Listen { port, from: hosts })
+}
+
+/// An IPv4 address as it is written.
+pub struct Ipv4(pub [u8; 4]);
+
+impl core::fmt::Display for Ipv4 {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let [a, b, c, d] = self.0;
+        write!(f, "{a}.{b}.{c}.{d}")
+    }
+}
 
 fn num(key: &str, v: &str, range: core::ops::RangeInclusive<u64>) -> Result<u64, String> {
     match v.parse::<u64>() {
@@ -102,16 +156,10 @@ pub fn parse(args: &[&str]) -> Result<MigrateCommand, String> {
         ["status"] => return Ok(MigrateCommand::Status),
         ["cancel"] => return Ok(MigrateCommand::Cancel),
         ["lose-resumed"] => return Ok(MigrateCommand::LoseResumed),
-        ["listen"] => return Ok(MigrateCommand::Listen(Some(MIGRATION_PORT))),
-        ["listen", "off"] => return Ok(MigrateCommand::Listen(None)),
-        ["listen", p] => {
-            let port = u16::try_from(num("port", p, 1..=65535)?).unwrap_or(MIGRATION_PORT);
-            return Ok(MigrateCommand::Listen(Some(port)));
-        }
+        ["listen", words @ ..] => return parse_listen(words),
         [sub @ ("status" | "cancel"), extra, ..] => {
             return Err(format!("migrate {sub} takes no arguments, got '{extra}'"))
         }
-        ["listen", _, extra, ..] => return Err(format!("usage: migrate listen [port|off]; unexpected '{extra}'")),
         [] | [_] => {
             return Err(String::from("usage: migrate <vm> <ip>[:port] [options] | status | cancel | listen [port|off]"))
         }
@@ -431,9 +479,13 @@ mod tests {
         ));
         assert_eq!(p("status"), Ok(MigrateCommand::Status));
         assert_eq!(p("cancel"), Ok(MigrateCommand::Cancel));
-        assert_eq!(p("listen"), Ok(MigrateCommand::Listen(Some(MIGRATION_PORT))));
-        assert_eq!(p("listen off"), Ok(MigrateCommand::Listen(None)));
-        assert_eq!(p("listen 9000"), Ok(MigrateCommand::Listen(Some(9000))));
+        let listen = |port, from: &[[u8; 4]]| Ok(MigrateCommand::Listen { port, from: from.to_vec() });
+        assert_eq!(p("listen"), listen(Some(MIGRATION_PORT), &[]));
+        assert_eq!(p("listen off"), listen(None, &[]));
+        assert_eq!(p("listen 9000"), listen(Some(9000), &[]));
+        assert_eq!(p("listen from=10.77.0.11"), listen(Some(MIGRATION_PORT), &[[10, 77, 0, 11]]));
+        assert_eq!(p("listen 9000 from=10.0.0.1,10.0.0.2"), listen(Some(9000), &[[10, 0, 0, 1], [10, 0, 0, 2]]));
+        assert_eq!(p("listen 9000 from=any"), listen(Some(9000), &[]));
         assert_eq!(p("lose-resumed"), Ok(MigrateCommand::LoseResumed));
     }
 
@@ -453,6 +505,18 @@ mod tests {
         assert_eq!(err("cancel m"), "migrate cancel takes no arguments, got 'm'");
         assert_eq!(err("status 10.77.0.12"), "migrate status takes no arguments, got '10.77.0.12'");
         assert!(err("listen 7070 now").contains("unexpected 'now'"));
+        assert!(err("listen 7070 from=1.2.3.4 now").contains("unexpected 'now'"));
+        assert!(err("listen from=1.2.3.4 7070").contains("unexpected '7070'"));
+        assert!(err("listen from=").starts_with("from=: "), "{}", err("listen from="));
+        assert!(err("listen from=10.77.0.300").contains("bad IPv4"));
+        assert!(err("listen from=1.2.3.4,").starts_with("from=: "));
+        assert_eq!(err("listen from=1.2.3.4,1.2.3.4"), "from=: 1.2.3.4 given twice");
+        assert_eq!(
+            err("listen from=1.1.1.1,1.1.1.2,1.1.1.3,1.1.1.4,1.1.1.5,1.1.1.6,1.1.1.7,1.1.1.8,1.1.1.9"),
+            "from=: 9 hosts, at most 8"
+        );
+        assert_eq!(err("listen off from=1.2.3.4"), "migrate listen off takes no from=");
+        assert!(err("listen 0 from=1.2.3.4").contains("port=0"));
         assert!(err("bad!name 10.77.0.1").contains("bad VM name 'bad!name'"));
         // Before, the last one silently won.
         assert_eq!(err("vm1 10.77.0.1 downtime=50 downtime=5000"), "downtime given twice");

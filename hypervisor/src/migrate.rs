@@ -13,12 +13,12 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use hypervisor::json::{Obj, Value};
-use hypervisor::migcmd::{MigrateCommand, PolicyArg, MIGRATION_PORT};
+use hypervisor::migcmd::{Ipv4, MigrateCommand, PolicyArg, MIGRATION_PORT};
 use hypervisor::shell::Reply;
 use migration::converge::Policy;
 use migration::dest::{DestAction, DestState, Destination};
 use migration::record::page_batch_frame_len;
-use migration::record::{Hello, VmConfig};
+use migration::record::{Hello, Record, VmConfig};
 use migration::source::{Polled, Report, Source, SourceAction, SourceConfig};
 use migration::{GuestMemory as MigMemory, PAGE_SIZE, PROTOCOL_VERSION};
 
@@ -312,6 +312,9 @@ struct Incoming {
 pub struct Migrator {
     vendor: [u8; 12],
     listen_port: Option<u16>,
+    /// The only hosts whose migrations are taken (`migrate listen from=`);
+    /// empty for any host.
+    listen_from: Vec<[u8; 4]>,
     listener: Option<TcpHandle>,
     out: Option<Outgoing>,
     inc: Option<Incoming>,
@@ -319,6 +322,10 @@ pub struct Migrator {
     last: Option<Obj>,
     /// How the last incoming migration ended, for `migrate status`.
     last_incoming: Option<Obj>,
+    /// The last connection refused for its address (`migrate listen
+    /// from=`), for `migrate status`; apart, so that refusals do not hide
+    /// the last migration.
+    last_refused: Option<Obj>,
     /// The next incoming migration loses its `Resumed` (test hook).
     lose_next_resumed: bool,
     /// When the listener was first seen half open (a SYN taken, its
@@ -359,11 +366,13 @@ impl Migrator {
         Migrator {
             vendor,
             listen_port: Some(MIGRATION_PORT),
+            listen_from: Vec::new(),
             listener: None,
             out: None,
             inc: None,
             last: None,
             last_incoming: None,
+            last_refused: None,
             lose_next_resumed: false,
             half_open_since_us: None,
         }
@@ -408,12 +417,13 @@ impl Migrator {
                 self.lose_next_resumed = true;
                 Ok(Reply::data(Obj::new().with("lose_next_resumed", true)))
             }
-            MigrateCommand::Listen(port) => {
+            MigrateCommand::Listen { port, from } => {
                 if let (Some(net), Some(h)) = (net, self.listener.take()) {
                     net.tcp_remove(h);
                 }
                 self.listen_port = port;
-                Ok(Reply::data(Obj::new().with("listening", port)))
+                self.listen_from = from;
+                Ok(Reply::data(Obj::new().with("listening", port).with("from", self.listen_from_value())))
             }
             MigrateCommand::Start { vm, ip, port, downtime_ms, bandwidth_mbit, rounds, policy, verify, share } => {
                 let net = net.ok_or("no network card: migration needs an e1000")?;
@@ -502,7 +512,18 @@ impl Migrator {
         let incoming: Value = self.inc.as_ref().map_or(Value::Null, |i| i.status().into());
         o.with("incoming", incoming)
             .with("last_incoming", self.last_incoming.clone())
+            .with("last_refused", self.last_refused.clone())
             .with("listening", self.listen_port)
+            .with("listening_from", self.listen_from_value())
+    }
+
+    /// The hosts `migrate listen from=` named, or "any".
+    fn listen_from_value(&self) -> Value {
+        if self.listen_from.is_empty() {
+            return "any".into();
+        }
+        let hosts: Vec<Value> = self.listen_from.iter().map(|&ip| format!("{}", Ipv4(ip)).into()).collect();
+        hosts.into()
     }
 
     /// Moves both directions forward. Returns true when there was work.
@@ -677,6 +698,20 @@ impl Migrator {
                     // read as lost). Left waiting, such a socket kept the
                     // port from listening.
                     _ => {
+                        self.listener = None;
+                        let ip = net.tcp_remote_ipv4(h);
+                        if !self.listen_from.is_empty() && !ip.is_some_and(|ip| self.listen_from.contains(&ip)) {
+                            // Before a byte of the stream is read: a host
+                            // not named brings no VM here, however
+                            // well-formed its stream.
+                            let peer = ip.map_or_else(|| String::from("?"), |ip| format!("{}", Ipv4(ip)));
+                            let reason = format!("{peer} may not migrate to this host (migrate listen from=)");
+                            log::warn!("incoming migration refused: {reason}");
+                            let reject = Record::Reject { reason: reason.clone() }.encode().unwrap_or_default();
+                            net.close_later(h, false, reject);
+                            self.last_refused = Some(Obj::new().with("peer", peer).with("reason", reason));
+                            return false;
+                        }
                         self.inc = Some(Incoming {
                             dest: Destination::new(self.vendor, 0, vms.largest_incoming()).with_max_vcpus(VCPUS_PER_VM),
                             socket: h,
@@ -688,7 +723,6 @@ impl Migrator {
                             arrive_paused: false,
                             lose_resumed: core::mem::take(&mut self.lose_next_resumed),
                         });
-                        self.listener = None;
                     }
                 },
                 (None, _) => return false,

@@ -473,6 +473,13 @@ impl Net {
         self.sockets.get::<tcp::Socket>(h).remote_endpoint().map(|e| format!("{e}"))
     }
 
+    /// The peer's IPv4 address, if connected.
+    pub fn tcp_remote_ipv4(&self, h: SocketHandle) -> Option<[u8; 4]> {
+        match self.sockets.get::<tcp::Socket>(h).remote_endpoint()?.addr {
+            IpAddress::Ipv4(a) => Some(a.octets()),
+        }
+    }
+
     /// Resets the connection and frees the socket.
     pub fn tcp_remove(&mut self, h: SocketHandle) {
         self.sockets.get_mut::<tcp::Socket>(h).abort();

@@ -111,6 +111,21 @@ fn failures_before_switchover_leave_the_vm_running_on_the_source() {
     assert_eq!(s["stage"], "failed", "{s}");
     assert!(s["error"].as_str().unwrap_or("").contains("connection refused"), "{s}");
     assert_eq!(s["vm_running_here"], true);
+    // B takes migrations from another host only: refused before any page,
+    // with the reason; the VM runs on at A, B creates nothing.
+    let l = ok(b.console(), "migrate listen from=10.77.0.99,10.77.0.98");
+    assert_eq!(l["from"], serde_json::json!(["10.77.0.99", "10.77.0.98"]), "{l}");
+    ok(a.console(), "migrate m 10.77.0.12");
+    let s = wait_end(a.console(), Duration::from_secs(60));
+    assert_eq!(s["stage"], "failed", "{s}");
+    let why = s["error"].as_str().unwrap_or("");
+    assert!(why.contains("rejected: 10.77.0.11 may not migrate to this host"), "{s}");
+    assert_eq!(s["vm_running_here"], true);
+    let st = ok(b.console(), "migrate status");
+    assert_eq!(st["last_refused"]["peer"], "10.77.0.11", "{st}");
+    assert_eq!(st["listening_from"], serde_json::json!(["10.77.0.99", "10.77.0.98"]), "{st}");
+    assert_eq!(ok(b.console(), "vm list")["vms"], serde_json::json!([]));
+    ok(b.console(), "migrate listen off");
     // Nobody at that address: no answer, which is not a refusal.
     ok(a.console(), "migrate m 10.77.0.99");
     let s = wait_end(a.console(), Duration::from_secs(60));
