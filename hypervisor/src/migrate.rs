@@ -211,6 +211,7 @@ impl Queue {
 struct Outgoing {
     vm: String,
     peer: String,
+    peer_ip: [u8; 4],
     source: Source,
     socket: TcpHandle,
     pending: Queue,
@@ -298,6 +299,7 @@ struct Incoming {
     vm: Option<String>,
     /// The source's address.
     peer: Option<String>,
+    peer_ip: Option<[u8; 4]>,
     last_heard_us: u64,
     /// When the connection was taken.
     accepted_us: u64,
@@ -322,9 +324,10 @@ pub struct Migrator {
     last: Option<Obj>,
     /// How the last incoming migration ended, for `migrate status`.
     last_incoming: Option<Obj>,
-    /// The last connection refused for its address (`migrate listen
-    /// from=`), for `migrate status`; apart, so that refusals do not hide
-    /// the last migration.
+    /// The last connection refused before its stream was read (an address
+    /// `migrate listen from=` does not name, or the host this one migrates
+    /// to), for `migrate status`; apart, so that refusals do not hide the
+    /// last migration.
     last_refused: Option<Obj>,
     /// The next incoming migration loses its `Resumed` (test hook).
     lose_next_resumed: bool,
@@ -430,6 +433,15 @@ impl Migrator {
                 if let Some(o) = &self.out {
                     return Err(format!("a migration is already running ({} to {}); one at a time", o.vm, o.peer));
                 }
+                // One at a time between two hosts, either way: this host's
+                // own VM would go out while the peer's comes in.
+                if let Some(i) = self.inc.as_ref().filter(|i| i.peer_ip == Some(ip)) {
+                    let vm = i.dest.vm().map_or("a VM", |v| v.name.as_str());
+                    return Err(format!(
+                        "{vm} is arriving here from {}; one migration at a time between two hosts",
+                        Ipv4(ip)
+                    ));
+                }
                 if !net.has_ip() {
                     return Err(String::from("no IP address yet; set one with 'net ip'"));
                 }
@@ -471,6 +483,7 @@ impl Migrator {
                 self.out = Some(Outgoing {
                     vm: vm.clone(),
                     peer: peer.clone(),
+                    peer_ip: ip,
                     source: Source::new(config, hello),
                     socket,
                     pending: Queue::default(),
@@ -700,12 +713,21 @@ impl Migrator {
                     _ => {
                         self.listener = None;
                         let ip = net.tcp_remote_ipv4(h);
-                        if !self.listen_from.is_empty() && !ip.is_some_and(|ip| self.listen_from.contains(&ip)) {
-                            // Before a byte of the stream is read: a host
-                            // not named brings no VM here, however
-                            // well-formed its stream.
-                            let peer = ip.map_or_else(|| String::from("?"), |ip| format!("{}", Ipv4(ip)));
-                            let reason = format!("{peer} may not migrate to this host (migrate listen from=)");
+                        let peer = ip.map_or_else(|| String::from("?"), |ip| format!("{}", Ipv4(ip)));
+                        // Before a byte of the stream is read: a host not
+                        // named brings no VM here, however well-formed its
+                        // stream; nor does the host this one migrates to.
+                        let refusal =
+                            if !self.listen_from.is_empty() && !ip.is_some_and(|ip| self.listen_from.contains(&ip)) {
+                                Some(format!("{peer} may not migrate to this host (migrate listen from=)"))
+                            } else if self.out.as_ref().is_some_and(|o| Some(o.peer_ip) == ip) {
+                                Some(format!(
+                                    "this host is migrating a VM to {peer}; one migration at a time between two hosts"
+                                ))
+                            } else {
+                                None
+                            };
+                        if let Some(reason) = refusal {
                             log::warn!("incoming migration refused: {reason}");
                             let reject = Record::Reject { reason: reason.clone() }.encode().unwrap_or_default();
                             net.close_later(h, false, reject);
@@ -718,6 +740,7 @@ impl Migrator {
                             pending: Queue::default(),
                             vm: None,
                             peer: net.tcp_remote(h),
+                            peer_ip: ip,
                             last_heard_us: now,
                             accepted_us: now,
                             arrive_paused: false,

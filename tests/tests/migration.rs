@@ -169,6 +169,14 @@ fn failures_before_switchover_leave_the_vm_running_on_the_source() {
     assert!(inc["round"].as_u64().unwrap() >= 1 && inc["pages_received"].as_u64().unwrap() > 0, "{inc}");
     let e = b.console().json("vm destroy m", REPLY).unwrap();
     assert!(e["error"].as_str().unwrap_or("").contains("still arriving by migration"), "{e}");
+    // One migration at a time between two hosts, either way: B may not
+    // send A a VM while one arrives from A.
+    ok(b.console(), "vm create r mem=16");
+    ok(b.console(), "vm start r");
+    let e = b.console().json("migrate r 10.77.0.11", REPLY).unwrap();
+    let why = e["error"].as_str().unwrap_or("");
+    assert!(why.contains("m is arriving here from 10.77.0.11; one migration at a time between two hosts"), "{e}");
+    ok(b.console(), "vm destroy r");
     // On A, commands that would take the migration's dirty pages or run
     // the guest outside it are refused.
     for (cmd, why) in [
