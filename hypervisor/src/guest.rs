@@ -96,8 +96,10 @@ pub mod cfg {
     /// Nonzero: the guest loads the GDT of `LTR_REQ` (without the `ltr`),
     /// installs an IDT with a #DB handler, sets DR6.BD, single-steps one
     /// instruction on the stack at [`TRAP_STACK`] and takes the #DB, then
-    /// goes back to no IDT (hidden `vm trap`, a test that #DB exits and is
-    /// reflected back, with DR6 as the processor would leave it).
+    /// single-steps a CPUID (which the hypervisor emulates) and takes that
+    /// #DB, then goes back to no IDT (hidden `vm trap`, a test that #DB
+    /// exits and is reflected back, with DR6 as the processor would leave
+    /// it, and that an emulated instruction traps as it would have run).
     pub const TRAP_REQ: u64 = 0x68;
     /// Nonzero: the guest stores XMM0's low quadword, DR0, CR2,
     /// KernelGsBase (through `swapgs` and `rdgsbase`, after setting
@@ -168,6 +170,10 @@ pub mod st {
     /// What each of [`super::INSNS`] raised, a byte each in that order:
     /// the vector, 0xFF for nothing (`vm insns`).
     pub const INSN_FAULTS: u64 = 0x190;
+    /// The RIP the last #DB of `vm trap` returned to.
+    pub const TRAP_RIP: u64 = 0x198;
+    /// Where the #DB after `vm trap`'s CPUID must return to: right after it.
+    pub const TRAP_RIP_WANTED: u64 = 0x1A0;
 }
 
 /// The instructions hidden `vm insns` runs, in order (`st::INSN_FAULTS`).

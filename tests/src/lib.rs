@@ -76,6 +76,31 @@ pub fn registers_hold(c: &mut Console, vm: &str, want: u64, next: u64, reply: Du
     Ok(())
 }
 
+/// `vm trap vm` on a running guest whose traps so far number `before`: a
+/// #DB exits (a guest's endless chain of them would otherwise hold the CPU
+/// without one exit: CVE-2015-8104) and is reflected back to the guest's
+/// own handler with DR6.BS, and DR6.BD (which the guest set before, and no
+/// #DB clears: SDM Vol. 3B 18.2.3) still set; a CPUID single-stepped
+/// traps right after itself, as if it had run in the guest (its exit ends
+/// the instruction, and the hypervisor owes the #DB). Returns the reply.
+pub fn single_steps_reach_the_guests_handler(c: &mut Console, vm: &str, before: u64) -> Result<serde_json::Value> {
+    let r = command(c, &format!("vm trap {vm}"), REPLY)?;
+    let dr6 = r["guest_dr6"].as_u64().unwrap_or(0);
+    if r["done"] != true || r["guest_traps"] != before + 2 {
+        bail!("{vm}: the guest's #DB handler did not run twice: {r}");
+    }
+    if r["exception_exits"] != 1 {
+        bail!("{vm}: the #DB did not exit to the hypervisor once (or one whose delivery an exit cut short was lost, and the guest single-stepped on): {r}");
+    }
+    if dr6 & (1 << 14) == 0 || dr6 & (1 << 13) == 0 {
+        bail!("{vm}: DR6 lacks BS or BD for the handler: {r}");
+    }
+    if r["guest_trap_rip"] != r["trap_rip_wanted"] {
+        bail!("{vm}: the single step over CPUID trapped elsewhere than right after it: {r}");
+    }
+    Ok(r)
+}
+
 /// `vm insns vm`: the running guest runs INVD, WBINVD, RDPMC, RDTSCP,
 /// MONITOR and MWAIT, which must be answered as by a CPU whose CPUID
 /// offers nothing (the guest's reads zeros): the cache flushes do nothing,

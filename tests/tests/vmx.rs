@@ -83,27 +83,16 @@ fn vmx_lifecycle_containment_and_entry_failure() {
     assert_eq!(c.json("version", REPLY).unwrap()["ok"], true);
 }
 
-/// A #DB exits (a guest's endless chain of them would otherwise hold the
-/// CPU without one exit: CVE-2015-8104) and is reflected back to the
-/// guest's own handler; the VM runs on.
+/// `vm trap` twice (`tests::single_steps_reach_the_guests_handler`), the
+/// second time under write-protect dirty tracking: pushing the #DB's frame
+/// on a page nothing had written since (guest::TRAP_STACK) exits, which
+/// cuts the delivery short, and the #DB must go in again after it (lost,
+/// the guest went on single-stepping, and a second #DB exited). The VM runs
+/// on.
 fn trap_exits_and_reaches_the_guests_handler(c: &mut Console, vm: &str) {
-    let r = ok(c, &format!("vm trap {vm}"));
-    let info = ok(c, &format!("vm info {vm}"));
-    assert_eq!(r["done"], true, "{r} {info}");
-    assert_eq!(r["guest_traps"], 1, "the guest's #DB handler did not run once: {r}");
-    assert_eq!(r["exception_exits"], 1, "the #DB did not exit to the hypervisor: {r}");
-    assert_ne!(r["guest_dr6"].as_u64().unwrap() & (1 << 14), 0, "DR6.BS was not set for the handler: {r}");
-    // The guest set BD before: a #DB never clears BD (SDM Vol. 3B 18.2.3).
-    assert_ne!(r["guest_dr6"].as_u64().unwrap() & (1 << 13), 0, "DR6.BD was cleared: {r}");
-    // Again with write-protect dirty tracking: pushing the #DB's frame on a
-    // page nothing had written since (guest::TRAP_STACK) exits, which cuts
-    // the delivery short. The #DB must go in again after it: it was lost.
+    tests::single_steps_reach_the_guests_handler(c, vm, 0).unwrap();
     assert_eq!(ok(c, &format!("vm dirty {vm} wp"))["baseline"], true);
-    let r = ok(c, &format!("vm trap {vm}"));
-    // Lost, the guest went on single-stepping: a second #DB, after the
-    // next instruction, exited and reached the handler (2 exits).
-    assert_eq!(r["exception_exits"], 1, "the #DB whose delivery an exit cut short was lost: {r}");
-    assert_eq!(r["guest_traps"], 2, "{r}");
+    tests::single_steps_reach_the_guests_handler(c, vm, 2).unwrap();
     ok(c, &format!("vm dirty {vm} off"));
     let t = ticks(c, vm);
     std::thread::sleep(Duration::from_millis(1500));

@@ -319,8 +319,13 @@ pub trait Vcpu {
     /// The guest RIP (cheaper than all of [`Vcpu::state`], which exits that
     /// emulate an instruction need not build).
     fn rip(&self) -> u64;
-    /// Sets the guest RIP (after emulating an instruction).
-    fn set_rip(&mut self, rip: u64);
+    /// Moves the guest past an instruction the hypervisor emulated, to
+    /// `next_rip`, as the processor would have completed it: any STI or
+    /// MOV SS blocking ends (it covered that instruction), and under
+    /// RFLAGS.TF the single-step #DB it owes is delivered at the next
+    /// entry, with DR6.BS (an instruction that exits does not complete, so
+    /// no trap is pending; KVM does the same).
+    fn skip_instruction(&mut self, next_rip: u64);
     /// Current architectural state.
     fn state(&self) -> VcpuState;
     /// The general-purpose registers, to emulate an instruction.
@@ -355,6 +360,11 @@ pub trait Vcpu {
 /// CVE-2015-5307). Intercepted, each one exits and is reflected back, so
 /// the host's interrupts are taken between them.
 pub const INTERCEPTED_EXCEPTIONS: u32 = (1 << 1) | (1 << 17);
+
+/// RFLAGS.TF, the trap flag.
+pub const RFLAGS_TF: u64 = 1 << 8;
+/// DR6.BS: the #DB is a single-step trap.
+pub const DR6_BS: u64 = 1 << 14;
 
 /// Whether exception `vector` pushes an error code (SDM Vol. 3A 6.15).
 pub fn has_error_code(vector: u8) -> bool {

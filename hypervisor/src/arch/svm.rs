@@ -6,7 +6,7 @@
 use alloc::boxed::Box;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use vmx::exit::INTERCEPTED_EXCEPTIONS;
+use vmx::exit::{DR6_BS, INTERCEPTED_EXCEPTIONS, RFLAGS_TF};
 use vmx::svm::{
     decode_exit, event_exception, redelivery, tlb_control, Segment, Vmcb, GUEST_INTERCEPTS, V_INTR_MASKING, V_TPR,
 };
@@ -251,8 +251,15 @@ impl Vcpu for SvmVcpu {
         self.vmcb().save.rip
     }
 
-    fn set_rip(&mut self, rip: u64) {
-        self.vmcb_mut().save.rip = rip;
+    fn skip_instruction(&mut self, next_rip: u64) {
+        let v = self.vmcb_mut();
+        v.save.rip = next_rip;
+        // Bit 0 is the shadow; bit 1 only reports RFLAGS.IF.
+        v.control.interrupt_shadow &= !1;
+        if v.save.rflags & RFLAGS_TF != 0 {
+            v.save.dr6 |= DR6_BS;
+            self.inject_exception(1, None);
+        }
     }
 
     fn state(&self) -> VcpuState {

@@ -9,7 +9,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use ept::DirtyBitmap;
 use vmx::cpu::CpuReport;
-use vmx::exit::INTERCEPTED_EXCEPTIONS;
+use vmx::exit::{DR6_BS, INTERCEPTED_EXCEPTIONS, RFLAGS_TF};
 use vmx::svm::{Segment, ATTR_CODE64, ATTR_DATA, ATTR_TSS64};
 use vmx::vmcs::{
     access_rights, adjust_controls, ctl, decode_exit, entry_exception, instruction_error, msr, redelivery,
@@ -611,9 +611,24 @@ impl Vcpu for VmxVcpu {
         vmread(FieldN::GuestRip as u32)
     }
 
-    fn set_rip(&mut self, rip: u64) {
-        if self.make_current().is_ok() {
-            write_n(FieldN::GuestRip, rip);
+    fn skip_instruction(&mut self, next_rip: u64) {
+        if self.make_current().is_err() {
+            return;
+        }
+        write_n(FieldN::GuestRip, next_rip);
+        let blocking = vmread(Field32::GuestInterruptibility as u32);
+        if blocking & BLOCKING_BY_STI_OR_MOV_SS != 0 {
+            write32(Field32::GuestInterruptibility, (blocking & !BLOCKING_BY_STI_OR_MOV_SS & 0xFFFF_FFFF) as u32);
+        }
+        if vmread(FieldN::GuestRflags as u32) & RFLAGS_TF != 0 {
+            // Bochs 2.7 saves the step as pending at the exit, and would
+            // deliver it again after ours.
+            let pending = vmread(FieldN::GuestPendingDebugExceptions as u32);
+            if pending & DR6_BS != 0 {
+                write_n(FieldN::GuestPendingDebugExceptions, pending & !DR6_BS);
+            }
+            self.unswitched.dr6 |= DR6_BS;
+            self.inject_exception(1, None);
         }
     }
 
@@ -775,6 +790,9 @@ fn pending_event(info: u64, error_code: u64) -> u64 {
     (error_code & 0xFFFF_FFFF) << 32 | info
 }
 
+/// Blocking by STI and by MOV SS in the guest interruptibility state.
+const BLOCKING_BY_STI_OR_MOV_SS: u64 = 0b11;
+
 /// Readies the current VMCS to reflect the #DB that just exited (as KVM
 /// does), or to deliver again an event an exit cut short (`resume_at`
 /// `None`). An ICEBP's exit reports the instruction itself: the #DB goes to
@@ -784,15 +802,12 @@ fn pending_event(info: u64, error_code: u64) -> u64 {
 /// debug exceptions; VM entry then requires their BS bit (SDM Vol. 3C
 /// 26.3.1.5), else it fails.
 fn prepare_db_reflection(resume_at: Option<u64>) {
-    const BLOCKING_BY_STI_OR_MOV_SS: u64 = 0b11;
-    const TF: u64 = 1 << 8;
-    const BS: u64 = 1 << 14;
     let blocking = vmread(Field32::GuestInterruptibility as u32);
     if let Some(rip) = resume_at {
         write_n(FieldN::GuestRip, rip);
         write32(Field32::GuestInterruptibility, (blocking & !BLOCKING_BY_STI_OR_MOV_SS & 0xFFFF_FFFF) as u32);
-    } else if blocking & BLOCKING_BY_STI_OR_MOV_SS != 0 && vmread(FieldN::GuestRflags as u32) & TF != 0 {
+    } else if blocking & BLOCKING_BY_STI_OR_MOV_SS != 0 && vmread(FieldN::GuestRflags as u32) & RFLAGS_TF != 0 {
         let pending = vmread(FieldN::GuestPendingDebugExceptions as u32);
-        write_n(FieldN::GuestPendingDebugExceptions, pending | BS);
+        write_n(FieldN::GuestPendingDebugExceptions, pending | DR6_BS);
     }
 }

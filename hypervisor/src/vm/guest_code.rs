@@ -289,7 +289,9 @@ g_gdt:
 // no #DB clears (its handler must find it with BS). Then TF for one
 // instruction on the stack at TRAP_STACK (RBP keeps ours), an STI that sets
 // IF: its #DB comes while the STI still blocks interrupts, and its frame
-// goes on the page below TRAP_STACK.
+// goes on the page below TRAP_STACK. Then TF for a CPUID, which exits and
+// which the hypervisor runs: its #DB must come right after it, at
+// g_trap_cpuid_done (R10 keeps RBX, which CPUID overwrites).
 g_trap:
     call g_gdt
     sub rsp, 64
@@ -306,6 +308,16 @@ g_trap:
     popfq
     sti
     nop
+    mov r10, rbx
+    pushfq
+    or qword ptr [rsp], 0x100
+    popfq
+    cpuid
+g_trap_cpuid_done:
+    nop
+    mov rbx, r10
+    lea rax, [rip + g_trap_cpuid_done]
+    mov [rbx + {trap_rip_wanted}], rax
     mov rsp, rbp
     mov word ptr [rsp + 32], 0
     mov qword ptr [rsp + 34], 0
@@ -470,12 +482,15 @@ g_insn_ud:
     mov [rsp], r9
     iretq
 
-// Counts the #DB, keeps DR6 and returns with TF clear (RFLAGS is at
-// [rsp + 16]). RAX is the hook's scratch register.
+// Counts the #DB, keeps DR6 and the RIP it returns to, and returns with
+// TF clear (RFLAGS is at [rsp + 16]). RAX is the hook's scratch register;
+// RBX may not hold the config page (CPUID).
 g_trap_handler:
-    inc qword ptr [rbx + {traps}]
+    inc qword ptr [{config} + {traps}]
     mov rax, dr6
-    mov [rbx + {trap_dr6}], rax
+    mov [{config} + {trap_dr6}], rax
+    mov rax, [rsp]
+    mov [{config} + {trap_rip}], rax
     and qword ptr [rsp + 16], -0x101
     iretq
 guest_image_end:
@@ -500,6 +515,8 @@ guest_image_end:
     trap_req = const hypervisor::guest::cfg::TRAP_REQ,
     traps = const hypervisor::guest::st::TRAPS,
     trap_dr6 = const hypervisor::guest::st::TRAP_DR6,
+    trap_rip = const hypervisor::guest::st::TRAP_RIP,
+    trap_rip_wanted = const hypervisor::guest::st::TRAP_RIP_WANTED,
     regs_req = const hypervisor::guest::cfg::REGS_REQ,
     seen_xmm0 = const hypervisor::guest::st::SEEN_XMM0,
     seen_dr0 = const hypervisor::guest::st::SEEN_DR0,

@@ -91,10 +91,10 @@ impl Vcpu for AnyVcpu {
             AnyVcpu::Vmx(v) => v.rip(),
         }
     }
-    fn set_rip(&mut self, rip: u64) {
+    fn skip_instruction(&mut self, next_rip: u64) {
         match self {
-            AnyVcpu::Svm(v) => v.set_rip(rip),
-            AnyVcpu::Vmx(v) => v.set_rip(rip),
+            AnyVcpu::Svm(v) => v.skip_instruction(next_rip),
+            AnyVcpu::Vmx(v) => v.skip_instruction(next_rip),
         }
     }
     fn state(&self) -> vmx::VcpuState {
@@ -570,6 +570,8 @@ impl Manager {
                         .with("done", done)
                         .with("guest_traps", vm.status(st::TRAPS))
                         .with("guest_dr6", vm.status(st::TRAP_DR6))
+                        .with("guest_trap_rip", vm.status(st::TRAP_RIP))
+                        .with("trap_rip_wanted", vm.status(st::TRAP_RIP_WANTED))
                         .with("exception_exits", exits(vm) - before),
                 ))
             }
@@ -963,7 +965,7 @@ impl Vm {
                         );
                     }
                 }
-                self.vcpu.set_rip(next_rip);
+                self.vcpu.skip_instruction(next_rip);
             }
             VmExit::Cpuid | VmExit::Msr { .. } => {
                 // Both are two bytes long; the guest sees zeros.
@@ -975,11 +977,11 @@ impl Vm {
                     regs.rcx = 0;
                 }
                 let rip = self.vcpu.rip();
-                self.vcpu.set_rip(rip.wrapping_add(2));
+                self.vcpu.skip_instruction(rip.wrapping_add(2));
             }
             VmExit::Hlt => {
                 let rip = self.vcpu.rip();
-                self.vcpu.set_rip(rip.wrapping_add(1));
+                self.vcpu.skip_instruction(rip.wrapping_add(1));
             }
             VmExit::NestedPageFault { gpa, access: Access::Write, .. } if self.dirty_mode == DirtyMode::Wp => {
                 match self.slat.wp_fault(&mut KernelFrames, Gpa(gpa)) {
@@ -998,7 +1000,7 @@ impl Vm {
             VmExit::EntryFailed { code, reason } => self.stop(format!("{reason} (code {code:#x})")),
             VmExit::Hypercall => {
                 let rip = self.vcpu.rip();
-                self.vcpu.set_rip(rip.wrapping_add(3));
+                self.vcpu.skip_instruction(rip.wrapping_add(3));
             }
             // As a CPU whose CPUID offers nothing runs them (the guest's
             // CPUID reads zeros). Flushing caches (0F 08, 0F 09: two bytes)
@@ -1007,7 +1009,7 @@ impl Vm {
             // (INVD, an exit it cannot avoid) or reach the host.
             VmExit::Insn(Insn::Invd | Insn::Wbinvd) => {
                 let rip = self.vcpu.rip();
-                self.vcpu.set_rip(rip.wrapping_add(2));
+                self.vcpu.skip_instruction(rip.wrapping_add(2));
             }
             VmExit::Insn(Insn::Rdpmc) => self.vcpu.inject_exception(13, Some(0)),
             VmExit::Insn(Insn::Rdtscp | Insn::Monitor | Insn::Mwait) => self.vcpu.inject_exception(6, None),
