@@ -116,8 +116,9 @@ pub mod cfg {
     pub const DBCHAIN_REQ: u64 = 0x78;
     /// Nonzero: the guest loads the GDT of `LTR_REQ` and an IDT whose #UD
     /// and #GP handlers note the vector and go on after the instruction,
-    /// runs each of [`super::INSNS`] once, notes in `st::INSN_FAULTS` what
-    /// it raised, then goes back to no IDT (hidden `vm insns`, a test that
+    /// runs each of [`super::INSNS`] once (XSETBV with CR4.OSXSAVE set,
+    /// else it raises #UD without an exit), notes in `st::INSN_FAULTS`
+    /// what it raised, then goes back to no IDT (hidden `vm insns`, a test that
     /// they exit and the hypervisor answers as a CPU whose CPUID offers
     /// nothing).
     pub const INSNS_REQ: u64 = 0x80;
@@ -177,7 +178,7 @@ pub mod st {
 }
 
 /// The instructions hidden `vm insns` runs, in order (`st::INSN_FAULTS`).
-pub const INSNS: [&str; 6] = ["invd", "wbinvd", "rdpmc", "rdtscp", "monitor", "mwait"];
+pub const INSNS: [&str; 7] = ["invd", "wbinvd", "rdpmc", "rdtscp", "monitor", "mwait", "xsetbv"];
 
 /// Port the guest's heartbeat goes out on (`OUT 0xE0, AL`).
 pub const PORT_HEARTBEAT: u16 = 0xE0;

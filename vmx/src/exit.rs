@@ -50,8 +50,8 @@ pub enum VmExit {
     /// Intel: the PML buffer is full and must be drained.
     PmlFull,
     /// An instruction intercepted so that it does not reach the host's
-    /// caches, counters or TSC_AUX: the VM run loop runs it as a CPU whose
-    /// CPUID offers nothing would.
+    /// caches, counters, TSC_AUX or XCR0: the VM run loop runs it as a CPU
+    /// whose CPUID offers nothing would.
     Insn(Insn),
     /// The guest raised an exception the hypervisor intercepts (#DB and
     /// #AC, whose endless chains would otherwise hold the CPU with no exit
@@ -95,6 +95,9 @@ pub enum Insn {
     Monitor,
     /// `MWAIT`: would put the host's processor to sleep.
     Mwait,
+    /// `XSETBV` (exits on both vendors; reaches us only from a guest that
+    /// set CR4.OSXSAVE, which its CPUID does not offer).
+    Xsetbv,
 }
 
 impl Insn {
@@ -107,6 +110,7 @@ impl Insn {
             Insn::Rdtscp => "rdtscp",
             Insn::Monitor => "monitor",
             Insn::Mwait => "mwait",
+            Insn::Xsetbv => "xsetbv",
         }
     }
 }

@@ -373,6 +373,8 @@ pub mod exit_code {
     pub const MONITOR: u64 = 0x8A;
     /// MWAIT.
     pub const MWAIT: u64 = 0x8B;
+    /// XSETBV.
+    pub const XSETBV: u64 = 0x8D;
     /// Nested page fault.
     pub const NPF: u64 = 0x400;
     /// Invalid guest state: VMRUN's consistency checks failed.
@@ -427,6 +429,7 @@ pub fn decode_exit(control: &ControlArea) -> VmExit {
         exit_code::RDTSCP => VmExit::Insn(Insn::Rdtscp),
         exit_code::MONITOR => VmExit::Insn(Insn::Monitor),
         exit_code::MWAIT => VmExit::Insn(Insn::Mwait),
+        exit_code::XSETBV => VmExit::Insn(Insn::Xsetbv),
         // QEMU TCG writes VMEXIT_INVALID as a 32-bit -1.
         exit_code::INVALID | 0xFFFF_FFFF => {
             VmExit::EntryFailed { code: control.exit_code, reason: "VMRUN consistency checks failed (VMEXIT_INVALID)" }
@@ -591,6 +594,7 @@ mod tests {
             (0x87, Insn::Rdtscp),
             (0x8A, Insn::Monitor),
             (0x8B, Insn::Mwait),
+            (0x8D, Insn::Xsetbv),
         ] {
             assert_eq!(decode_exit(&control(code, 0, 0)), VmExit::Insn(insn));
         }

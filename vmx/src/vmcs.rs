@@ -314,6 +314,8 @@ pub mod reason {
     pub const EPT_MISCONFIG: u32 = 49;
     /// WBINVD (or WBNOINVD).
     pub const WBINVD: u32 = 54;
+    /// XSETBV (always exits).
+    pub const XSETBV: u32 = 55;
     /// Page-modification log full.
     pub const PML_FULL: u32 = 62;
 }
@@ -429,6 +431,7 @@ pub fn decode_exit(f: &ExitFields) -> VmExit {
         reason::RDPMC => VmExit::Insn(Insn::Rdpmc),
         reason::MONITOR => VmExit::Insn(Insn::Monitor),
         reason::MWAIT => VmExit::Insn(Insn::Mwait),
+        reason::XSETBV => VmExit::Insn(Insn::Xsetbv),
         other => VmExit::Unknown(u64::from(other)),
     }
 }
@@ -587,7 +590,8 @@ mod tests {
         assert_eq!(simple(15), VmExit::Insn(Insn::Rdpmc));
         assert_eq!(simple(39), VmExit::Insn(Insn::Monitor));
         assert_eq!(simple(36), VmExit::Insn(Insn::Mwait));
-        assert_eq!(simple(55), VmExit::Unknown(55));
+        assert_eq!(simple(55), VmExit::Insn(Insn::Xsetbv));
+        assert_eq!(simple(57), VmExit::Unknown(57));
     }
 
     #[test]

@@ -464,6 +464,19 @@ g_insn_5:
     xor ecx, ecx
     mwait
 g_insn_6:
+    inc r8d
+    lea r9, [rip + g_insn_7]
+    mov rax, cr4
+    bts rax, 18
+    mov cr4, rax
+    mov eax, 1
+    xor ecx, ecx
+    xor edx, edx
+    xsetbv
+g_insn_7:
+    mov rax, cr4
+    btr rax, 18
+    mov cr4, rax
     xor edi, edi
     xor ecx, ecx
     call g_lidt

@@ -1004,15 +1004,18 @@ impl Vm {
             }
             // As a CPU whose CPUID offers nothing runs them (the guest's
             // CPUID reads zeros). Flushing caches (0F 08, 0F 09: two bytes)
-            // does nothing here: no device of ours needs it. There are no performance counters,
-            // and no RDTSCP, MONITOR or MWAIT. They used to stop the VM
-            // (INVD, an exit it cannot avoid) or reach the host.
+            // does nothing here: no device of ours needs it. There are no
+            // performance counters, and no RDTSCP, MONITOR, MWAIT or
+            // XSETBV. They used to stop the VM (INVD and XSETBV, exits it
+            // cannot avoid) or reach the host.
             VmExit::Insn(Insn::Invd | Insn::Wbinvd) => {
                 let rip = self.vcpu.rip();
                 self.vcpu.skip_instruction(rip.wrapping_add(2));
             }
             VmExit::Insn(Insn::Rdpmc) => self.vcpu.inject_exception(13, Some(0)),
-            VmExit::Insn(Insn::Rdtscp | Insn::Monitor | Insn::Mwait) => self.vcpu.inject_exception(6, None),
+            VmExit::Insn(Insn::Rdtscp | Insn::Monitor | Insn::Mwait | Insn::Xsetbv) => {
+                self.vcpu.inject_exception(6, None);
+            }
             VmExit::ExternalInterrupt => {}
             VmExit::PmlFull => {
                 self.vcpu.drain_pml(&mut self.pml_log);
