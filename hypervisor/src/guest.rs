@@ -117,7 +117,8 @@ pub mod cfg {
     /// Nonzero: the guest loads the GDT of `LTR_REQ` and an IDT whose #UD
     /// and #GP handlers note the vector and go on after the instruction,
     /// runs each of [`super::INSNS`] once (XSETBV with CR4.OSXSAVE set,
-    /// else it raises #UD without an exit), notes in `st::INSN_FAULTS`
+    /// else it raises #UD without an exit; the last, a MOV to CR4 that
+    /// sets VMXE, only if the request has bit 1 set), notes in `st::INSN_FAULTS`
     /// what it raised, then goes back to no IDT (hidden `vm insns`, a test that
     /// they exit and the hypervisor answers as a CPU whose CPUID offers
     /// nothing).
@@ -178,7 +179,7 @@ pub mod st {
 }
 
 /// The instructions hidden `vm insns` runs, in order (`st::INSN_FAULTS`).
-pub const INSNS: [&str; 7] = ["invd", "wbinvd", "rdpmc", "rdtscp", "monitor", "mwait", "xsetbv"];
+pub const INSNS: [&str; 8] = ["invd", "wbinvd", "rdpmc", "rdtscp", "monitor", "mwait", "xsetbv", "mov_cr4_vmxe"];
 
 /// Port the guest's heartbeat goes out on (`OUT 0xE0, AL`).
 pub const PORT_HEARTBEAT: u16 = 0xE0;

@@ -98,6 +98,10 @@ pub enum Insn {
     /// `XSETBV` (exits on both vendors; reaches us only from a guest that
     /// set CR4.OSXSAVE, which its CPUID does not offer).
     Xsetbv,
+    /// VT-x: a `MOV` to CR4 that sets VMXE, which the CR4 guest/host mask
+    /// keeps (the host's VMX needs it; the guest reads it as 0). AMD has no
+    /// such bit: there the processor raises #GP itself.
+    MovCr4Vmxe,
 }
 
 impl Insn {
@@ -111,6 +115,7 @@ impl Insn {
             Insn::Monitor => "monitor",
             Insn::Mwait => "mwait",
             Insn::Xsetbv => "xsetbv",
+            Insn::MovCr4Vmxe => "mov_cr4_vmxe",
         }
     }
 }

@@ -294,6 +294,8 @@ pub mod reason {
     pub const RDPMC: u32 = 15;
     /// VMCALL.
     pub const VMCALL: u32 = 18;
+    /// Control-register access.
+    pub const CR_ACCESS: u32 = 28;
     /// I/O instruction.
     pub const IO: u32 = 30;
     /// RDMSR.
@@ -432,6 +434,9 @@ pub fn decode_exit(f: &ExitFields) -> VmExit {
         reason::MONITOR => VmExit::Insn(Insn::Monitor),
         reason::MWAIT => VmExit::Insn(Insn::Mwait),
         reason::XSETBV => VmExit::Insn(Insn::Xsetbv),
+        // MOV to CR4 (qualification: CR number 3:0, access type 5:4); with
+        // only VMXE in the guest/host mask, it exits only to set VMXE.
+        reason::CR_ACCESS if q & 0x3F == 4 => VmExit::Insn(Insn::MovCr4Vmxe),
         other => VmExit::Unknown(u64::from(other)),
     }
 }
@@ -591,6 +596,10 @@ mod tests {
         assert_eq!(simple(39), VmExit::Insn(Insn::Monitor));
         assert_eq!(simple(36), VmExit::Insn(Insn::Mwait));
         assert_eq!(simple(55), VmExit::Insn(Insn::Xsetbv));
+        let cr = |q| decode_exit(&ExitFields { reason: reason::CR_ACCESS, qualification: q, ..ExitFields::default() });
+        assert_eq!(cr(0x304), VmExit::Insn(Insn::MovCr4Vmxe), "MOV CR4, RBX");
+        assert_eq!(cr(0x314), VmExit::Unknown(28), "MOV RBX, CR4");
+        assert_eq!(cr(0x300), VmExit::Unknown(28), "MOV CR0, RBX");
         assert_eq!(simple(57), VmExit::Unknown(57));
     }
 

@@ -477,6 +477,13 @@ g_insn_7:
     mov rax, cr4
     btr rax, 18
     mov cr4, rax
+    test qword ptr [rbx + {insns_req}], 2
+    jz g_insn_8
+    inc r8d
+    lea r9, [rip + g_insn_8]
+    bts rax, 13
+    mov cr4, rax
+g_insn_8:
     xor edi, edi
     xor ecx, ecx
     call g_lidt

@@ -592,7 +592,10 @@ impl Manager {
             VmCommand::Insns(n) => {
                 let vm = self.find(&n)?;
                 let before = vm.exits.clone();
-                let done = vm.serve_request("insns", cfg::INSNS_REQ, 1)?;
+                // Setting CR4.VMXE only on VT-x: QEMU 7.2's SVM takes it,
+                // then fails the next VMRUN (README, "Learned this time").
+                let vmxe = if matches!(vm.vcpu, AnyVcpu::Vmx(_)) { 2 } else { 0 };
+                let done = vm.serve_request("insns", cfg::INSNS_REQ, 1 | vmxe)?;
                 let faults = vm.status(st::INSN_FAULTS).to_le_bytes();
                 let mut raised = Obj::new();
                 let mut exits = Obj::new();
@@ -1012,7 +1015,8 @@ impl Vm {
                 let rip = self.vcpu.rip();
                 self.vcpu.skip_instruction(rip.wrapping_add(2));
             }
-            VmExit::Insn(Insn::Rdpmc) => self.vcpu.inject_exception(13, Some(0)),
+            // And CR4.VMXE is reserved where the CPUID offers no VMX.
+            VmExit::Insn(Insn::Rdpmc | Insn::MovCr4Vmxe) => self.vcpu.inject_exception(13, Some(0)),
             VmExit::Insn(Insn::Rdtscp | Insn::Monitor | Insn::Mwait | Insn::Xsetbv) => {
                 self.vcpu.inject_exception(6, None);
             }
