@@ -208,8 +208,9 @@ pub fn parse(args: &[&str]) -> Result<MigrateCommand, String> {
 
 /// Words of an encoded vCPU state before its segments: 15 GPRs, RIP, RSP,
 /// RFLAGS, the guest TSC, DR0-DR3, DR6, DR7, CR2, KernelGsBase, the
-/// pending event, CR0, CR3, CR4 and CR8.
-const VCPU_WORDS: usize = 32;
+/// pending event, CR0, CR3, CR4, CR8, the interruptibility and the pending
+/// debug exceptions.
+const VCPU_WORDS: usize = 34;
 /// Segments in an encoded vCPU state: ES, CS, SS, DS, FS, GS, LDTR, TR,
 /// GDTR, IDTR; 16 bytes each (selector u16, attributes u16, limit u32,
 /// base u64).
@@ -255,6 +256,8 @@ pub fn encode_vcpu(state: &VcpuState, guest_tsc: u64) -> Vec<u8> {
         state.system.cr3,
         state.system.cr4,
         state.system.cr8,
+        state.interruptibility,
+        state.pending_debug,
     ];
     let mut bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
     let sys = &state.system;
@@ -325,6 +328,8 @@ pub fn decode_vcpu(bytes: &[u8], mxcsr_mask: u32) -> Result<(VcpuState, u64), St
         kernel_gs_base: w[26],
         fx: FxImage(image),
         pending_event: w[27],
+        interruptibility: w[32],
+        pending_debug: w[33],
         system: SystemState { cr0: w[28], cr3: w[29], cr4: w[30], cr8: w[31], ..system },
     };
     check_vcpu(&state, mxcsr_mask)?;
@@ -385,6 +390,16 @@ fn check_vcpu(s: &VcpuState, mxcsr_mask: u32) -> Result<(), String> {
     // virtual-APIC page would keep only those, so more is not a guest's.
     if sys.cr8 > 0xF {
         return Err(format!("vCPU state has CR8 {:#x}, above 15", sys.cr8));
+    }
+    // At most one of STI and MOV SS blocking; pending debug exceptions of
+    // the defined bits only (B0-B3, 12, BS, RTM): VM entry refuses others,
+    // and the trial entry checks the rest (STI blocking needs IF, a
+    // blocked single step its BS).
+    if s.interruptibility > 2 {
+        return Err(format!("vCPU state has interruptibility {:#x}, not STI or MOV SS blocking", s.interruptibility));
+    }
+    if s.pending_debug & !0x1_500F != 0 {
+        return Err(format!("vCPU state has pending debug exceptions {:#x}, with undefined bits", s.pending_debug));
     }
     if let Err(why) = check_pending_event(s.pending_event) {
         return Err(format!("vCPU state has a pending event {:#x}: {why}", s.pending_event));
@@ -537,6 +552,7 @@ mod tests {
         s.fx.0[FxImage::MXCSR..FxImage::MXCSR + 4].copy_from_slice(&0x9FC0_u32.to_le_bytes());
         s.fx.0[511] = 0x5A;
         s.pending_event = vmx::svm::event_exception(14, Some(2));
+        (s.interruptibility, s.pending_debug) = (1, 0x4000);
         s.system.cr0 = 0x8005_0033;
         s.system.cr3 = 0x2000;
         s.system.cr4 = 0x10620;
@@ -595,6 +611,8 @@ mod tests {
         refused(&|s| s.system.idtr.base = 0x0000_8000_0000_0000, "IDTR base 0x800000000000");
         refused(&|s| s.system.cr3 = 1 << 52, "CR3 0x10000000000000");
         refused(&|s| s.system.cr8 = 0x10, "CR8 0x10");
+        refused(&|s| s.interruptibility = 3, "interruptibility 0x3");
+        refused(&|s| s.pending_debug = 1 << 13, "pending debug exceptions 0x2000");
         // Events no entry takes: no valid bit, #DB with an error code, #PF
         // without, vector 40 as an exception, a code of 17 bits; and
         // events never left pending here: an NMI, an external interrupt

@@ -30,7 +30,8 @@ pub const MAGIC: u32 = 0x4D56_4948;
 /// (the host's `migcmd::encode_vcpu`) left out the x87/SSE and debug
 /// registers, CR2 and KernelGsBase, version 3's the pending event,
 /// version 4's the control registers, segments and descriptor tables, and
-/// version 5's CR8.
+/// version 5's CR8, the interrupt shadow and VT-x's pending debug
+/// exceptions.
 pub const PROTOCOL_VERSION: u16 = 6;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 16;

@@ -221,6 +221,13 @@ pub struct VcpuState {
     /// exception), error code valid (11), valid (31), error code (63:32).
     /// 0: none.
     pub pending_event: u64,
+    /// Blocking by STI (bit 0) or by MOV SS (bit 1): the instruction after
+    /// one of them runs before any interrupt or (MOV SS) #DB. SVM has one
+    /// interrupt shadow, carried as bit 0.
+    pub interruptibility: u64,
+    /// VT-x's pending debug exceptions (B0-B3, enabled breakpoint, BS,
+    /// RTM), as the exit left them; SVM has none (0).
+    pub pending_debug: u64,
     /// The registers the guest may change that set its mode and tables.
     pub system: SystemState,
 }
@@ -266,6 +273,8 @@ impl Default for VcpuState {
             kernel_gs_base: 0,
             fx: FxImage::default(),
             pending_event: 0,
+            interruptibility: 0,
+            pending_debug: 0,
             system: SystemState::default(),
         }
     }

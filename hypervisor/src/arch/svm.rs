@@ -276,6 +276,8 @@ impl Vcpu for SvmVcpu {
             kernel_gs_base: v.save.kernel_gs_base,
             fx: self.fpu.image(),
             pending_event: v.control.event_inj,
+            interruptibility: v.control.interrupt_shadow & 1,
+            pending_debug: 0,
             system: SystemState {
                 cr0: v.save.cr0,
                 cr3: v.save.cr3,
@@ -314,6 +316,7 @@ impl Vcpu for SvmVcpu {
         v.save.cr2 = state.cr2;
         v.save.kernel_gs_base = state.kernel_gs_base;
         v.control.event_inj = state.pending_event;
+        v.control.interrupt_shadow = u64::from(state.interruptibility != 0);
         let sys = &state.system;
         (v.save.cr0, v.save.cr3, v.save.cr4) = (sys.cr0, sys.cr3, sys.cr4);
         v.control.vintr = (v.control.vintr & !V_TPR) | (sys.cr8 & V_TPR);

@@ -649,6 +649,8 @@ impl Vcpu for VmxVcpu {
                 vmread(Field32::EntryInterruptionInfo as u32),
                 vmread(Field32::EntryExceptionErrorCode as u32),
             ),
+            interruptibility: vmread(Field32::GuestInterruptibility as u32) & BLOCKING_BY_STI_OR_MOV_SS,
+            pending_debug: vmread(FieldN::GuestPendingDebugExceptions as u32),
             system: SystemState {
                 cr0: vmread(FieldN::GuestCr0 as u32),
                 cr3: vmread(FieldN::GuestCr3 as u32),
@@ -686,6 +688,8 @@ impl Vcpu for VmxVcpu {
         // valid, valid); the error code is in the high ones.
         write32(Field32::EntryInterruptionInfo, (state.pending_event & 0x8000_0FFF) as u32);
         write32(Field32::EntryExceptionErrorCode, (state.pending_event >> 32) as u32);
+        write32(Field32::GuestInterruptibility, (state.interruptibility & BLOCKING_BY_STI_OR_MOV_SS) as u32);
+        write_n(FieldN::GuestPendingDebugExceptions, state.pending_debug);
         let sys = &state.system;
         write_n(FieldN::GuestCr0, sys.cr0);
         write_n(FieldN::Cr0ReadShadow, sys.cr0);
