@@ -446,7 +446,7 @@ impl Migrator {
                     return Err(String::from("no IP address yet; set one with 'net ip'"));
                 }
                 let mem_bytes = vms.begin_migration(&vm)?;
-                let peer = format!("{}.{}.{}.{}:{port}", ip[0], ip[1], ip[2], ip[3]);
+                let peer = format!("{}:{port}", Ipv4(ip));
                 let socket = match net.tcp_connect(ip, port, CONTROL_BUFFER, BULK_SEND_BUFFER) {
                     Ok(s) => {
                         net.tcp_liveness(s, KEEP_ALIVE_MS, LINK_TIMEOUT_MS);
