@@ -161,7 +161,9 @@ pub fn parse(args: &[&str]) -> Result<MigrateCommand, String> {
             return Err(format!("migrate {sub} takes no arguments, got '{extra}'"))
         }
         [] | [_] => {
-            return Err(String::from("usage: migrate <vm> <ip>[:port] [options] | status | cancel | listen [port|off]"))
+            return Err(String::from(
+                "usage: migrate <vm> <ip>[:port] [options] | status | cancel | listen [port|off] [from=<ip>[,<ip>...]]",
+            ))
         }
         _ => {}
     }
