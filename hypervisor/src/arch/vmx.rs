@@ -615,11 +615,7 @@ impl Vcpu for VmxVcpu {
         if self.make_current().is_err() {
             return;
         }
-        write_n(FieldN::GuestRip, next_rip);
-        let blocking = vmread(Field32::GuestInterruptibility as u32);
-        if blocking & BLOCKING_BY_STI_OR_MOV_SS != 0 {
-            write32(Field32::GuestInterruptibility, (blocking & !BLOCKING_BY_STI_OR_MOV_SS & 0xFFFF_FFFF) as u32);
-        }
+        complete_instruction(next_rip);
         if vmread(FieldN::GuestRflags as u32) & RFLAGS_TF != 0 {
             // Bochs 2.7 saves the step as pending at the exit, and would
             // deliver it again after ours.
@@ -797,20 +793,32 @@ fn pending_event(info: u64, error_code: u64) -> u64 {
 /// Blocking by STI and by MOV SS in the guest interruptibility state.
 const BLOCKING_BY_STI_OR_MOV_SS: u64 = 0b11;
 
+/// Moves the current VMCS's guest past the instruction it exited on, to
+/// `next_rip`: having run, the instruction ends any STI or MOV SS
+/// blocking (the blocking covered it).
+fn complete_instruction(next_rip: u64) {
+    write_n(FieldN::GuestRip, next_rip);
+    let blocking = vmread(Field32::GuestInterruptibility as u32);
+    if blocking & BLOCKING_BY_STI_OR_MOV_SS != 0 {
+        write32(Field32::GuestInterruptibility, (blocking & !BLOCKING_BY_STI_OR_MOV_SS & 0xFFFF_FFFF) as u32);
+    }
+}
+
 /// Readies the current VMCS to reflect the #DB that just exited (as KVM
 /// does), or to deliver again an event an exit cut short (`resume_at`
 /// `None`). An ICEBP's exit reports the instruction itself: the #DB goes to
-/// `resume_at`, and having run, the instruction ends any STI or MOV SS
-/// blocking. Any other exit under such blocking with RFLAGS.TF set has a
+/// `resume_at`, as the instruction completed (`complete_instruction`).
+/// Any other exit under STI or MOV SS blocking with RFLAGS.TF set has a
 /// single step to come, which the exit may not have recorded in the pending
 /// debug exceptions; VM entry then requires their BS bit (SDM Vol. 3C
 /// 26.3.1.5), else it fails.
 fn prepare_db_reflection(resume_at: Option<u64>) {
-    let blocking = vmread(Field32::GuestInterruptibility as u32);
     if let Some(rip) = resume_at {
-        write_n(FieldN::GuestRip, rip);
-        write32(Field32::GuestInterruptibility, (blocking & !BLOCKING_BY_STI_OR_MOV_SS & 0xFFFF_FFFF) as u32);
-    } else if blocking & BLOCKING_BY_STI_OR_MOV_SS != 0 && vmread(FieldN::GuestRflags as u32) & RFLAGS_TF != 0 {
+        complete_instruction(rip);
+        return;
+    }
+    let blocking = vmread(Field32::GuestInterruptibility as u32);
+    if blocking & BLOCKING_BY_STI_OR_MOV_SS != 0 && vmread(FieldN::GuestRflags as u32) & RFLAGS_TF != 0 {
         let pending = vmread(FieldN::GuestPendingDebugExceptions as u32);
         write_n(FieldN::GuestPendingDebugExceptions, pending | DR6_BS);
     }
