@@ -421,11 +421,19 @@ impl Migrator {
                 Ok(Reply::data(Obj::new().with("lose_next_resumed", true)))
             }
             MigrateCommand::Listen { port, from } => {
-                if let (Some(net), Some(h)) = (net, self.listener.take()) {
-                    net.tcp_remove(h);
-                }
                 self.listen_port = port;
                 self.listen_from = from;
+                if let Some(net) = net {
+                    if let Some(h) = self.listener.take() {
+                        net.tcp_remove(h);
+                    }
+                    // Now, not at the next poll: a source connecting right
+                    // after the answer found nothing there ("connection
+                    // refused"; a CI run saw it).
+                    if let (Some(port), None) = (port, &self.inc) {
+                        self.open_listener(net, port);
+                    }
+                }
                 Ok(Reply::data(Obj::new().with("listening", port).with("from", self.listen_from_value())))
             }
             MigrateCommand::Start { vm, ip, port, downtime_ms, bandwidth_mbit, rounds, policy, verify, share } => {
@@ -528,6 +536,15 @@ impl Migrator {
             .with("last_refused", self.last_refused.clone())
             .with("listening", self.listen_port)
             .with("listening_from", self.listen_from_value())
+    }
+
+    /// Listens for the next incoming migration on `port`.
+    fn open_listener(&mut self, net: &mut Net, port: u16) {
+        self.listener = net.tcp_listen(port, BULK_RECEIVE_BUFFER, CONTROL_BUFFER).ok();
+        self.half_open_since_us = None;
+        if let Some(h) = self.listener {
+            net.tcp_liveness(h, KEEP_ALIVE_MS, LINK_TIMEOUT_MS);
+        }
     }
 
     /// The hosts `migrate listen from=` named, or "any".
@@ -671,11 +688,7 @@ impl Migrator {
         if self.inc.is_none() {
             match (self.listen_port, self.listener) {
                 (Some(port), None) => {
-                    self.listener = net.tcp_listen(port, BULK_RECEIVE_BUFFER, CONTROL_BUFFER).ok();
-                    self.half_open_since_us = None;
-                    if let Some(h) = self.listener {
-                        net.tcp_liveness(h, KEEP_ALIVE_MS, LINK_TIMEOUT_MS);
-                    }
+                    self.open_listener(net, port);
                     return false;
                 }
                 (Some(_), Some(h)) => match net.tcp_state(h) {
